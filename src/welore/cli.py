@@ -1,0 +1,178 @@
+"""`welore` command line: argument parsing over the library API, one-line errors, exit codes.
+
+Exit codes: 0 ok, 1 unexpected failure (a bug: traceback shown), 2 bad input (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import WeloreError
+
+
+def _ratio(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", nargs="+", metavar="REGEX",
+                   help="regexes of module names to compress (default: every linear layer in the blocks)")
+    p.add_argument("--ignore", nargs="+", metavar="REGEX", help="regexes of module names to leave dense")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"welore {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="singular value spectra of every target matrix, with plots")
+    _common(p)
+    _targets(p)
+    p.add_argument("-o", "--output", help="output directory (default: analysis/<model name>)")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="effective rank reduction for the illustrated plan")
+    p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore")
+    _common(p)
+    _targets(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=_ratio, default=None, help="effective rank reduction to hit (default 0.5)")
+    g.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit")
+    g.add_argument("--threshold", type=_ratio, default=None, help="WeLore threshold t in [0,1], not searched")
+    p.add_argument("--allocation", choices=["welore", "uniform"], default="welore")
+    p.add_argument("--min-ratio", type=_ratio, default=0.5,
+                   help="a matrix is low-rank only if its reduction exceeds this (0 = truncate all, as the "
+                        "paper's compression-only script)")
+    p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
+    p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-compare", action="store_true", help="skip the dense and uniform rows")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity entirely")
+    p.add_argument("--corpus", default="wikitext2", choices=["wikitext2", "c4"])
+    p.add_argument("--eval-tokens", type=_positive_int, default=4096, help="tokens of the corpus to evaluate")
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+
+    p = sub.add_parser("evaluate", help="perplexity on WikiText-2 test and/or the held-out C4 sample")
+    _common(p)
+    p.add_argument("--corpus", nargs="+", default=["wikitext2"], choices=["wikitext2", "c4"])
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="bound the tokens evaluated")
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+
+    p = sub.add_parser("merge", help="write a compressed model as a plain dense Hugging Face model")
+    p.add_argument("model", help="welore-compressed directory")
+    p.add_argument("output", help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return COMMANDS[args.command](args)
+    except WeloreError as e:
+        print(f"welore: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("welore: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_analyze(a) -> int:
+    from .pipeline import run_analyze
+
+    out, spectra, plan = run_analyze(a.model, a.output, targets=a.targets, ignore=a.ignore, ratio=a.ratio,
+                                     min_ratio=a.min_ratio, device=a.device, dtype=a.dtype,
+                                     overwrite=a.overwrite, progress=not a.quiet)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/ (spectra.safetensors, plan.json, spectra.png, reduction.png, summary.md)")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    from .pipeline import run_compress
+
+    if a.param_ratio is not None:
+        ratio, target = a.param_ratio, "params"
+    else:
+        ratio, target = (a.ratio if a.ratio is not None else 0.5), "rank"
+    res = run_compress(a.model, a.output, ratio=ratio, target=target, allocation=a.allocation,
+                       min_ratio=a.min_ratio, threshold=a.threshold, targets=a.targets, ignore=a.ignore,
+                       spectra_path=a.spectra, compare=not a.no_compare, evaluate=not a.no_eval,
+                       corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen, device=a.device,
+                       dtype=a.dtype, overwrite=a.overwrite, progress=not a.quiet)
+    print(res.plan.summary())
+    print()
+    print(res.table())
+    print(f"\nwrote {res.output}/ (model.safetensors, welore.json, report.md, spectra.png, reduction.png)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import perplexity
+    from .models import load_model
+    from .report import text_table
+
+    loaded = load_model(a.model, device=a.device, dtype=a.dtype)
+    rows = []
+    for corpus in a.corpus:
+        r = perplexity(loaded.model, loaded.tokenizer, corpus, seqlen=a.seqlen, max_tokens=a.max_tokens,
+                       batch_size=a.batch_size, progress=not a.quiet)
+        rows.append({"model": loaded.name, "corpus": corpus, "ppl": r.ppl, "tokens": r.tokens,
+                     "seqlen": r.seqlen, "seconds": r.seconds})
+    print(text_table(rows))
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .compress import merge_to_dense
+    from .io import load_compressed, save_dense
+
+    if not Path(a.model).is_dir():
+        raise WeloreError(f"no such directory: {a.model}")
+    loaded = load_compressed(a.model, device=a.device)
+    save_dense(merge_to_dense(loaded.model), a.output, tokenizer=loaded.tokenizer, overwrite=a.overwrite)
+    print(f"wrote dense model to {a.output}/ (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "merge": cmd_merge}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Apply a rank plan to a model: LRCs become LowRankLinear, N-LRCs stay as they are.
+
+    plan, spectra = welore.plan_model(model, ratio=0.5)     # one SVD per matrix
+    welore.apply_plan(model, plan, spectra)                  # reuses those SVDs
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import RankPlan, allocate
+from .errors import WeloreError
+from .layers import LowRankLinear
+from .spectrum import Spectra, analyze
+from .targets import find_targets, module_kind, weight_matrix
+
+TRAIN_MODES = ("lrc", "full", "none")
+
+
+def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: list[str] | None = None,
+               spectra: Spectra | None = None, progress: bool = True, **allocate_kwargs) -> tuple[RankPlan, Spectra]:
+    """Analyze `model` (unless `spectra` are given) keeping the SVD factors, and allocate ranks.
+
+    `allocate_kwargs` go to `welore.allocate` (ratio, target, allocation, min_ratio, threshold).
+    """
+    if spectra is None:
+        spectra = analyze(model, find_targets(model, targets, ignore), keep_factors=True, progress=progress)
+    else:
+        spectra.check_matches(model)
+    return allocate(spectra, **allocate_kwargs), spectra
+
+
+def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None, *,
+               progress: bool = True) -> nn.Module:
+    """Replace every LRC of `plan` in `model` (in place) by a LowRankLinear of its planned rank.
+
+    The factors come from `spectra.factors` when present (the SVD computed by `analyze`); a matrix
+    without stored factors is decomposed here (the "naive" two-SVD flow, kept for benchmarking and
+    for plans applied to a fresh model).
+    """
+    factors = spectra.factors if spectra is not None else {}
+    for mp in tqdm(plan.lrcs, desc="Factorising LRCs", unit="matrix", disable=not progress):
+        try:
+            module = model.get_submodule(mp.name)
+        except AttributeError:
+            raise WeloreError(f"the plan names {mp.name}, which the model does not have") from None
+        if module_kind(module) is None:
+            raise WeloreError(f"{mp.name} is not a dense linear layer (already compressed?)")
+        w = weight_matrix(module).detach()
+        if tuple(w.shape) != (mp.out_features, mp.in_features):
+            raise WeloreError(f"the plan's shape for {mp.name} does not match the model: "
+                              f"{(mp.out_features, mp.in_features)} vs {tuple(w.shape)}")
+        if mp.name in factors and factors[mp.name][1].numel() >= mp.alloc_rank:
+            U, S, Vh = (f.to(w.device) for f in factors[mp.name])
+        else:
+            U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+        layer = LowRankLinear.from_svd(U, S, Vh, mp.alloc_rank, module.bias, kind=mp.kind,
+                                       dtype=w.dtype, device=w.device)
+        model.set_submodule(mp.name, layer)
+    return model
+
+
+def merge_to_dense(model: nn.Module) -> nn.Module:
+    """Replace every LowRankLinear by an equivalent dense module of the original type (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            model.set_submodule(name, module.to_dense())
+    return model
+
+
+def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def set_trainable(model: nn.Module, mode: str = "lrc") -> tuple[int, int]:
+    """Mark what trains: "lrc" = only the LRC factors (WeLore), "full" = everything, "none".
+
+    In "lrc" mode N-LRCs, embeddings, norms, the LM head and the LRC biases stay frozen: the claim
+    under test is that the low-rank factors alone carry the adaptable part of the model.
+    Returns (trainable, total) parameter counts.
+    """
+    if mode not in TRAIN_MODES:
+        raise WeloreError(f"unknown train mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+    for p in model.parameters():
+        p.requires_grad_(mode == "full")
+    if mode == "lrc":
+        lrcs = low_rank_modules(model)
+        if not lrcs:
+            raise WeloreError("the model has no low-rank components to train")
+        for m in lrcs.values():
+            m.down.weight.requires_grad_(True)
+            m.up.weight.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen or p.device.type == "meta":
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total

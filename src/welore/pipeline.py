@@ -1,0 +1,159 @@
+"""The end-to-end jobs behind `welore analyze` and `welore compress` (the CLI only parses arguments).
+
+`compress` is the main job: load -> one SVD per target -> WeLore plan -> compress -> save, and, with
+`compare=True`, evaluate dense vs uniform vs WeLore at the same effective rank reduction, so every
+run shows what the non-uniform allocation buys.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .allocate import RankPlan, allocate, check_allocation_args
+from .compress import apply_plan, count_parameters
+from .errors import WeloreError
+from .evaluate import perplexity
+from .io import atomic_dir, save_compressed
+from .models import load_model
+from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
+from .spectrum import Spectra, analyze
+from .targets import find_targets
+
+
+@dataclass
+class CompressResult:
+    output: Path
+    plan: RankPlan
+    rows: list[dict] = field(default_factory=list)  # one per model variant (dense / uniform / welore)
+
+    def table(self) -> str:
+        return text_table(self.rows)
+
+
+def default_output(name: str, allocation: str, target: str, ratio: float | None, threshold: float | None) -> Path:
+    tag = f"t{threshold:g}" if threshold is not None else f"{'r' if target == 'rank' else 'p'}{round(ratio * 100)}"
+    return Path("compressed") / f"{name}-{allocation}-{tag}"
+
+
+def _check_output(output, overwrite: bool) -> None:
+    """Refuse an existing output before minutes of work, not after (atomic_dir checks again)."""
+    if output is not None and Path(output).exists() and not overwrite:
+        raise WeloreError(f"output {output} already exists (use --overwrite to replace it)")
+
+
+def run_analyze(source=None, output=None, *, targets=None, ignore=None, ratio: float = 0.5,
+                min_ratio: float = 0.5, device=None, dtype=None, overwrite: bool = False,
+                progress: bool = True) -> tuple[Path, Spectra, RankPlan]:
+    """Spectra of every target, saved with plots and the WeLore plan at `ratio` as an illustration."""
+    check_allocation_args(ratio=ratio, min_ratio=min_ratio)
+    _check_output(output, overwrite)
+    loaded = load_model(source, device=device, dtype=dtype, tokenizer=False)
+    output = Path(output) if output else Path("analysis") / loaded.name
+    with atomic_dir(output, overwrite) as tmp:
+        spectra = analyze(loaded.model, find_targets(loaded.model, targets, ignore), progress=progress)
+        plan = allocate(spectra, ratio=ratio, min_ratio=min_ratio)
+        spectra.save(tmp / "spectra.safetensors")
+        plan.save(tmp / "plan.json")
+        plot_spectra(spectra, tmp / "spectra.png", title=f"{loaded.name}: normalised singular values")
+        plot_reduction_heatmap(plan, spectra, tmp / "reduction.png")
+        (tmp / "summary.md").write_text(_type_summary(spectra, plan, loaded.name))
+    return output, spectra, plan
+
+
+def _type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
+    """Mean WeLore reduction per matrix type: which kinds of matrix are low-rank."""
+    by_type: dict[str, list] = {}
+    for t, m in zip(spectra.targets, plan.matrices):
+        by_type.setdefault(t.type, []).append(m)
+    rows = [{"matrix type": typ, "shape": f"{ms[0].out_features}x{ms[0].in_features}", "count": len(ms),
+             "mean reduction": sum(m.reduction for m in ms) / len(ms),
+             "min": min(m.reduction for m in ms), "max": max(m.reduction for m in ms),
+             "LRCs": sum(m.lrc for m in ms)} for typ, ms in by_type.items()]
+    return (f"# {name}: spectra\n\n{len(spectra.targets)} target matrices, SVD in {spectra.seconds:.1f} s.\n\n"
+            f"WeLore plan at the requested ratio: {plan.summary()}\n\n{markdown_table(rows)}\n")
+
+
+def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target: str = "rank",
+                 allocation: str = "welore", min_ratio: float = 0.5, threshold: float | None = None,
+                 targets=None, ignore=None, spectra_path=None, compare: bool = True, evaluate: bool = True,
+                 corpus: str = "wikitext2", eval_tokens: int | None = 4096, seqlen: int = 512,
+                 device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
+    """The main job (see module docstring). Returns the plan and the comparison rows."""
+    check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
+    if eval_tokens is not None and eval_tokens < seqlen:
+        raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
+    _check_output(output, overwrite)
+    t0 = time.perf_counter()
+    loaded = load_model(source, device=device, dtype=dtype)
+    if loaded.meta is not None:
+        raise WeloreError(f"{loaded.source} is already compressed; compress its base model instead")
+    output = Path(output) if output else default_output(loaded.name, allocation, target, ratio, threshold)
+    _check_output(output, overwrite)
+    model, tok = loaded.model, loaded.tokenizer
+    if evaluate and tok is None:
+        raise WeloreError("the model has no tokenizer, so it cannot be evaluated (use --no-eval)")
+    load_s = time.perf_counter() - t0
+
+    if spectra_path:
+        spectra = Spectra.load(spectra_path)
+        spectra.check_matches(model)
+    else:
+        spectra = analyze(model, find_targets(model, targets, ignore), keep_factors=True, progress=progress)
+    plan = allocate(spectra, ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
+                    threshold=threshold)
+    dense_params = count_parameters(model)
+    ppl = lambda m: perplexity(m, tok, corpus, seqlen=seqlen, max_tokens=eval_tokens, progress=progress)  # noqa: E731
+
+    rows = []
+
+    def row(label: str, p: RankPlan | None, params: int, seconds: float, result) -> dict:
+        r = {"model": label,
+             "eff. rank red.": f"{p.effective_rank_reduction:.1%}" if p else "0.0%",
+             "param red. (targets)": f"{p.param_reduction:.1%}" if p else "0.0%",
+             "params": params, "LRCs": len(p.lrcs) if p else 0, "compress s": seconds}
+        if result is not None:
+            r[f"{corpus} ppl"] = result.ppl
+        rows.append(r)
+        return r
+
+    if evaluate and compare:
+        row("dense", None, dense_params, 0.0, ppl(model))
+        # uniform baseline at the effective rank reduction WeLore actually reached
+        uni = allocate(spectra, ratio=min(max(plan.effective_rank_reduction, 1e-6), 1 - 1e-6),
+                       target="rank", allocation="uniform")
+        t = time.perf_counter()
+        baseline = apply_plan(copy.deepcopy(model), uni, spectra, progress=progress)
+        uni_s = spectra.seconds + time.perf_counter() - t
+        row("uniform", uni, count_parameters(baseline), uni_s, ppl(baseline))
+        del baseline
+        gc.collect()
+    t = time.perf_counter()
+    apply_plan(model, plan, spectra, progress=progress)
+    compress_s = spectra.seconds + time.perf_counter() - t
+    row(allocation if allocation != "welore" else "WeLore", plan, count_parameters(model), compress_s,
+        ppl(model) if evaluate else None)
+
+    settings = {"source": loaded.source, "name": loaded.name, "ratio": ratio, "target": target,
+                "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold,
+                "targets": targets, "ignore": ignore, "eval": {"corpus": corpus, "tokens": eval_tokens,
+                                                               "seqlen": seqlen} if evaluate else None}
+
+    def write_report(tmp: Path) -> None:
+        spectra.save(tmp / "spectra.safetensors")
+        plot_spectra(spectra, tmp / "spectra.png", title=f"{loaded.name}: normalised singular values")
+        plot_reduction_heatmap(plan, spectra, tmp / "reduction.png")
+        (tmp / "results.json").write_text(json.dumps({"rows": rows, "load_seconds": load_s}, indent=1))
+        (tmp / "report.md").write_text(
+            f"# welore compress: {loaded.name}\n\n{plan.summary()}\n\n"
+            f"Settings: `{json.dumps(settings)}`\n\n{markdown_table(rows)}\n\n"
+            f"![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
+            f"{_type_summary(spectra, plan, loaded.name).split(chr(10), 2)[2]}")
+
+    save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
+                    overwrite=overwrite, extra=write_report)
+    return CompressResult(output, plan, rows)

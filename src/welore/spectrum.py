@@ -1,0 +1,130 @@
+"""Singular values of every target matrix: the data-free signal WeLore allocates ranks from.
+
+One matrix at a time, in fp32 on the model's device, so extra memory is one matrix plus its SVD.
+`analyze(..., keep_factors=True)` also keeps the singular vectors a compressed matrix could use, so
+compression never decomposes a matrix a second time. Only the leading `max_useful_rank` vectors are
+kept: a rank-k factorisation saves parameters only when k(m+n) < mn, so no LRC can ever need more,
+and the kept factors are never larger than the weights themselves.
+
+Spectra are saved as safetensors (one 1-D tensor per matrix) with the shapes and a fingerprint of
+every weight in the metadata, so a cache computed from other weights is detected, not silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import WeloreError
+from .targets import Target, find_targets, weight_matrix
+
+SPECTRA_FORMAT = "welore-spectra/1"
+
+
+def max_useful_rank(out_features: int, in_features: int) -> int:
+    """Largest k with k*(m+n) < m*n: beyond it, two factors cost more than the dense matrix."""
+    m, n = out_features, in_features
+    return max(0, (m * n - 1) // (m + n))
+
+
+def fingerprint(w: torch.Tensor) -> str:
+    """Short content hash of a weight tensor (dtype, shape and bytes)."""
+    t = w.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Spectra:
+    """Singular values (descending, fp32, CPU) of each target matrix, with what they came from."""
+
+    targets: list[Target]
+    values: dict[str, torch.Tensor]
+    fingerprints: dict[str, str]
+    # name -> (U[:, :r], S[:r], Vh[:r]) with r = max_useful_rank; absent unless keep_factors
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        """Write singular values + metadata as safetensors (factors are not saved), atomically."""
+        path = Path(path)
+        meta = {
+            "format": SPECTRA_FORMAT,
+            "targets": json.dumps([[t.name, t.kind, t.out_features, t.in_features] for t in self.targets]),
+            "fingerprints": json.dumps(self.fingerprints),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in self.values.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spectra:
+        path = Path(path)
+        if not path.is_file():
+            raise WeloreError(f"no such spectra file: {path}")
+        try:
+            values = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("format") != SPECTRA_FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {SPECTRA_FORMAT!r}")
+            targets = [Target(n, k, int(o), int(i)) for n, k, o, i in json.loads(meta["targets"])]
+            fps = json.loads(meta["fingerprints"])
+        except (SafetensorError, ValueError, KeyError, TypeError, OSError) as e:
+            raise WeloreError(f"{path} is not a valid welore spectra file: {e}") from e
+        names = [t.name for t in targets]
+        if set(names) != set(values) or set(names) != set(fps):
+            raise WeloreError(f"{path} is corrupt: tensors and metadata name different matrices")
+        for t in targets:
+            if values[t.name].shape != (min(t.shape),):
+                raise WeloreError(f"{path} is corrupt: {t.name} has {values[t.name].numel()} values for shape {t.shape}")
+        return cls(targets, values, fps)
+
+    def check_matches(self, model: nn.Module) -> None:
+        """Raise if these spectra were not computed from `model`'s current weights."""
+        for t in self.targets:
+            try:
+                module = model.get_submodule(t.name)
+            except AttributeError:
+                raise WeloreError(f"spectra are stale: the model has no module {t.name}") from None
+            w = module.weight
+            if tuple(weight_matrix(module).shape) != t.shape or fingerprint(w) != self.fingerprints[t.name]:
+                raise WeloreError(f"spectra are stale: weights of {t.name} changed since they were computed")
+
+
+def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_factors: bool = False,
+            progress: bool = True) -> Spectra:
+    """Singular values of every target of `model` (see module docstring)."""
+    import time
+
+    targets = targets if targets is not None else find_targets(model)
+    values, fps, factors = {}, {}, {}
+    start = time.perf_counter()
+    for t in tqdm(targets, desc="SVD of target matrices", unit="matrix", disable=not progress):
+        module = model.get_submodule(t.name)
+        w = weight_matrix(module).detach()
+        wf = w.float()  # fp32 whatever the storage dtype: half-precision SVD is inaccurate or unsupported
+        if not torch.isfinite(wf).all():
+            raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+        if keep_factors:
+            U, S, Vh = torch.linalg.svd(wf, full_matrices=False)
+            r = max_useful_rank(*t.shape)
+            factors[t.name] = (U[:, :r].cpu(), S[:r].cpu(), Vh[:r].cpu())
+        else:
+            S = torch.linalg.svdvals(wf)
+        values[t.name] = S.cpu()
+        fps[t.name] = fingerprint(module.weight)
+        del wf
+    return Spectra(list(targets), values, fps, factors, time.perf_counter() - start)

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models of every supported architecture, a tiny real tokenizer,
+and a model with planted exactly-low-rank matrices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("WELORE_DATA", str(DATA))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 256
+# hidden 32, 2 blocks; small enough for milliseconds, big enough for non-trivial spectra
+TINY = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
+    "gemma": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32, max_position_embeddings=1024),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=1024),
+}
+ARCHS = list(TINY)
+# linear targets per block (the module-type + in-block rule, not names): llama-likes 7, gpt2 4
+# (c_attn, c_proj, c_fc, mlp.c_proj), opt 6 (q,k,v,out,fc1,fc2), gpt_neox 4 (qkv, dense, h_to_4h, 4h_to_h)
+TARGETS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gemma": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4}
+
+
+def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    cfg = AutoConfig.for_model(arch, vocab_size=VOCAB, **TINY[arch])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # HF initialises with std 0.02 and zero biases; random biases make the bias paths testable
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch):
+    return make_tiny(arch)
+
+
+@pytest.fixture
+def llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 256-token byte-level BPE trained on WikiText-2 text: real tokenization, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = (DATA / "text" / "wikitext2_test.raw").read_text(encoding="utf-8")[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer) -> Path:
+    """A Hugging Face model directory (config + safetensors + tokenizer) of a tiny llama."""
+    d = tmp_path / "tiny-llama"
+    make_tiny("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+PLANTED_RANK = 3
+PLANTED = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+
+
+@pytest.fixture
+def planted():
+    """Tiny llama where two matrices are exactly rank 3 (the rest are full-rank random)."""
+    model = make_tiny("llama")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in PLANTED:
+            w = model.get_submodule(name).weight
+            m, n = w.shape
+            w.copy_(torch.randn(m, PLANTED_RANK, generator=g) @ torch.randn(PLANTED_RANK, n, generator=g) / n)
+    return model

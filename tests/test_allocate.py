@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import PLANTED, PLANTED_RANK
+
+from welore import RankPlan, Spectra, WeloreError, allocate, analyze, normalized_spectrum
+from welore.targets import Target
+
+
+def synthetic_spectra(n_mats=12, seed=0, shapes=None) -> Spectra:
+    """Heavy-tailed random spectra of varied shapes (no model needed)."""
+    rng = np.random.default_rng(seed)
+    targets, values = [], {}
+    for i in range(n_mats):
+        if shapes:
+            m, n = shapes[i % len(shapes)]
+        else:
+            m, n = rng.choice([48, 64, 96, 160]), rng.choice([48, 64, 128])
+        k = min(m, n)
+        s = np.sort(rng.pareto(rng.uniform(0.5, 3.0), k) + rng.uniform(0, 0.1, k))[::-1].copy()
+        t = Target(f"layers.{i}.proj", "linear", int(m), int(n))
+        targets.append(t)
+        values[t.name] = torch.tensor(s, dtype=torch.float32)
+    return Spectra(targets, values, {t.name: "x" for t in targets})
+
+
+def test_normalised_spectrum():
+    s = normalized_spectrum([4.0, 2.0, 1.0])
+    assert np.allclose(s, [1.0, 1 / 3, 0.0])
+    assert np.allclose(normalized_spectrum([2.0, 2.0]), [1.0, 1.0])  # flat: nothing is low
+
+
+def test_planted_low_rank_matrices_are_found(planted):
+    spectra = analyze(planted, progress=False)
+    plan = allocate(spectra, threshold=1e-3, min_ratio=0.5)
+    for m in plan.matrices:
+        if m.name in PLANTED:
+            assert m.alloc_rank == PLANTED_RANK and m.lrc
+        else:  # random full-rank matrices: only their very smallest values fall under 1e-3
+            assert m.alloc_rank >= m.full_rank - 2 and not m.lrc
+    # and a searched target equal to exactly the planted null spaces picks the same plan
+    dropped = sum(m.full_rank - PLANTED_RANK for m in plan.matrices if m.name in PLANTED)
+    total = sum(m.full_rank for m in plan.matrices)
+    searched = allocate(spectra, ratio=dropped / total, min_ratio=0.5)
+    assert [m.name for m in searched.lrcs] == list(PLANTED)
+    assert all(m.alloc_rank == PLANTED_RANK for m in searched.lrcs)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.7, 0.9])
+def test_bisection_hits_rank_target_within_one_rank_per_matrix(ratio):
+    # tall matrices: every truncation saves parameters, so the LRC rule never holds a matrix back
+    spectra = synthetic_spectra(shapes=[(4096, 32), (2048, 48), (3000, 40)])
+    plan = allocate(spectra, ratio=ratio, min_ratio=0.0)
+    total = sum(m.full_rank for m in plan.matrices)
+    dropped = sum(m.full_rank - m.kept_rank for m in plan.matrices)
+    assert abs(dropped - ratio * total) <= len(plan.matrices)
+    assert plan.target == {"kind": "rank", "ratio": ratio}
+
+
+@pytest.mark.parametrize("min_ratio", [0.0, 0.5])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_bisection_finds_the_closest_achievable_reduction(ratio, min_ratio):
+    # with the LRC rule (min_ratio, parameter saving) a matrix joins in jumps; the search must still
+    # land on the best threshold there is: compare with trying every candidate threshold
+    spectra = synthetic_spectra()
+    plan = allocate(spectra, ratio=ratio, min_ratio=min_ratio)
+    every = np.unique(np.concatenate([normalized_spectrum(v.numpy()) for v in spectra.values.values()]))
+    best = min(abs(allocate(spectra, threshold=float(t), min_ratio=min_ratio).effective_rank_reduction - ratio)
+               for t in every)
+    assert abs(plan.effective_rank_reduction - ratio) <= best + 1e-12
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_bisection_hits_parameter_target(ratio):
+    spectra = synthetic_spectra()
+    plan = allocate(spectra, ratio=ratio, target="params", min_ratio=0.0)
+    # one rank step of the largest matrix is the finest resolution the parameter count has
+    step = max(m.out_features + m.in_features for m in plan.matrices) / plan.params_before
+    assert abs(plan.param_reduction - ratio) <= step * len(plan.matrices)
+
+
+def test_uniform_gives_every_matrix_the_same_ratio():
+    spectra = synthetic_spectra()
+    plan = allocate(spectra, ratio=0.6, allocation="uniform")
+    ratios = [m.reduction for m in plan.matrices]
+    assert max(ratios) - min(ratios) <= 1 / min(m.full_rank for m in plan.matrices) + 1e-9
+    assert abs(plan.effective_rank_reduction - 0.6) < 0.05
+
+
+def test_uniform_search_finds_the_closest_achievable_reduction():
+    spectra = synthetic_spectra()
+    plan = allocate(spectra, ratio=0.45, allocation="uniform")
+    best = min(abs(allocate(spectra, ratio=float(r), allocation="uniform").effective_rank_reduction - 0.45)
+               for r in np.linspace(0.01, 0.99, 491))
+    assert abs(plan.effective_rank_reduction - 0.45) <= best + 1e-12
+
+
+def test_welore_is_non_uniform_and_monotone_in_threshold():
+    spectra = synthetic_spectra()
+    plan = allocate(spectra, threshold=0.05, min_ratio=0.0)
+    assert len({round(m.reduction, 2) for m in plan.matrices}) > 3
+    reductions = [allocate(spectra, threshold=t, min_ratio=0.0).effective_rank_reduction
+                  for t in np.linspace(0, 1, 21)]
+    assert all(a <= b for a, b in zip(reductions, reductions[1:]))
+
+
+def test_lrc_rule(llama):
+    spectra = analyze(llama, progress=False)
+    for min_ratio in (0.0, 0.5):
+        plan = allocate(spectra, ratio=0.5, min_ratio=min_ratio)
+        for m in plan.matrices:
+            saves = m.alloc_rank * (m.out_features + m.in_features) < m.out_features * m.in_features
+            assert m.lrc == (saves and m.reduction > min_ratio)
+            assert m.kept_rank == (m.alloc_rank if m.lrc else m.full_rank)
+        assert plan.params_after < plan.params_before
+
+
+def test_json_round_trip(tmp_path):
+    plan = allocate(synthetic_spectra(), ratio=0.4)
+    plan.save(tmp_path / "plan.json")
+    back = RankPlan.load(tmp_path / "plan.json")
+    assert back.to_dict() == plan.to_dict()
+    json.dumps(plan.to_dict())  # serialisable
+
+
+def test_corrupt_plan_is_refused(tmp_path):
+    d = allocate(synthetic_spectra(), ratio=0.4).to_dict()
+    d["matrices"][0]["alloc_rank"] = d["matrices"][0]["full_rank"] + 5
+    with pytest.raises(WeloreError, match="impossible ranks"):
+        RankPlan.from_dict(d)
+    with pytest.raises(WeloreError, match="invalid rank plan"):
+        RankPlan.from_dict({"format": "welore-plan/1"})
+    (tmp_path / "p.json").write_text("{not json")
+    with pytest.raises(WeloreError, match="cannot read rank plan"):
+        RankPlan.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ratio=0.0), "ratio must be in"),
+    (dict(ratio=1.0), "ratio must be in"),
+    (dict(ratio=float("nan")), "ratio must be in"),
+    (dict(threshold=1.5), "threshold must be in"),
+    (dict(threshold=-0.1), "threshold must be in"),
+    (dict(min_ratio=1.0), "min_ratio"),
+    (dict(target="flops"), "unknown target"),
+    (dict(allocation="magic"), "unknown allocation"),
+    (dict(allocation="uniform", threshold=0.3), "welore allocation only"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(WeloreError, match=message):
+        allocate(synthetic_spectra(), **kwargs)

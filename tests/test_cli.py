@@ -1,0 +1,159 @@
+"""The CLI in-process: every command on a tiny model, and every bad input gives one line + exit 2."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from welore.cli import main
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_analyze(capsys, model_dir, tmp_path):
+    out = tmp_path / "an"
+    code, stdout, _ = run(capsys, "analyze", str(model_dir), "-o", str(out), "-q")
+    assert code == 0 and "self_attn.q_proj" in stdout
+    assert {"spectra.safetensors", "plan.json", "spectra.png", "reduction.png", "summary.md"} <= {
+        p.name for p in out.iterdir()}
+
+
+def test_compress_evaluate_merge(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--ratio", "0.4",
+                            "--min-ratio", "0", "--eval-tokens", "256", "--seqlen", "64", "-q")
+    assert code == 0, err
+    assert all(word in stdout for word in ("dense", "uniform", "WeLore", "wikitext2 ppl"))
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["dense", "uniform", "WeLore"]
+    assert (out / "report.md").is_file()
+
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--corpus", "wikitext2", "c4", "--max-tokens", "256",
+                          "--seqlen", "64", "-q")
+    assert code == 0 and "c4" in stdout
+    # the evaluated perplexity of the saved model is the one the compress table reported
+    ppl = float(stdout.splitlines()[2].split()[2].replace(",", ""))
+    assert abs(ppl - rows[2]["wikitext2 ppl"]) < 0.01 * ppl
+
+    code, _, err = run(capsys, "merge", str(out), str(tmp_path / "dense"))
+    assert code == 0, err
+    assert (tmp_path / "dense" / "config.json").is_file()
+
+
+def test_compress_by_parameter_ratio_and_threshold(capsys, model_dir, tmp_path):
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "p"), "--param-ratio", "0.3",
+                            "--no-eval", "-q")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "p" / "welore.json").read_text())["plan"]
+    assert plan["target"] == {"kind": "params", "ratio": 0.3}
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "t"), "--threshold", "0.2",
+                       "--no-eval", "-q")
+    assert code == 0, err
+
+
+def test_cached_spectra_are_reused_and_checked(capsys, model_dir, tmp_path):
+    run(capsys, "analyze", str(model_dir), "-o", str(tmp_path / "an"), "-q")
+    spectra = tmp_path / "an" / "spectra.safetensors"
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "c"), "--spectra", str(spectra),
+                       "--no-eval", "-q")
+    assert code == 0, err
+    # weights changed after the cache was written: refused as stale
+    w = load_file(str(model_dir / "model.safetensors"))
+    key = next(k for k in w if "q_proj" in k)
+    w[key] = w[key] * 1.01
+    save_file(w, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "c2"), "--spectra", str(spectra),
+                       "--no-eval", "-q")
+    assert code == 2 and "stale" in err and not (tmp_path / "c2").exists()
+
+
+def _assert_clean_error(code, err, needle):
+    assert code == 2
+    assert err.startswith("welore: error:") and needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compress", "/no/such/model", "--no-eval"], "no such file or directory"),
+    (["evaluate", "./missing-dir"], "no such file or directory"),
+    (["compress", "MODEL", "--ratio", "1.5"], "ratio must be in (0, 1)"),
+    (["compress", "MODEL", "--ratio", "0"], "ratio must be in (0, 1)"),
+    (["compress", "MODEL", "--param-ratio", "-0.2"], "ratio must be in (0, 1)"),
+    (["compress", "MODEL", "--threshold", "1.2"], "threshold must be in [0, 1]"),
+    (["compress", "MODEL", "--threshold", "-0.1"], "threshold must be in [0, 1]"),
+    (["compress", "MODEL", "--min-ratio", "2"], "min_ratio"),
+    (["compress", "MODEL", "--targets", "nothing-matches", "--no-eval"], "no linear target"),
+    (["analyze", "MODEL", "--targets", "("], "bad targets regex"),
+    (["compress", "MODEL", "--eval-tokens", "100", "--seqlen", "512"], "at least seqlen"),
+    (["merge", "/no/such/dir", "OUT"], "no such directory"),
+    (["merge", "MODEL", "OUT"], "not a welore model directory"),
+])
+def test_bad_input_one_line_no_output(capsys, model_dir, tmp_path, args, needle):
+    out = tmp_path / "out"
+    args = [str(model_dir) if a == "MODEL" else str(out) if a == "OUT" else a for a in args]
+    if args[0] in ("compress", "analyze"):
+        args += ["-o", str(out)]
+    code, _, err = run(capsys, *args, *(["-q"] if args[0] != "merge" else []))
+    _assert_clean_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_not_a_model_file(capsys, tmp_path):
+    f = tmp_path / "weights.gguf"
+    f.write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "analyze", str(f), "-o", str(tmp_path / "o"), "-q")
+    _assert_clean_error(code, err, "cannot load GGUF")
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "notes.txt"))
+    _assert_clean_error(code, err, "is not a model")
+
+
+def test_nan_weights(capsys, model_dir, tmp_path):
+    w = load_file(str(model_dir / "model.safetensors"))
+    key = next(k for k in w if "up_proj" in k)
+    w[key][3, 3] = float("nan")
+    save_file(w, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), "--no-eval", "-q")
+    _assert_clean_error(code, err, "NaN or Inf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_compressed_weights(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")[0] == 0
+    (out / "model.safetensors").write_bytes(b"junk")
+    code, _, err = run(capsys, "evaluate", str(out), "--max-tokens", "128", "--seqlen", "64", "-q")
+    _assert_clean_error(code, err, "corrupt")
+    code, _, err = run(capsys, "merge", str(out), str(tmp_path / "m"))
+    _assert_clean_error(code, err, "corrupt")
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")
+    _assert_clean_error(code, err, "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_compressing_a_compressed_model_is_refused(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")[0] == 0
+    code, _, err = run(capsys, "compress", str(out), "-o", str(tmp_path / "c2"), "--no-eval", "-q")
+    _assert_clean_error(code, err, "already compressed")
+
+
+def test_dtype_is_kept(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run(capsys, "compress", str(model_dir), "-o", str(out), "--dtype", "bfloat16", "--no-eval", "-q")[0] == 0
+    from welore import load_compressed
+
+    assert next(load_compressed(out).model.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,54 @@
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from welore import LowRankLinear
+
+
+def test_factor_product_is_the_best_rank_k_approximation():
+    torch.manual_seed(0)
+    W = torch.randn(40, 24, dtype=torch.float64).float()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    for k in (1, 5, 12, 24):
+        layer = LowRankLinear.from_svd(U, S, Vh, k, bias=None)
+        err = torch.linalg.norm(W - layer.weight().detach())
+        # Eckart-Young: the error is the root of the sum of the dropped squared singular values
+        assert torch.allclose(err, S[k:].pow(2).sum().sqrt(), atol=1e-4)
+        assert layer.down.weight.shape == (k, 24) and layer.up.weight.shape == (40, k)
+
+
+def test_sqrt_s_balances_the_two_factors():
+    torch.manual_seed(0)
+    W = torch.randn(64, 32) * 10
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    layer = LowRankLinear.from_svd(U, S, Vh, 8, bias=None)
+    assert torch.allclose(layer.up.weight.norm(), layer.down.weight.norm(), rtol=1e-4)
+
+
+def test_forward_matches_dense_and_keeps_bias():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(16, 20)
+    U, S, Vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    layer = LowRankLinear.from_svd(U, S, Vh, 16, bias=dense.bias.detach())  # full rank: exact
+    x = torch.randn(3, 7, 16)
+    assert torch.allclose(layer(x), dense(x), atol=1e-5)
+    back = layer.to_dense()
+    assert isinstance(back, torch.nn.Linear) and torch.allclose(back(x), dense(x), atol=1e-5)
+
+
+def test_conv1d_round_trip():
+    torch.manual_seed(0)
+    conv = Conv1D(12, 8)  # nf=out, nx=in; weight stored (in, out)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    U, S, Vh = torch.linalg.svd(conv.weight.detach().t(), full_matrices=False)
+    layer = LowRankLinear.from_svd(U, S, Vh, 8, bias=conv.bias.detach(), kind="conv1d")
+    back = layer.to_dense()
+    x = torch.randn(4, 8)
+    assert isinstance(back, Conv1D)
+    assert torch.allclose(back(x), conv(x), atol=1e-5) and torch.allclose(layer(x), conv(x), atol=1e-5)
+
+
+def test_dtype_follows_the_request():
+    U, S, Vh = torch.linalg.svd(torch.randn(8, 8), full_matrices=False)
+    layer = LowRankLinear.from_svd(U, S, Vh, 4, bias=None, dtype=torch.bfloat16)
+    assert layer.up.weight.dtype == torch.bfloat16 == layer.down.weight.dtype

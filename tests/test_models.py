@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from welore import WeloreError, load_model, pick_device
+from welore.models import parse_dtype
+
+
+def test_load_hf_directory(model_dir):
+    loaded = load_model(model_dir, device="cpu")
+    assert loaded.tokenizer is not None and loaded.name == "tiny-llama"
+    assert not loaded.model.training and loaded.meta is None
+
+
+def test_load_safetensors_checkpoint_file(model_dir, tmp_path):
+    loaded = load_model(model_dir / "model.safetensors", device="cpu")
+    assert loaded.model.config.model_type == "llama"
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((model_dir / "model.safetensors").read_bytes())
+    with pytest.raises(WeloreError, match="needs a config.json"):
+        load_model(lone)
+
+
+def test_dtype_override(model_dir):
+    loaded = load_model(model_dir, device="cpu", dtype="bfloat16")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(WeloreError, match="no such file or directory"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeloreError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    with pytest.raises(WeloreError, match="is not a model"):
+        load_model(junk)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF but not really")
+    with pytest.raises(WeloreError, match="cannot load GGUF"):
+        load_model(fake)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(WeloreError, match="cannot load model directory"):
+        load_model(broken)
+
+
+def test_device_and_dtype_parsing():
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(WeloreError, match="CUDA is not available"):
+            pick_device("cuda")
+    assert parse_dtype("auto") is None and parse_dtype("bf16") == torch.bfloat16
+    with pytest.raises(WeloreError, match="unknown dtype"):
+        parse_dtype("float8")

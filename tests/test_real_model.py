@@ -1,0 +1,52 @@
+"""The embedded default (SmolLM2-135M-Instruct, GGUF) end to end: analyze, compress, evaluate, reload.
+Marked slow (about a minute on 2 CPU cores); CI runs it."""
+
+import json
+
+import pytest
+import torch
+
+from welore import find_targets, load_compressed, load_model, perplexity, run_compress
+from welore.models import default_model_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "smollm2-welore"
+    return run_compress(None, out, ratio=0.5, eval_tokens=2048, seqlen=512, progress=False)
+
+
+def test_default_model_is_found_and_loads():
+    path = default_model_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50e6
+    loaded = load_model(None, device="cpu")
+    assert loaded.model.config.model_type == "llama" and loaded.tokenizer is not None
+    targets = find_targets(loaded.model)
+    assert len(targets) == 30 * 7  # 30 blocks x (q, k, v, o, gate, up, down)
+    assert "lm_head" not in {t.name for t in targets}
+
+
+def test_main_job_compares_dense_uniform_welore(compressed):
+    rows = {r["model"]: r for r in compressed.rows}
+    assert set(rows) == {"dense", "uniform", "WeLore"}
+    assert 10 < rows["dense"]["wikitext2 ppl"] < 60  # SmolLM2-135M on WikiText-2 is about 30
+    assert rows["WeLore"]["params"] < rows["dense"]["params"]
+    assert abs(compressed.plan.effective_rank_reduction - 0.5) < 0.01
+    # the point of WeLore's non-uniform allocation: better than uniform at the same rank reduction
+    assert rows["WeLore"]["wikitext2 ppl"] < rows["uniform"]["wikitext2 ppl"]
+    # ranks really are non-uniform across matrices
+    assert len({m.reduction for m in compressed.plan.lrcs}) > 20
+
+
+def test_saved_model_reloads_with_the_same_perplexity(compressed):
+    out = compressed.output
+    meta = json.loads((out / "welore.json").read_text())
+    assert meta["plan"]["totals"]["lrc_count"] == len(compressed.plan.lrcs)
+    assert {"report.md", "spectra.png", "reduction.png", "spectra.safetensors"} <= {p.name for p in out.iterdir()}
+    loaded = load_compressed(out)
+    r = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=512, max_tokens=2048, progress=False)
+    reported = next(row for row in compressed.rows if row["model"] == "WeLore")["wikitext2 ppl"]
+    assert r.ppl == pytest.approx(reported, rel=1e-4)
+    assert torch.isfinite(torch.tensor(r.nll))

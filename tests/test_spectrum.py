@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from welore import Spectra, WeloreError, analyze, find_targets
+from welore.spectrum import max_useful_rank
+from welore.targets import weight_matrix
+
+
+def test_singular_values_are_those_of_each_weight(arch, tiny):
+    spectra = analyze(tiny, progress=False)
+    for t in spectra.targets:
+        ref = torch.linalg.svdvals(weight_matrix(tiny.get_submodule(t.name)).double()).float()
+        assert torch.allclose(spectra.values[t.name], ref, rtol=1e-4, atol=1e-6)
+        assert spectra.values[t.name].dtype == torch.float32
+
+
+def test_factors_kept_only_up_to_the_useful_rank(llama):
+    spectra = analyze(llama, keep_factors=True, progress=False)
+    for t in spectra.targets:
+        U, S, Vh = spectra.factors[t.name]
+        r = max_useful_rank(*t.shape)
+        assert r * sum(t.shape) < t.shape[0] * t.shape[1] <= (r + 1) * sum(t.shape)
+        assert U.shape == (t.shape[0], r) and S.shape == (r,) and Vh.shape == (r, t.shape[1])
+        # the kept factors are never larger than the weight itself
+        assert U.numel() + Vh.numel() < t.shape[0] * t.shape[1]
+
+
+def test_save_load_round_trip_and_stale_detection(tmp_path, llama):
+    spectra = analyze(llama, progress=False)
+    path = tmp_path / "spectra.safetensors"
+    spectra.save(path)
+    back = Spectra.load(path)
+    assert [t.name for t in back.targets] == [t.name for t in spectra.targets]
+    assert all(torch.equal(back.values[k], v) for k, v in spectra.values.items())
+    back.check_matches(llama)  # same weights: fine
+    with torch.no_grad():
+        llama.get_submodule(spectra.targets[3].name).weight[0, 0] += 1e-3
+    with pytest.raises(WeloreError, match="stale"):
+        back.check_matches(llama)
+
+
+def test_corrupt_spectra_file(tmp_path):
+    bad = tmp_path / "spectra.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeloreError, match="not a valid welore spectra file"):
+        Spectra.load(bad)
+    with pytest.raises(WeloreError, match="no such spectra file"):
+        Spectra.load(tmp_path / "missing.safetensors")
+
+
+def test_nan_weights_are_refused(llama):
+    targets = find_targets(llama)
+    with torch.no_grad():
+        llama.get_submodule(targets[2].name).weight[1, 1] = float("nan")
+    with pytest.raises(WeloreError, match="NaN or Inf"):
+        analyze(llama, progress=False)
