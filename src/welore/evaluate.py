@@ -100,3 +100,61 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
     nll = total_nll / count
     ppl = math.exp(nll) if nll < 700 else float("inf")
     return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start)
+
+
+@dataclass
+class Accuracy:
+    task: str
+    accuracy: float
+    correct: int
+    total: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def encode_example(tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int], int]:
+    """Token ids of prompt + target (encoded separately, so the option boundary is exact) and the
+    length of the prompt part. Long prompts are cut from the left: the question sits at the end."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"][: max_len - 1]
+    p = p[-(max_len - len(t)):]
+    return p + t, len(p)
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 512, max_new_tokens: int = 12,
+                  progress: bool = True) -> Accuracy:
+    """Accuracy on `examples` (welore.tasks.Example): the highest summed option log-probability wins;
+    generative examples (no options) need an exact match of the first number generated."""
+    from .tasks import first_number
+
+    if tokenizer is None:
+        raise WeloreError("evaluation needs a tokenizer, and this model has none")
+    if not examples:
+        raise WeloreError(f"no evaluation examples for task {task!r}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, start = 0, time.perf_counter()
+    for ex in tqdm(examples, desc=f"Accuracy on {task}", unit="ex", disable=not progress):
+        if ex.options:
+            scores = []
+            for opt in ex.options:
+                ids, n_prompt = encode_example(tokenizer, ex.prompt, opt, max_len)
+                x = torch.tensor([ids], device=device)
+                logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
+                tgt = x[0, 1:]
+                scores.append(logp[n_prompt - 1:].gather(1, tgt[n_prompt - 1:, None]).sum().item())
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.answer)
+        else:
+            ids, _ = encode_example(tokenizer, ex.prompt, "", max_len - max_new_tokens)
+            x = torch.tensor([ids], device=device)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            text = tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+            correct += int(first_number(text.split("\n")[0]) == ex.answer)
+    model.train(was_training)
+    return Accuracy(task, correct / len(examples), correct, len(examples), time.perf_counter() - start)
