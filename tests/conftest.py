@@ -104,3 +104,16 @@ def planted():
             m, n = w.shape
             w.copy_(torch.randn(m, PLANTED_RANK, generator=g) @ torch.randn(PLANTED_RANK, n, generator=g) / n)
     return model
+
+
+@pytest.fixture
+def compressed_dir(tmp_path, tokenizer) -> Path:
+    """A welore-compressed tiny llama (with tokenizer), as `welore compress` writes it."""
+    from welore import apply_plan, plan_model, save_compressed
+
+    model = make_tiny("llama")
+    with torch.no_grad():  # a std-0.02 head caps the logits near 0: frozen, it could never learn
+        model.get_output_embeddings().weight.mul_(20)
+    plan, spectra = plan_model(model, ratio=0.5, min_ratio=0.3, progress=False)
+    apply_plan(model, plan, spectra, progress=False)
+    return save_compressed(model, tmp_path / "compressed", plan, tokenizer=tokenizer, base_model="tiny")

@@ -157,3 +157,33 @@ def test_dtype_is_kept(capsys, model_dir, tmp_path):
     from welore import load_compressed
 
     assert next(load_compressed(out).model.parameters()).dtype == torch.bfloat16
+
+
+def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
+    fast = ["--steps", "3", "--seqlen", "32", "--batch-size", "2", "--eval-tokens", "64", "-q"]
+    code, stdout, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "ft"), *fast)
+    assert code == 0, err
+    assert "trainable" in stdout and (tmp_path / "ft" / "finetune.json").is_file()
+    code, stdout, err = run(capsys, "compare", str(compressed_dir), "-o", str(tmp_path / "cmp"),
+                            "--modes", "lrc", "lora", *fast)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["lrc", "lora"]
+    assert {"compare.md", "compare.png", "lrc", "lora"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "mmlu"], "unknown task"),
+    (["--lr", "0"], "learning rate must be > 0"),
+    (["--steps", "-1"], "steps must be > 0"),
+    (["--resume"], "nothing to resume"),
+])
+def test_finetune_bad_input(capsys, compressed_dir, tmp_path, args, needle):
+    code, _, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", *args)
+    _assert_clean_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_refuses_an_uncompressed_model(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "finetune", str(model_dir), "-o", str(tmp_path / "o"), "-q")
+    _assert_clean_error(code, err, "not a welore model directory")

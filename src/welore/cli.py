@@ -46,6 +46,44 @@ def _targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="+", metavar="REGEX", help="regexes of module names to leave dense")
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import DATA, FinetuneConfig
+
+    d = FinetuneConfig()
+    p.add_argument("--data", default=d.data, help=f"c4 (continual LM) or a task: {', '.join(DATA[1:])}")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: start/end)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: none)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lora-rank", type=int, default=None, help="default: matched to lrc's trainable parameters")
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--galore-rank", type=int, default=d.galore_rank)
+    p.add_argument("--galore-update-gap", type=int, default=d.galore_update_gap)
+    p.add_argument("--galore-scale", type=float, default=d.galore_scale)
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # resume tests
+
+
+def _finetune_config(a, mode: str):
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(mode=mode, data=a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                          grad_accum=a.grad_accum, seqlen=a.seqlen, warmup=a.warmup, weight_decay=a.weight_decay,
+                          max_grad_norm=a.max_grad_norm, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
+                          eval_examples=a.eval_examples, save_every=a.save_every, seed=a.seed,
+                          lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, galore_rank=a.galore_rank,
+                          galore_update_gap=a.galore_update_gap, galore_scale=a.galore_scale,
+                          stop_after=a.stop_after)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
     from . import __version__
@@ -88,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="bound the tokens evaluated")
     p.add_argument("--batch-size", type=_positive_int, default=1)
 
+    for name, help_ in (("finetune", "fine-tune a compressed model (default: only the LRC factors)"),
+                        ("compare", "fine-tune with several --train modes on the same data; one table + plot")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("model", help="welore-compressed directory")
+        p.add_argument("-o", "--output", required=True, help="output directory")
+        if name == "finetune":
+            p.add_argument("--train", choices=["lrc", "full", "lora", "galore"], default="lrc")
+            p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/")
+        else:
+            p.add_argument("--modes", nargs="+", default=["lrc", "full", "lora", "galore"])
+        _finetune_args(p)
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--device", default=None)
+        p.add_argument("-q", "--quiet", action="store_true")
+
     p = sub.add_parser("merge", help="write a compressed model as a plain dense Hugging Face model")
     p.add_argument("model", help="welore-compressed directory")
     p.add_argument("output", help="output directory")
@@ -99,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU-kernel notice is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
@@ -172,7 +226,32 @@ def cmd_merge(a) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "merge": cmd_merge}
+def cmd_finetune(a) -> int:
+    from .finetune import finetune
+    from .report import text_table
+
+    res = finetune(a.model, a.output, _finetune_config(a, a.train), resume=a.resume, overwrite=a.overwrite,
+                   device=a.device, progress=not a.quiet)
+    print(text_table([{k: v for k, v in e.items()} for e in res.evals]))
+    m = res.metrics
+    print(f"trainable {m['trainable_params']:,} / {m['total_params']:,}; {m['tokens_per_s']:.0f} tokens/s; "
+          f"peak memory {m['peak_memory_gib']:.2f} GiB ({m['memory_kind']}); wrote {res.output}/")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .finetune import compare
+    from .report import text_table
+
+    rows = compare(a.model, a.output, _finetune_config(a, "lrc"), a.modes, overwrite=a.overwrite,
+                   device=a.device, progress=not a.quiet)
+    print(text_table(rows))
+    print(f"wrote {a.output}/ (compare.md, compare.json, compare.png, one directory per mode)")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "merge": cmd_merge,
+            "finetune": cmd_finetune, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

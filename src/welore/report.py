@@ -78,6 +78,26 @@ def plot_reduction_heatmap(plan: RankPlan, spectra: Spectra, path: str | Path, t
     return _save(fig, path)
 
 
+def plot_loss_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """Training loss per step, one line per run (raw, faint) with a moving average (solid)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for i, (label, log) in enumerate(logs.items()):
+        steps = np.array([e["step"] for e in log])
+        loss = np.array([e["loss"] for e in log])
+        color = f"C{i}"
+        ax.plot(steps, loss, color=color, alpha=0.25, lw=0.8)
+        w = max(1, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "training loss")
+    return _save(fig, path)
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

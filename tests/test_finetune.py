@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from welore import WeloreError, load_compressed
+from welore.finetune import Batches, FinetuneConfig, finetune, matched_lora_rank, prepare_mode
+
+FAST = dict(steps=12, lr=3e-3, batch_size=2, seqlen=64, warmup=2, eval_tokens=256, save_every=0)
+
+
+def test_lrc_mode_changes_only_the_lrc_factors(compressed_dir, tmp_path):
+    before = load_file(str(compressed_dir / "model.safetensors"))
+    finetune(compressed_dir, tmp_path / "out", FinetuneConfig(mode="lrc", **FAST), progress=False)
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    factors = [k for k in before if k.endswith(("down.weight", "up.weight"))]
+    assert factors
+    for k in before:
+        if k in factors:
+            assert not torch.equal(before[k], after[k]), f"{k} did not train"
+        else:  # N-LRCs, embeddings, norms, head, LRC biases: bitwise unchanged
+            assert torch.equal(before[k], after[k]), f"{k} changed"
+
+
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+def test_each_mode_learns_a_memorisable_batch(compressed_dir, tokenizer, mode):
+    cfg = FinetuneConfig(mode=mode, lr=1e-2, galore_rank=4, galore_update_gap=10)
+    model, optimizer, _ = prepare_mode(load_compressed(compressed_dir).model, cfg)
+    model.train()
+    batch = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2)).get(0, 0)
+    losses = []
+    for _ in range(40):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+def test_each_mode_lowers_held_out_perplexity(compressed_dir, tmp_path, mode):
+    res = finetune(compressed_dir, tmp_path / mode, FinetuneConfig(mode=mode, galore_rank=4, **FAST), progress=False)
+    first, last = res.evals[0], res.evals[-1]
+    assert last["c4_ppl"] < first["c4_ppl"] and last["wikitext2_ppl"] < first["wikitext2_ppl"]
+    assert 0 < res.trainable <= res.total and res.metrics["tokens_per_s"] > 0
+    assert res.metrics["peak_memory_gib"] > 0
+    rec = json.loads((tmp_path / mode / "finetune.json").read_text())
+    assert len(rec["log"]) == FAST["steps"] and rec["config"]["mode"] == mode
+    assert (tmp_path / mode / "loss.png").is_file()
+    # the result is a normal compressed directory: loads, and keeps the rank plan
+    loaded = load_compressed(tmp_path / mode)
+    assert loaded.plan.to_dict() == load_compressed(compressed_dir).plan.to_dict()
+
+
+def test_lora_rank_is_matched_to_lrc(compressed_dir):
+    model = load_compressed(compressed_dir).model
+    rank = matched_lora_rank(model)
+    lrc_params = prepare_mode(load_compressed(compressed_dir).model, FinetuneConfig(mode="lrc"))[0]
+    lrc = sum(p.numel() for p in lrc_params.parameters() if p.requires_grad)
+    lora = sum(p.numel() for p in prepare_mode(model, FinetuneConfig(mode="lora"))[0].parameters() if p.requires_grad)
+    per_rank = lora / rank
+    assert abs(lora - lrc) <= per_rank / 2 + 1
+
+
+def test_resume_reproduces_an_uninterrupted_run(compressed_dir, tmp_path):
+    cfg = dict(FAST, steps=10, save_every=3)
+    full = finetune(compressed_dir, tmp_path / "a", FinetuneConfig(**cfg), progress=False)
+    with pytest.raises(WeloreError, match="stopped after step 5"):
+        finetune(compressed_dir, tmp_path / "b", FinetuneConfig(**cfg, stop_after=5), progress=False)
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.ckpt").is_dir()
+    resumed = finetune(compressed_dir, tmp_path / "b", FinetuneConfig(**cfg), resume=True, progress=False)
+    assert [e["loss"] for e in resumed.log] == [e["loss"] for e in full.log]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b.ckpt").exists()  # cleaned up after completion
+
+
+def test_resume_refuses_another_model_or_other_settings(compressed_dir, tmp_path, tokenizer):
+    cfg = dict(FAST, steps=6, save_every=2)
+    with pytest.raises(WeloreError, match="stopped"):
+        finetune(compressed_dir, tmp_path / "b", FinetuneConfig(**cfg, stop_after=2), progress=False)
+    with pytest.raises(WeloreError, match="different settings"):
+        finetune(compressed_dir, tmp_path / "b", FinetuneConfig(**dict(cfg, lr=1e-4)), resume=True, progress=False)
+    other = tmp_path / "other"
+    finetune(compressed_dir, other, FinetuneConfig(**dict(FAST, steps=2)), progress=False)  # different weights
+    with pytest.raises(WeloreError, match="different model"):
+        finetune(other, tmp_path / "b", FinetuneConfig(**cfg), resume=True, progress=False)
+    with pytest.raises(WeloreError, match="nothing to resume"):
+        finetune(compressed_dir, tmp_path / "c", FinetuneConfig(**cfg), resume=True, progress=False)
+
+
+def test_task_mode_trains_on_answers_only(compressed_dir, tokenizer, tmp_path):
+    batch = Batches(tokenizer, FinetuneConfig(data="coinflip", seqlen=128, batch_size=3)).get(0, 0)
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        answer = tokenizer.decode(ids[labels != -100])
+        assert answer in (" yes", " no")
+    res = finetune(compressed_dir, tmp_path / "t", FinetuneConfig(data="coinflip", eval_examples=10,
+                                                                  **dict(FAST, seqlen=128)), progress=False)
+    assert 0 <= res.evals[-1]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(data="mmlu"), "unknown task"),
+    (dict(mode="adapter"), "unknown training mode"),
+    (dict(lr=0.0), "learning rate must be > 0"),
+    (dict(lr=-1e-3), "learning rate must be > 0"),
+    (dict(steps=0), "steps must be > 0"),
+    (dict(seqlen=10**9), "shorter than one sequence"),
+])
+def test_bad_configs(compressed_dir, tmp_path, kwargs, message):
+    with pytest.raises(WeloreError, match=message):
+        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**dict(FAST, **kwargs)), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_compressed_directory(model_dir, tmp_path):
+    with pytest.raises(WeloreError, match="not a welore model directory"):
+        finetune(model_dir, tmp_path / "o", FinetuneConfig(**FAST), progress=False)
+    with pytest.raises(WeloreError, match="no such directory"):
+        finetune(tmp_path / "nope", tmp_path / "o", FinetuneConfig(**FAST), progress=False)

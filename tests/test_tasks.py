@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from welore import WeloreError
+from welore.evaluate import encode_example, task_accuracy
+from welore.tasks import TASKS, Example, first_number, load_examples, task_splits
+
+SIZES = {"boolq": 3270, "csqa": 9741, "strategyqa": 2290, "svamp": 1000, "coinflip": 500, "date": 369,
+         "tracking": 750}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_loads_with_valid_answers(task):
+    examples, given_eval = load_examples(task)
+    assert len(examples) == SIZES[task]
+    for ex in examples[:50]:
+        assert ex.prompt and not ex.prompt.endswith(" ")  # options carry their own leading space
+        if ex.options:
+            assert 0 <= ex.answer < len(ex.options) and all(o.startswith(" ") for o in ex.options)
+        else:
+            assert first_number(ex.answer) == ex.answer
+    if task == "csqa":
+        assert len(given_eval) == 1221
+
+
+def test_known_examples_are_formatted_right():
+    boolq = load_examples("boolq")[0][0]
+    assert boolq.prompt.endswith("Question: does ethanol take more energy make that produces?\nAnswer:")
+    assert boolq.target == " no"  # answer: false
+    csqa = load_examples("csqa")[1][0]
+    assert csqa.prompt.startswith("Question: A revolving door is convenient") and csqa.target == " bank"
+    svamp = load_examples("svamp")[0][0]
+    assert svamp.answer == "51" and svamp.target == " 51"
+    tracking = load_examples("tracking")[0][0]
+    assert tracking.prompt.endswith("Alice has the") and tracking.target == " blue ball."
+    date = load_examples("date")[0][0]
+    assert date.target == " 05/01/2021" and len(date.options) == 6
+
+
+@pytest.mark.parametrize("task", ["boolq", "csqa", "svamp"])
+def test_splits_are_disjoint_and_reproducible(task):
+    train, ev = task_splits(task, seed=3, n_eval=50)
+    assert len(ev) == 50 and not set(ev) & set(train)
+    assert task_splits(task, seed=3, n_eval=50)[1] == ev
+    assert task_splits(task, seed=4, n_eval=50)[1] != ev
+
+
+def test_first_number():
+    assert first_number(" 51 dollars") == "51"
+    assert first_number("It is 2.50.") == "2.5" and first_number("1,200 apples") == "1200"
+    assert first_number("no idea") is None
+
+
+def test_loss_target_boundary(tokenizer):
+    ids, n_prompt = encode_example(tokenizer, "Question: is it?\nAnswer:", " yes", max_len=512)
+    assert tokenizer.decode(ids[n_prompt:]) == " yes"
+    ids, n_prompt = encode_example(tokenizer, "x " * 400 + "end", " yes", max_len=32)
+    assert len(ids) == 32 and tokenizer.decode(ids[:n_prompt]).endswith("end")  # cut from the left
+
+
+class PrefersToken(torch.nn.Module):
+    """A fake LM that always puts its mass on one token: scoring must pick the option made of it."""
+
+    def __init__(self, token: int, vocab: int = 256):
+        super().__init__()
+        self.token, self.vocab, self.p = token, vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+    def generate(self, x, max_new_tokens, **kw):
+        return torch.cat([x, torch.full((1, 3), self.token)], 1)
+
+
+def test_option_scoring_picks_the_most_likely_option(tokenizer):
+    a, b = tokenizer.encode(" the")[0], tokenizer.encode(" of")[0]
+    options = (tokenizer.decode([a]), tokenizer.decode([b]))
+    examples = [Example("Some prompt\nAnswer:", options, 1), Example("Other\nAnswer:", options, 0)]
+    acc = task_accuracy(PrefersToken(b), tokenizer, examples, "t", progress=False)
+    assert (acc.correct, acc.total) == (1, 2)
+    assert task_accuracy(PrefersToken(a), tokenizer, examples[1:], "t", progress=False).accuracy == 1.0
+
+
+def test_generative_scoring_uses_the_first_number(tokenizer):
+    seven = tokenizer.encode("7")[0]
+    ex = [Example("How many?\nAnswer:", (), "777"), Example("How many?\nAnswer:", (), "7")]
+    acc = task_accuracy(PrefersToken(seven), tokenizer, ex, "svamp", progress=False)
+    assert (acc.correct, acc.total) == (1, 2)  # generates "777"
+
+
+def test_real_examples_score_on_a_tiny_model(llama, tokenizer):
+    for task in ("boolq", "coinflip", "date", "tracking"):
+        _, ev = task_splits(task, n_eval=3)
+        acc = task_accuracy(llama, tokenizer, ev, task, max_len=256, progress=False)
+        assert acc.total == 3 and 0 <= acc.accuracy <= 1
+
+
+def test_bad_task():
+    with pytest.raises(WeloreError, match="unknown task"):
+        load_examples("mmlu")
+    with pytest.raises(WeloreError, match="no evaluation examples"):
+        task_accuracy(None, object(), [], "x")
