@@ -91,6 +91,8 @@ def _assert_clean_error(code, err, needle):
     (["compress", "MODEL", "--targets", "nothing-matches", "--no-eval"], "no linear target"),
     (["analyze", "MODEL", "--targets", "("], "bad targets regex"),
     (["compress", "MODEL", "--eval-tokens", "100", "--seqlen", "512"], "at least seqlen"),
+    (["compress", "MODEL", "--method", "whiten", "--calib-samples", "0"], "needs calibration data"),
+    (["compress", "MODEL", "--method", "asvd", "--calib-samples", "100000"], "too few calibration tokens"),
     (["merge", "/no/such/dir", "OUT"], "no such directory"),
     (["merge", "MODEL", "OUT"], "not a welore model directory"),
 ])

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=_ratio, default=0.5,
                    help="a matrix is low-rank only if its reduction exceeds this (0 = truncate all, as the "
                         "paper's compression-only script)")
+    p.add_argument("--method", choices=["svd", "asvd", "whiten"], default="svd",
+                   help="factorisation: plain SVD (WeLore), activation-aware (ASVD) or whitened (SVD-LLM)")
+    p.add_argument("--alloc-spectrum", choices=["weight", "data"], default="weight",
+                   help="allocate ranks on the weight spectra (data-free) or the data-aware ones")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of each up factor on calibration data")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences from C4 train documents")
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")
@@ -187,7 +195,9 @@ def cmd_compress(a) -> int:
     else:
         ratio, target = (a.ratio if a.ratio is not None else 0.5), "rank"
     res = run_compress(a.model, a.output, ratio=ratio, target=target, allocation=a.allocation,
-                       min_ratio=a.min_ratio, threshold=a.threshold, targets=a.targets, ignore=a.ignore,
+                       min_ratio=a.min_ratio, threshold=a.threshold, method=a.method,
+                       alloc_spectrum=a.alloc_spectrum, refit=a.refit, calib_samples=a.calib_samples,
+                       calib_seqlen=a.calib_seqlen, seed=a.seed, targets=a.targets, ignore=a.ignore,
                        spectra_path=a.spectra, compare=not a.no_compare, evaluate=not a.no_eval,
                        corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen, device=a.device,
                        dtype=a.dtype, overwrite=a.overwrite, progress=not a.quiet)

@@ -33,12 +33,14 @@ def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: li
 
 
 def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None, *,
-               progress: bool = True) -> nn.Module:
+               refit: dict | None = None, progress: bool = True) -> nn.Module:
     """Replace every LRC of `plan` in `model` (in place) by a LowRankLinear of its planned rank.
 
-    The factors come from `spectra.factors` when present (the SVD computed by `analyze`); a matrix
-    without stored factors is decomposed here (the "naive" two-SVD flow, kept for benchmarking and
-    for plans applied to a fresh model).
+    The factors come from `spectra.factors` when present (the SVD computed by `analyze`, or the
+    data-aware one of `welore.calibrate`); a matrix without stored factors is decomposed here (the
+    "naive" two-SVD flow, kept for benchmarking and for plans applied to a fresh model).
+    refit: calibration statistics ({name: InputStats}); when given, each `up` factor is replaced by
+    its closed-form least-squares fit to the dense layer's outputs on the calibration inputs.
     """
     factors = spectra.factors if spectra is not None else {}
     for mp in tqdm(plan.lrcs, desc="Factorising LRCs", unit="matrix", disable=not progress):
@@ -58,6 +60,12 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
             U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
         layer = LowRankLinear.from_svd(U, S, Vh, mp.alloc_rank, module.bias, kind=mp.kind,
                                        dtype=w.dtype, device=w.device)
+        if refit is not None:
+            from .calibrate import refit_up
+
+            with torch.no_grad():
+                gram = refit[mp.name].gram.to(w.device)
+                layer.up.weight.copy_(refit_up(w, layer.down.weight, gram).to(w.dtype))
         model.set_submodule(mp.name, layer)
     return model
 

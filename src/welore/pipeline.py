@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import RankPlan, allocate, check_allocation_args
+from .calibrate import METHODS, analyze_data_aware, calibration_batches, collect_stats
 from .compress import apply_plan, count_parameters
 from .errors import WeloreError
 from .evaluate import perplexity
@@ -80,11 +81,25 @@ def _type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
 
 def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target: str = "rank",
                  allocation: str = "welore", min_ratio: float = 0.5, threshold: float | None = None,
+                 method: str = "svd", alloc_spectrum: str = "weight", refit: bool = False,
+                 calib_samples: int = 32, calib_seqlen: int = 512, seed: int = 0,
                  targets=None, ignore=None, spectra_path=None, compare: bool = True, evaluate: bool = True,
                  corpus: str = "wikitext2", eval_tokens: int | None = 4096, seqlen: int = 512,
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
-    """The main job (see module docstring). Returns the plan and the comparison rows."""
+    """The main job (see module docstring). Returns the plan and the comparison rows.
+
+    method: "svd" (WeLore's plain truncation), "asvd" or "whiten" (data-aware factorisation from
+    `calib_samples` x `calib_seqlen` tokens of the C4 training documents; see welore.calibrate).
+    alloc_spectrum: allocate on the "weight" spectra (WeLore, data-free) or the "data"-aware ones.
+    refit: least-squares refit of each `up` factor on the calibration inputs.
+    """
     check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
+    if method not in METHODS:
+        raise WeloreError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if alloc_spectrum not in ("weight", "data"):
+        raise WeloreError(f"unknown allocation spectrum {alloc_spectrum!r}; choose weight or data")
+    if (method != "svd" or refit) and calib_samples <= 0:
+        raise WeloreError(f"{method}{' with refit' if refit else ''} needs calibration data (calib samples > 0)")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
     _check_output(output, overwrite)
@@ -99,13 +114,27 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         raise WeloreError("the model has no tokenizer, so it cannot be evaluated (use --no-eval)")
     load_s = time.perf_counter() - t0
 
+    t = time.perf_counter()
+    stats = None
     if spectra_path:
-        spectra = Spectra.load(spectra_path)
+        spectra = Spectra.load(spectra_path)  # weight spectra, values only
         spectra.check_matches(model)
+        target_list = spectra.targets
     else:
-        spectra = analyze(model, find_targets(model, targets, ignore), keep_factors=True, progress=progress)
-    plan = allocate(spectra, ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
+        target_list = find_targets(model, targets, ignore)
+        spectra = analyze(model, target_list, keep_factors=method == "svd", progress=progress)
+    factors = spectra  # where apply_plan takes its factors from
+    if method != "svd" or refit:
+        if tok is None:
+            raise WeloreError("calibration needs a tokenizer, and this model has none")
+        batches = calibration_batches(tok, calib_samples, calib_seqlen, seed=seed)
+        stats = collect_stats(model, target_list, batches, progress=progress)
+        if method != "svd":
+            factors = analyze_data_aware(model, target_list, stats, method, progress=progress)
+    alloc_spectra = factors if alloc_spectrum == "data" else spectra
+    plan = allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
                     threshold=threshold)
+    prep_s = time.perf_counter() - t  # analysis + calibration, shared by every variant
     dense_params = count_parameters(model)
     ppl = lambda m: perplexity(m, tok, corpus, seqlen=seqlen, max_tokens=eval_tokens, progress=progress)  # noqa: E731
 
@@ -124,22 +153,25 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     if evaluate and compare:
         row("dense", None, dense_params, 0.0, ppl(model))
         # uniform baseline at the effective rank reduction WeLore actually reached
-        uni = allocate(spectra, ratio=min(max(plan.effective_rank_reduction, 1e-6), 1 - 1e-6),
+        uni = allocate(alloc_spectra, ratio=min(max(plan.effective_rank_reduction, 1e-6), 1 - 1e-6),
                        target="rank", allocation="uniform")
         t = time.perf_counter()
-        baseline = apply_plan(copy.deepcopy(model), uni, spectra, progress=progress)
-        uni_s = spectra.seconds + time.perf_counter() - t
+        baseline = apply_plan(copy.deepcopy(model), uni, factors, refit=stats if refit else None, progress=progress)
+        uni_s = prep_s + time.perf_counter() - t
         row("uniform", uni, count_parameters(baseline), uni_s, ppl(baseline))
         del baseline
         gc.collect()
     t = time.perf_counter()
-    apply_plan(model, plan, spectra, progress=progress)
-    compress_s = spectra.seconds + time.perf_counter() - t
+    apply_plan(model, plan, factors, refit=stats if refit else None, progress=progress)
+    compress_s = prep_s + time.perf_counter() - t
     row(allocation if allocation != "welore" else "WeLore", plan, count_parameters(model), compress_s,
         ppl(model) if evaluate else None)
 
     settings = {"source": loaded.source, "name": loaded.name, "ratio": ratio, "target": target,
-                "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold,
+                "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold, "method": method,
+                "alloc_spectrum": alloc_spectrum, "refit": refit,
+                "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed}
+                if stats is not None else None,
                 "targets": targets, "ignore": ignore, "eval": {"corpus": corpus, "tokens": eval_tokens,
                                                                "seqlen": seqlen} if evaluate else None}
 

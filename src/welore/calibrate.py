@@ -1,0 +1,218 @@
+"""Data-aware factorisation on top of WeLore's allocation: ASVD and SVD-LLM whitening.
+
+Plain SVD keeps the directions of largest *weight* energy; what matters is the layer's *output*,
+W x, on real inputs. Both methods factorise W S for an invertible S built from calibration
+activations and fold S^-1 back into the down factor:
+
+    W ~= (U_k sqrt(s_k)) (sqrt(s_k) V_k^T S^-1)       where W S = U diag(s) V^T
+
+* `asvd` (ASVD, Yuan et al. 2023): S = diag(mean |x_j|^alpha): input channels that carry large
+  activations are protected.
+* `whiten` (SVD-LLM, Wang et al. 2024): S = L with L L^T = X^T X (Cholesky of the input Gram matrix).
+  Then ||W X^T - W_k X^T||_F = ||(W - W_k) L||_F, so truncating the SVD of W L is *optimal* for the
+  output error, and the dropped singular values are exactly the output error. Cholesky fails on a
+  rank-deficient Gram matrix (dead channels, too few tokens: a known failure of SVD-LLM's code), so
+  it is regularised (ridge scaled to the mean diagonal), retried in float64 with more ridge, and
+  finally replaced by the symmetric square root from an eigendecomposition, which always exists.
+
+Calibration statistics come from forward hooks on the target modules while C4 training documents
+(never the evaluation text) run through the model. Modules that read the same input tensor (q/k/v,
+gate/up) share one Gram matrix, and blocks are hooked in groups sized to `max_stats_gib`, so memory
+stays bounded on large models at the price of more passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import WeloreError
+from .evaluate import encode_corpus
+from .spectrum import Spectra, analyze, fingerprint, max_useful_rank
+from .targets import Target, weight_matrix
+
+METHODS = ("svd", "asvd", "whiten")
+
+
+@dataclass
+class InputStats:
+    """Second-moment statistics of one target's inputs (rows = tokens, columns = input channels)."""
+
+    gram: torch.Tensor  # X^T X (in x in), float64
+    abs_mean: torch.Tensor  # mean |x_j| per input channel, float64
+    tokens: int
+
+
+@dataclass
+class Calibration:
+    stats: dict[str, InputStats]
+    samples: int
+    seqlen: int
+    corpus: str
+    tokens: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-train", seed: int = 0) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens from `corpus` (a training corpus, by default)."""
+    if corpus in ("c4", "wikitext2"):
+        raise WeloreError(f"{corpus} is evaluation text; calibrate on c4-train")
+    if samples <= 0 or seqlen <= 1:
+        raise WeloreError(f"calibration needs samples > 0 and seqlen > 1, got {samples} x {seqlen}")
+    if tokenizer is None:
+        raise WeloreError("calibration needs a tokenizer, and this model has none")
+    ids = encode_corpus(tokenizer, corpus)
+    if ids.numel() < samples * seqlen:
+        raise WeloreError(f"too few calibration tokens: {corpus} has {ids.numel():,}, "
+                          f"{samples} x {seqlen} = {samples * seqlen:,} needed")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=g)
+    return torch.stack([ids[s: s + seqlen] for s in starts])
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor, *, max_stats_gib: float = 4.0,
+                  progress: bool = True) -> dict[str, InputStats]:
+    """Input statistics of every target (see module docstring for sharing and grouping)."""
+    device = next(model.parameters()).device
+    # group blocks so that one group's Gram matrices fit in max_stats_gib (float64)
+    by_layer: dict[object, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    groups, current, size = [], [], 0.0
+    for layer_targets in by_layer.values():
+        need = sum(t.in_features ** 2 * 8 for t in layer_targets) / 2**30
+        if current and size + need > max_stats_gib:
+            groups.append(current)
+            current, size = [], 0.0
+        current += layer_targets
+        size += need
+    groups.append(current)
+
+    out: dict[str, InputStats] = {}
+    bar = tqdm(total=len(groups) * len(batches), desc="Calibration passes", unit="seq", disable=not progress)
+    for group in groups:
+        out.update(_collect_group(model, group, batches, device, bar))
+    bar.close()
+    return out
+
+
+def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, bar) -> dict[str, InputStats]:
+    owner: dict[str, str] = {}  # module -> the module whose identical input tensor it shares
+    first_pass: list[tuple[torch.Tensor, str]] = []  # references keep addresses from being reused
+    acc: dict[str, list] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            if name not in owner:
+                owner[name] = next((o for t, o in first_pass if t is x), name)
+                first_pass.append((x, name))
+            if owner[name] != name:
+                return
+            # fp32 product per sequence (fast), fp64 running sum (no drift over many sequences)
+            xf = x.detach().reshape(-1, x.shape[-1]).float()
+            gram, abs_sum = (xf.T @ xf).double(), xf.abs().sum(0).double()
+            if name in acc:
+                acc[name][0] += gram
+                acc[name][1] += abs_sum
+                acc[name][2] += xf.shape[0]
+            else:
+                acc[name] = [gram, abs_sum, xf.shape[0]]
+        return fn
+
+    handles = [model.get_submodule(t.name).register_forward_pre_hook(hook(t.name)) for t in group]
+    try:
+        for seq in batches:
+            model(input_ids=seq[None].to(device), use_cache=False)
+            first_pass.clear()
+            bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for t in group:
+        gram, abs_sum, n = acc[owner[t.name]]
+        out[t.name] = InputStats(gram, abs_sum / n, n)
+    return out
+
+
+def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(S, S^-1, how) with S S^T = gram + ridge: Cholesky, Cholesky with more ridge, or eigh."""
+    n = gram.shape[0]
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(n, dtype=torch.float64, device=gram.device)
+    for r in (ridge, ridge * 100, ridge * 1e4):
+        L, info = torch.linalg.cholesky_ex(gram.double() + r * scale * eye)
+        if int(info) == 0 and torch.isfinite(L).all():
+            return L, torch.linalg.solve_triangular(L, eye, upper=False), f"cholesky(ridge={r:g})"
+    # symmetric square root: always exists for a PSD matrix once tiny eigenvalues are clamped
+    evals, Q = torch.linalg.eigh(gram.double())
+    evals = evals.clamp_min(ridge * scale)
+    return Q * evals.sqrt(), (Q / evals.sqrt()).T, "eigh"
+
+
+def scaling(method: str, st: InputStats, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(S, S^-1, how) for one matrix."""
+    if method == "asvd":
+        s = st.abs_mean.clamp_min(1e-6) ** alpha
+        return torch.diag(s), torch.diag(1 / s), f"asvd(alpha={alpha:g})"
+    if method == "whiten":
+        return whitening_factor(st.gram)
+    raise ValueError(method)
+
+
+@torch.no_grad()
+def analyze_data_aware(model: nn.Module, targets: list[Target], stats: dict[str, InputStats], method: str, *,
+                       alpha: float = 0.5, progress: bool = True) -> Spectra:
+    """Like `analyze(keep_factors=True)`, but the SVD is of W S: the spectra are the data-aware ones,
+    and the kept factors are (U, s, V^T S^-1), which `LowRankLinear.from_svd` turns into the
+    data-aware factors unchanged."""
+    if method == "svd":
+        return analyze(model, targets, keep_factors=True, progress=progress)
+    if method not in METHODS:
+        raise WeloreError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        raise WeloreError(f"no calibration statistics for {missing[0]}: {method} needs calibration data")
+    values, fps, factors, how = {}, {}, {}, {}
+    import time
+
+    start = time.perf_counter()
+    for t in tqdm(targets, desc=f"SVD of W*S ({method})", unit="matrix", disable=not progress):
+        module = model.get_submodule(t.name)
+        w = weight_matrix(module).detach().double()
+        if not torch.isfinite(w).all():
+            raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+        S, S_inv, how[t.name] = scaling(method, stats[t.name], alpha)
+        S, S_inv = S.to(w.device), S_inv.to(w.device)
+        U, s, Vh = torch.linalg.svd(w @ S, full_matrices=False)
+        r = max_useful_rank(*t.shape)
+        factors[t.name] = (U[:, :r].float().cpu(), s[:r].float().cpu(), (Vh[:r] @ S_inv).float().cpu())
+        values[t.name] = s.float().cpu()
+        fps[t.name] = fingerprint(module.weight)
+    spectra = Spectra(list(targets), values, fps, factors, time.perf_counter() - start)
+    spectra.how = how  # which square root each matrix got (reported; the eigh fallback is worth knowing)
+    return spectra
+
+
+def output_error(w: torch.Tensor, w_approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: ||(W - W') X^T||_F / ||W X^T||_F, via the Gram."""
+    d = (w - w_approx).double()
+    num = torch.einsum("ij,jk,ik->", d, gram, d)
+    den = torch.einsum("ij,jk,ik->", w.double(), gram, w.double())
+    return math.sqrt(max(num.item(), 0.0) / max(den.item(), 1e-300))
+
+
+def refit_up(w: torch.Tensor, down: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Closed-form least-squares `up` for a fixed `down`: argmin_B ||W X^T - B A X^T||_F
+    = W G A^T (A G A^T)^-1, with G the input Gram matrix."""
+    W, A, G = w.double(), down.double(), gram.double()
+    AG = A @ G
+    M = AG @ A.T
+    M = M + ridge * M.diagonal().mean().clamp_min(1e-12) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return torch.linalg.solve(M, (W @ G @ A.T).T).T

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from welore import load_compressed, run_analyze, run_compress
+
+
+def test_run_compress_rows_and_self_description(model_dir, tmp_path):
+    res = run_compress(model_dir, tmp_path / "c", ratio=0.4, min_ratio=0.0, eval_tokens=256, seqlen=64,
+                       progress=False)
+    assert [r["model"] for r in res.rows] == ["dense", "uniform", "WeLore"]
+    meta = json.loads((tmp_path / "c" / "welore.json").read_text())
+    assert meta["settings"]["method"] == "svd" and meta["settings"]["calibration"] is None
+    assert meta["plan"] == res.plan.to_dict()
+
+
+@pytest.mark.parametrize("method, refit", [("whiten", False), ("asvd", True), ("svd", True)])
+def test_data_aware_compression(model_dir, tmp_path, method, refit):
+    out = tmp_path / method
+    res = run_compress(model_dir, out, ratio=0.5, min_ratio=0.0, method=method, refit=refit, calib_samples=4,
+                       calib_seqlen=64, compare=False, eval_tokens=128, seqlen=64, progress=False)
+    settings = json.loads((out / "welore.json").read_text())["settings"]
+    assert settings["method"] == method and settings["refit"] == refit
+    assert settings["calibration"] == {"corpus": "c4-train", "samples": 4, "seqlen": 64, "seed": 0}
+    loaded = load_compressed(out)
+    assert loaded.plan.to_dict() == res.plan.to_dict()
+
+
+def test_allocation_on_data_aware_spectra_differs(model_dir, tmp_path):
+    kw = dict(ratio=0.5, min_ratio=0.0, method="whiten", calib_samples=4, calib_seqlen=64, evaluate=False,
+              progress=False)
+    w = run_compress(model_dir, tmp_path / "w", alloc_spectrum="weight", **kw).plan
+    d = run_compress(model_dir, tmp_path / "d", alloc_spectrum="data", **kw).plan
+    assert [m.alloc_rank for m in w.matrices] != [m.alloc_rank for m in d.matrices]
+
+
+def test_run_analyze(model_dir, tmp_path):
+    out, spectra, plan = run_analyze(model_dir, tmp_path / "a", progress=False)
+    assert len(spectra.targets) == len(plan.matrices) == 14
+    assert "mean reduction" in (out / "summary.md").read_text()
