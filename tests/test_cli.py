@@ -189,3 +189,26 @@ def test_finetune_bad_input(capsys, compressed_dir, tmp_path, args, needle):
 def test_finetune_refuses_an_uncompressed_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "finetune", str(model_dir), "-o", str(tmp_path / "o"), "-q")
     _assert_clean_error(code, err, "not a welore model directory")
+
+
+def test_gradients_command(capsys, model_dir, tmp_path):
+    out = tmp_path / "g"
+    code, stdout, err = run(capsys, "gradients", str(model_dir), "-o", str(out), "--steps", "2", "--every", "1",
+                            "--seqlen", "16", "--batch-size", "1", "-q")
+    assert code == 0, err
+    assert "Spearman" in stdout and (out / "grad_vs_reduction.png").is_file()
+    code, _, err = run(capsys, "gradients", str(model_dir), "-o", str(tmp_path / "p"), "--preset", "llama-tiny",
+                       "--steps", "2", "--every", "2", "--seqlen", "16", "--batch-size", "1", "-q")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0"], "steps must be > 0"),
+    (["--steps", "2", "--every", "5"], "sampling interval"),
+    (["--preset", "llama-huge"], "unknown preset"),
+    (["--targets", "nothing"], "no linear target"),
+])
+def test_gradients_bad_input(capsys, model_dir, tmp_path, args, needle):
+    code, _, err = run(capsys, "gradients", str(model_dir), "-o", str(tmp_path / "o"), "-q", "--seqlen", "16", *args)
+    _assert_clean_error(code, err, needle)
+    assert not (tmp_path / "o").exists()

@@ -149,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None)
         p.add_argument("-q", "--quiet", action="store_true")
 
+    p = sub.add_parser("gradients", help="record gradient low-rankness during training and relate it to WeLore")
+    _common(p)
+    _targets(p)
+    p.add_argument("--preset", default=None, help="pretrain a fresh LLaMA of this size instead: llama-tiny, "
+                   "llama-small (the tokenizer comes from MODEL)")
+    p.add_argument("-o", "--output", help="output directory (default: gradients/<model or preset>)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 40; 300 with --preset)")
+    p.add_argument("--every", type=int, default=10, help="record every N steps")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 1e-3 with --preset)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seqlen", type=_positive_int, default=128)
+    p.add_argument("--top-k", type=_positive_int, default=8, help="gradient singular values kept per record")
+    p.add_argument("--rank", type=_positive_int, default=4, help="rank of the subspaces compared across records")
+    p.add_argument("--exact", action="store_true", help="exact SVDs instead of randomized ones")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="effective rank reduction defining the WeLore threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("merge", help="write a compressed model as a plain dense Hugging Face model")
     p.add_argument("model", help="welore-compressed directory")
     p.add_argument("output", help="output directory")
@@ -260,8 +278,20 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_gradients(a) -> int:
+    from .gradients import run_gradients
+
+    out, corr, rec = run_gradients(a.model, a.output, preset=a.preset, steps=a.steps, every=a.every, lr=a.lr,
+                                   batch_size=a.batch_size, seqlen=a.seqlen, top_k=a.top_k, rank=a.rank,
+                                   exact=a.exact, ratio=a.ratio, seed=a.seed, targets=a.targets, ignore=a.ignore,
+                                   device=a.device, overwrite=a.overwrite, progress=not a.quiet)
+    print((out / "report.md").read_text().split("![")[0].strip())
+    print(f"\nwrote {out}/ (gradients.json, report.md, 4 PNGs)")
+    return 0
+
+
 COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "merge": cmd_merge,
-            "finetune": cmd_finetune, "compare": cmd_compare}
+            "finetune": cmd_finetune, "compare": cmd_compare, "gradients": cmd_gradients}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import load_corpus
 from .errors import WeloreError
 
-_ENCODED: dict[tuple[int, str, int | None], torch.Tensor] = {}
+_ENCODED: dict[tuple[str, str, int | None], torch.Tensor] = {}
 
 
 @dataclass
@@ -35,8 +35,8 @@ class Perplexity:
 
 
 def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of a whole corpus (cached per tokenizer object)."""
-    key = (id(tokenizer), corpus, max_tokens)
+    """Token ids of a whole corpus (cached per tokenizer: the same tokenizer loaded twice hits the cache)."""
+    key = (_tokenizer_key(tokenizer), corpus, max_tokens)
     if key not in _ENCODED:
         text = load_corpus(corpus)
         ids = None
@@ -49,6 +49,16 @@ def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None) -> torc
                 ids = None
         _ENCODED[key] = torch.tensor(ids if ids is not None else _tokenize(tokenizer, text), dtype=torch.long)
     return _ENCODED[key]
+
+
+def _tokenizer_key(tokenizer) -> str:
+    """Content hash of a fast tokenizer's definition (else its identity)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return f"id:{id(tokenizer)}"
+    return hashlib.blake2b(backend.to_str().encode(), digest_size=16).hexdigest()
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:

@@ -105,8 +105,8 @@ class Batches:
     """Training batches: token windows of the C4 training documents, or task examples with the
     loss on the answer tokens only (labels -100 elsewhere)."""
 
-    def __init__(self, tokenizer, cfg: FinetuneConfig):
-        self.cfg = cfg
+    def __init__(self, tokenizer, cfg: FinetuneConfig, rank: int = 0):
+        self.cfg, self.rank = cfg, rank  # rank: the data-parallel process index (each draws its own batch)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         if cfg.data == "c4":
             ids = encode_corpus(tokenizer, "c4-train")
@@ -123,7 +123,7 @@ class Batches:
             self.size = len(self.examples)
 
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.cfg.seed, step, micro])
+        rng = np.random.default_rng([self.cfg.seed, step, micro, self.rank])
         idx = rng.integers(0, self.size, self.cfg.batch_size)
         if self.cfg.data == "c4":
             x = self.windows[idx]
@@ -313,7 +313,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise WeloreError(f"{model_dir} has no tokenizer; fine-tuning needs one")
-    batches = Batches(tokenizer, cfg)
+    batches = Batches(tokenizer, cfg, rank=accelerator.process_index)
     eval_set = None if cfg.data == "c4" else task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)[1]
     total = count_parameters(loaded.model)  # before LoRA adds adapters: percentages are of the model
     model, optimizer, info = prepare_mode(loaded.model, cfg)
@@ -329,14 +329,19 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         start_step, log, evals = saved["step"], saved["log"], saved["evals"]
 
     def checkpoint(step: int) -> None:
+        # every process takes part in save_state; only the main one touches the directories
         tmp = ckpt.with_name(ckpt.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"), safe_serialization=False)
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": step, "log": log, "evals": evals, "model_fingerprint": fingerprint,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "stop_after"}}))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                "step": step, "log": log, "evals": evals, "model_fingerprint": fingerprint,
+                "config": {k: v for k, v in asdict(cfg).items() if k != "stop_after"}}))
+            shutil.rmtree(ckpt, ignore_errors=True)
+            tmp.rename(ckpt)
+        accelerator.wait_for_everyone()
 
     if start_step == 0:
         evals.append({"step": 0, **_evaluate(model, tokenizer, cfg, eval_set, progress)})
@@ -400,9 +405,11 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         (tmp / "finetune.json").write_text(json.dumps(record, indent=1))
         plot_loss_curves({cfg.mode: log}, tmp / "loss.png", title=f"{cfg.data}: training loss")
 
-    save_compressed(model, output, plan, tokenizer=tokenizer, base_model=meta.get("base_model"),
-                    settings=settings, overwrite=overwrite, extra=extra)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if accelerator.is_main_process:
+        save_compressed(model, output, plan, tokenizer=tokenizer, base_model=meta.get("base_model"),
+                        settings=settings, overwrite=overwrite, extra=extra)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return result
 
 def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
