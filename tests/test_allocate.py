@@ -147,7 +147,45 @@ def test_corrupt_plan_is_refused(tmp_path):
     (dict(target="flops"), "unknown target"),
     (dict(allocation="magic"), "unknown allocation"),
     (dict(allocation="uniform", threshold=0.3), "welore allocation only"),
+    (dict(allocation="loss"), "needs loss estimates"),  # spectra without calibrated tails
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(WeloreError, match=message):
         allocate(synthetic_spectra(), **kwargs)
+
+
+def _with_tails(spectra: Spectra, weights: dict[str, float]) -> Spectra:
+    """Loss tails = weight x (sum of the dropped squared singular values), as for whitened factors."""
+    for t in spectra.targets:
+        s2 = spectra.values[t.name].double().numpy() ** 2
+        kept = np.concatenate([[0.0], np.cumsum(s2)])
+        spectra.tails[t.name] = (s2.sum() - kept)[: min(t.shape) // 2 + 1] * weights.get(t.name, 1.0)
+    return spectra
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_loss_allocation_hits_parameter_target(ratio):
+    plan = allocate(_with_tails(synthetic_spectra(20), {}), ratio=ratio, target="params", allocation="loss",
+                    min_ratio=0.0)
+    assert plan.allocation == "loss" and abs(plan.param_reduction - ratio) < 0.03
+    assert len({1 - m.kept_rank / m.full_rank for m in plan.lrcs}) > 3  # non-uniform
+
+
+def test_loss_allocation_spares_the_sensitive_matrices():
+    """Identical spectra, but half the matrices are 1000x more sensitive: the budget is taken from the others."""
+    spectra = synthetic_spectra(8, shapes=[(64, 64)])
+    for t in spectra.targets:
+        spectra.values[t.name] = spectra.values[spectra.targets[0].name]
+    sensitive = {t.name: 1000.0 for t in spectra.targets[::2]}
+    plan = allocate(_with_tails(spectra, sensitive), ratio=0.2, target="params", allocation="loss", min_ratio=0.0)
+    cut = [m.full_rank - m.kept_rank for m in plan.matrices]
+    assert all(c == 0 for c in cut[::2]) and all(c > 0 for c in cut[1::2])
+
+
+def test_loss_allocation_is_monotone_in_price():
+    rule_spectra = _with_tails(synthetic_spectra(12), {})
+    plans = [allocate(rule_spectra, ratio=r, target="params", allocation="loss", min_ratio=0.0)
+             for r in (0.1, 0.2, 0.4)]
+    assert plans[0].level <= plans[1].level <= plans[2].level
+    for a, b in zip(plans, plans[1:]):
+        assert all(mb.kept_rank <= ma.kept_rank for ma, mb in zip(a.matrices, b.matrices))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
@@ -5,9 +6,11 @@ from conftest import make_tiny
 from welore import WeloreError, find_targets
 from welore.calibrate import (
     analyze_data_aware,
+    attach_loss_tails,
     calibration_batches,
     collect_stats,
     output_error,
+    output_weights,
     refit_up,
     scaling,
     whitening_factor,
@@ -27,7 +30,7 @@ def outlier_llama():
 @pytest.fixture
 def stats(outlier_llama, tokenizer):
     return collect_stats(outlier_llama, find_targets(outlier_llama), calibration_batches(tokenizer, 8, 64),
-                         progress=False)
+                         gradients=True, progress=False)
 
 
 def _errors(model, spectra, stats, k):
@@ -85,7 +88,7 @@ def test_whitened_spectrum_is_the_output_error(outlier_llama, stats):
     assert err == pytest.approx((full[5:].pow(2).sum() / full.pow(2).sum()).sqrt().item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten", "whiten-fisher"])
 def test_full_rank_reproduces_the_dense_layer(method, stats, outlier_llama):
     t = find_targets(outlier_llama)[0]
     w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
@@ -93,8 +96,80 @@ def test_full_rank_reproduces_the_dense_layer(method, stats, outlier_llama):
         S = S_inv = torch.eye(w.shape[1], dtype=torch.float64)
     else:
         S, S_inv, _ = scaling(method, stats[t.name])
-    U, s, Vh = torch.linalg.svd(w @ S, full_matrices=False)
-    assert torch.allclose((U * s) @ (Vh @ S_inv), w, atol=1e-10)
+    d = output_weights(stats[t.name]) if method == "whiten-fisher" else torch.ones(w.shape[0], dtype=torch.float64)
+    U, s, Vh = torch.linalg.svd(d[:, None] * (w @ S), full_matrices=False)
+    assert torch.allclose((U / d[:, None] * s) @ (Vh @ S_inv), w, atol=1e-10)
+
+
+def test_loss_gradients_match_autograd(outlier_llama, tokenizer, stats):
+    """grad_sq is the mean over tokens of (dLoss/dy)^2 per output channel, one backward per sequence."""
+    name = "model.layers.1.mlp.down_proj"
+    module = outlier_llama.get_submodule(name)
+    total, n, outs = 0, 0, []
+
+    def keep(m, a, o):
+        o.retain_grad()
+        outs.append(o)
+    for seq in calibration_batches(tokenizer, 8, 64):
+        outs.clear()
+        h = module.register_forward_hook(keep)
+        outlier_llama.zero_grad()
+        outlier_llama(input_ids=seq[None], labels=seq[None]).loss.backward()
+        h.remove()
+        total = total + outs[0].grad.reshape(-1, outs[0].shape[-1]).double().pow(2).sum(0)
+        n += seq.numel()
+    assert torch.allclose(stats[name].grad_sq, total / n, rtol=1e-4, atol=1e-12)
+
+
+def test_statistics_without_gradients_have_none(outlier_llama, tokenizer, stats):
+    plain = collect_stats(outlier_llama, find_targets(outlier_llama), calibration_batches(tokenizer, 8, 64),
+                          progress=False)
+    name = find_targets(outlier_llama)[3].name
+    assert plain[name].grad_sq is None
+    assert torch.allclose(plain[name].gram, stats[name].gram, rtol=1e-9)  # the backward changes no Gram
+    with pytest.raises(WeloreError, match="needs loss gradients"):
+        analyze_data_aware(outlier_llama, find_targets(outlier_llama), plain, "whiten-fisher", progress=False)
+
+
+def _weighted_error(w, w_approx, st, fisher: bool) -> float:
+    """||D (W - W') X^T||_F^2 with D^2 = the method's output weights (scalar mean grad_sq unless fisher)."""
+    d2 = output_weights(st).pow(2) if fisher else st.grad_sq.double().mean() * torch.ones(w.shape[0])
+    diff = (w - w_approx).double()
+    return torch.einsum("i,ij,jk,ik->", d2.double(), diff, st.gram, diff).item()
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten", "whiten-fisher"])
+def test_loss_tails_are_the_weighted_output_error(outlier_llama, stats, method):
+    """tails[k] is the (Fisher-)weighted output error of keeping k triplets: checked against the direct
+    computation, which also checks that the error terms of different triplets add up."""
+    targets = find_targets(outlier_llama)
+    sp = attach_loss_tails(outlier_llama, analyze_data_aware(outlier_llama, targets, stats, method, progress=False),
+                           stats, method)
+    for t in (targets[0], targets[6]):
+        w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
+        U, s, Vh = (f.double() for f in sp.factors[t.name])
+        tails = sp.tails[t.name]
+        assert len(tails) == s.numel() + 1 and np.all(np.diff(tails) <= 1e-9 * tails[0])
+        for k in (0, 3, s.numel()):
+            direct = _weighted_error(w, (U[:, :k] * s[:k]) @ Vh[:k], stats[t.name], method == "whiten-fisher")
+            assert tails[k] == pytest.approx(direct, rel=1e-3, abs=1e-9 * tails[0])
+
+
+def test_whiten_fisher_protects_loss_sensitive_channels(outlier_llama, stats):
+    """At equal rank, whiten-fisher has the lowest Fisher-weighted error of all methods (it is optimal for
+    it), and whiten the lowest plain output error."""
+    targets = find_targets(outlier_llama)
+    sps = {m: analyze_data_aware(outlier_llama, targets, stats, m, progress=False) for m in METHODS_ALL}
+    for t in targets:
+        w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
+        errs = {}
+        for m, sp in sps.items():
+            U, s, Vh = (f.double() for f in sp.factors[t.name])
+            errs[m] = _weighted_error(w, (U[:, :4] * s[:4]) @ Vh[:4], stats[t.name], fisher=True)
+        assert errs["whiten-fisher"] <= min(errs.values()) * (1 + 1e-4)
+
+
+METHODS_ALL = ["svd", "asvd", "whiten", "whiten-fisher"]
 
 
 def test_rank_deficient_gram_falls_back(tokenizer):
@@ -136,3 +211,19 @@ def test_bad_calibration_input(outlier_llama, tokenizer):
         calibration_batches(tokenizer, 0, 64)
     with pytest.raises(WeloreError, match="unknown method"):
         analyze_data_aware(outlier_llama, targets, {}, "magic", progress=False)
+
+
+def test_every_architecture_calibrates_with_gradients(tiny, tokenizer):
+    """Loss gradients reach every target of every architecture (GPT-2's Conv1D, OPT, NeoX, Gemma's
+    scaled embeddings), and the loss recipe (whiten-fisher factors + loss tails) runs end to end."""
+    from welore import allocate, apply_plan
+
+    targets = find_targets(tiny)
+    st = collect_stats(tiny, targets, calibration_batches(tokenizer, 2, 32), gradients=True, progress=False)
+    assert all(st[t.name].grad_sq.shape == (t.out_features,) and st[t.name].grad_sq.sum() > 0 for t in targets)
+    sp = attach_loss_tails(tiny, analyze_data_aware(tiny, targets, st, "whiten-fisher", progress=False), st,
+                           "whiten-fisher")
+    plan = allocate(sp, ratio=0.3, target="params", allocation="loss", min_ratio=0.0)
+    apply_plan(tiny, plan, sp, progress=False)
+    ids = calibration_batches(tokenizer, 1, 32)
+    assert torch.isfinite(tiny(input_ids=ids).logits).all()

@@ -93,6 +93,8 @@ def _assert_clean_error(code, err, needle):
     (["compress", "MODEL", "--eval-tokens", "100", "--seqlen", "512"], "at least seqlen"),
     (["compress", "MODEL", "--method", "whiten", "--calib-samples", "0"], "needs calibration data"),
     (["compress", "MODEL", "--method", "asvd", "--calib-samples", "100000"], "too few calibration tokens"),
+    (["compress", "MODEL", "--allocation", "loss", "--calib-samples", "0"], "loss allocation needs calibration"),
+    (["compress", "MODEL", "--allocation", "loss", "--threshold", "0.2"], "welore allocation only"),
     (["merge", "/no/such/dir", "OUT"], "no such directory"),
     (["merge", "MODEL", "OUT"], "not a welore model directory"),
 ])

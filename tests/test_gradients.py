@@ -87,6 +87,26 @@ def test_summary_and_correlations(short_run):
     assert len(summary) == 4 * 7 and all(0 <= r["weight_reduction"] < 1 for r in summary)
     corr = correlations(summary)
     assert set(corr["by_type"]) == {r["type"] for r in summary} and corr["overall"]["n"] == 28
+    assert all(-1 <= corr["overall"][k] <= 1 for k in ("lowrank_vs_update", "stability_vs_update"))
+
+
+def test_update_spectrum_is_that_of_the_weight_change(tokenizer):
+    """The recorded update spectrum is the SVD of W_end - W_start, checked on a direct copy."""
+    model = pretrain_model("llama-tiny", vocab_size=256)
+    name = "model.layers.0.self_attn.o_proj"
+    before = model.get_submodule(name).weight.detach().clone()
+    batches, measure = text_batches(tokenizer, seqlen=16, batch_size=1)
+    rec = record_gradients(model, batches, measure, steps=2, every=2, lr=1e-3, top_k=4, rank=2, progress=False)
+    expected = torch.linalg.svdvals(model.get_submodule(name).weight.detach() - before)
+    assert torch.allclose(torch.tensor(rec.weight_spectra[name]["update"]), expected, rtol=1e-4, atol=1e-7)
+    summary = {r["name"]: r for r in matrix_summary(rec)}
+    s = expected.double()
+    assert summary[name]["update_stable_rank_rel"] == pytest.approx((s.pow(2).sum() / s[0] ** 2).item() / 128)
+
+
+def test_spearman_leaves_out_nan_pairs():
+    assert spearman([1, 2, float("nan"), 3, 4], [10, 20, 5, 30, 40]) == pytest.approx(1.0)
+    assert np.isnan(spearman([float("nan")] * 4, [1, 2, 3, 4]))
 
 
 def test_bad_input(tokenizer):

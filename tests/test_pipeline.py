@@ -21,7 +21,8 @@ def test_data_aware_compression(model_dir, tmp_path, method, refit):
                        calib_seqlen=64, compare=False, eval_tokens=128, seqlen=64, progress=False)
     settings = json.loads((out / "welore.json").read_text())["settings"]
     assert settings["method"] == method and settings["refit"] == refit
-    assert settings["calibration"] == {"corpus": "c4-train", "samples": 4, "seqlen": 64, "seed": 0}
+    assert settings["calibration"] == {"corpus": "c4-train", "samples": 4, "seqlen": 64, "seed": 0,
+                                       "loss_gradients": False}
     loaded = load_compressed(out)
     assert loaded.plan.to_dict() == res.plan.to_dict()
 
@@ -32,6 +33,18 @@ def test_allocation_on_data_aware_spectra_differs(model_dir, tmp_path):
     w = run_compress(model_dir, tmp_path / "w", alloc_spectrum="weight", **kw).plan
     d = run_compress(model_dir, tmp_path / "d", alloc_spectrum="data", **kw).plan
     assert [m.alloc_rank for m in w.matrices] != [m.alloc_rank for m in d.matrices]
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten-fisher"])
+def test_loss_allocation(model_dir, tmp_path, method):
+    out = tmp_path / method
+    res = run_compress(model_dir, out, ratio=0.3, target="params", allocation="loss", min_ratio=0.0, method=method,
+                       calib_samples=4, calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
+    assert [r["model"] for r in res.rows] == ["dense", "uniform", "loss"]
+    assert res.plan.allocation == "loss" and abs(res.plan.param_reduction - 0.3) < 0.05
+    meta = json.loads((out / "welore.json").read_text())
+    assert meta["settings"]["calibration"]["loss_gradients"] is True
+    assert load_compressed(out).plan.to_dict() == res.plan.to_dict()
 
 
 def test_run_analyze(model_dir, tmp_path):

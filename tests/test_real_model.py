@@ -50,3 +50,16 @@ def test_saved_model_reloads_with_the_same_perplexity(compressed):
     reported = next(row for row in compressed.rows if row["model"] == "WeLore")["wikitext2 ppl"]
     assert r.ppl == pytest.approx(reported, rel=1e-4)
     assert torch.isfinite(torch.tensor(r.nll))
+
+
+def test_loss_allocation_with_whiten_fisher_stays_usable(tmp_path_factory):
+    """Issue 4's recipe on the real model: 20% fewer target parameters, calibrated on C4 training text.
+    Plain WeLore truncation at this budget is above 1e5 perplexity (benchmarks/quality.py)."""
+    out = tmp_path_factory.mktemp("real") / "smollm2-loss"
+    res = run_compress(None, out, ratio=0.2, target="params", allocation="loss", method="whiten-fisher",
+                       calib_samples=16, calib_seqlen=256, eval_tokens=2048, seqlen=512, progress=False)
+    rows = {r["model"]: r for r in res.rows}
+    assert abs(res.plan.param_reduction - 0.2) < 0.01
+    assert rows["loss"]["wikitext2 ppl"] < rows["uniform"]["wikitext2 ppl"]
+    # measured 59.7 vs dense 30.7 (1.95x) and uniform 320 with these settings; 2.5x leaves room for BLAS noise
+    assert rows["loss"]["wikitext2 ppl"] < 2.5 * rows["dense"]["wikitext2 ppl"]

@@ -11,6 +11,14 @@ exceeds `min_ratio` and the factors are smaller than the dense matrix, k(m+n) < 
 is a Non-Low-rank Component (N-LRC), kept dense and exact. The `uniform` baseline gives every matrix
 the same reduction ratio (searched the same way); `min_ratio` does not apply to it, since with one
 ratio for all it would turn every matrix on or off at once.
+
+The `loss` allocation (ours, beyond the paper) needs calibration data: each matrix carries
+`tails[k]`, the estimated loss increase of keeping k triplets (welore.calibrate.attach_loss_tails).
+It minimises the total estimate for the budget by a Lagrangian: at price `level` per parameter,
+every matrix independently picks the cheapest of "dense" (no error, mn parameters) and "rank k"
+(tails[k] + level * k(m+n)); the price is searched like WeLore's threshold (a higher price never
+keeps more parameters). WeLore's normalised spectra treat a matrix in the first block and one in
+the last alike; the loss estimate knows that some matrices matter far more than others.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from .errors import WeloreError
 from .spectrum import Spectra
 
 PLAN_FORMAT = "welore-plan/1"
-ALLOCATIONS = ("welore", "uniform")
+ALLOCATIONS = ("welore", "uniform", "loss")
 
 
 @dataclass
@@ -95,7 +103,8 @@ class RankPlan:
         raise KeyError(name)
 
     def summary(self) -> str:
-        what = f"threshold {self.level:.4f}" if self.allocation == "welore" else f"uniform ratio {self.level:.4f}"
+        what = {"welore": f"threshold {self.level:.4f}", "uniform": f"uniform ratio {self.level:.4f}",
+                "loss": f"price {self.level:.3g} per parameter"}.get(self.allocation, f"level {self.level:g}")
         return (f"{self.allocation}: {what}, effective rank reduction {self.effective_rank_reduction:.1%}, "
                 f"target-parameter reduction {self.param_reduction:.1%}, "
                 f"{len(self.lrcs)}/{len(self.matrices)} matrices low-rank")
@@ -169,6 +178,17 @@ class _Rule:
             self.norm = [np.sort(normalized_spectrum(spectra.values[t.name].numpy())) for t in spectra.targets]
             cand = np.unique(np.concatenate([[0.0, 1.0], *self.norm]))
             self.candidates = cand[(cand >= 0) & (cand <= 1)]
+        elif allocation == "loss":
+            missing = [t.name for t in spectra.targets if t.name not in spectra.tails]
+            if missing:
+                raise WeloreError(f"the loss allocation needs loss estimates (calibration data) for {missing[0]}")
+            self.tails = [np.asarray(spectra.tails[t.name], dtype=np.float64) for t in spectra.targets]
+            self.sizes = [(sum(t.shape), t.shape[0] * t.shape[1]) for t in spectra.targets]
+            # prices from "everything dense" to "every matrix at rank 1", on a fine geometric grid
+            hi = max(tl[0] / mn for tl, (mn, _) in zip(self.tails, self.sizes) if len(tl)) * 10
+            pos = [tl[-1] / full for tl, (_, full) in zip(self.tails, self.sizes) if len(tl) and tl[-1] > 0]
+            lo = min(pos) / 10 if pos else hi * 1e-12
+            self.candidates = np.concatenate([[0.0], np.geomspace(max(lo, 1e-300), max(hi, lo * 10), 20001)])
         elif allocation == "uniform":
             # dropped(r) = floor(r * n + 0.5) changes at r = (j + 0.5) / n
             cand = [np.array([0.0, 1.0])] + [(np.arange(n) + 0.5) / n for n in set(self.full.tolist())]
@@ -177,6 +197,17 @@ class _Rule:
             raise ValueError(allocation)  # checked by check_allocation_args
 
     def kept(self, level: float) -> np.ndarray:
+        if self.allocation == "loss":
+            out = []
+            for tl, (mn, full_params), full in zip(self.tails, self.sizes, self.full):
+                if len(tl) < 2 or level <= 0:
+                    out.append(full)
+                    continue
+                ks = np.arange(1, len(tl))
+                cost = tl[1:] + level * ks * mn
+                k = int(ks[np.argmin(cost)])
+                out.append(k if cost[k - 1] < level * full_params else full)
+            return np.array(out)
         if self.allocation == "welore":
             dropped = np.array([np.searchsorted(v, level, side="left") for v in self.norm])
         else:

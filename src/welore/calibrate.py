@@ -14,6 +14,16 @@ activations and fold S^-1 back into the down factor:
   rank-deficient Gram matrix (dead channels, too few tokens: a known failure of SVD-LLM's code), so
   it is regularised (ridge scaled to the mean diagonal), retried in float64 with more ridge, and
   finally replaced by the symmetric square root from an eigendecomposition, which always exists.
+* `whiten-fisher` (ours): whitening on the input side *and* a diagonal Fisher weighting on the
+  output side: the SVD of D W L with D = diag(sqrt(f + damp * mean f)), f the mean squared
+  gradient of the LM loss with respect to each output channel. A first-order view of the loss,
+  dL ~ g . dy, says output errors matter in proportion to g^2, so channels the loss is sensitive to
+  are protected (FWSVD weights rows the same way, from weight gradients). Dropped singular values
+  are then the Fisher-weighted output error, the loss-increase estimate the `loss` allocation uses.
+
+The `loss` allocation (see welore.allocate) needs, per matrix, the estimated loss increase of
+keeping only k singular triplets, for every k: `attach_loss_tails` computes it from the factors and
+the statistics, for any method (see its docstring).
 
 Calibration statistics come from forward hooks on the target modules while C4 training documents
 (never the evaluation text) run through the model. Modules that read the same input tensor (q/k/v,
@@ -35,7 +45,8 @@ from .evaluate import encode_corpus
 from .spectrum import Spectra, analyze, fingerprint, max_useful_rank
 from .targets import Target, weight_matrix
 
-METHODS = ("svd", "asvd", "whiten")
+METHODS = ("svd", "asvd", "whiten", "whiten-fisher")
+FISHER_DAMP = 1.0  # f + FISHER_DAMP * mean(f): no channel is ignored; 0.1-1 measured alike on SmolLM2
 
 
 @dataclass
@@ -45,6 +56,7 @@ class InputStats:
     gram: torch.Tensor  # X^T X (in x in), float64
     abs_mean: torch.Tensor  # mean |x_j| per input channel, float64
     tokens: int
+    grad_sq: torch.Tensor | None = None  # mean squared dLoss/dy per output channel (collect_stats(gradients=True))
 
 
 @dataclass
@@ -74,10 +86,14 @@ def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-
     return torch.stack([ids[s: s + seqlen] for s in starts])
 
 
-@torch.no_grad()
 def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor, *, max_stats_gib: float = 4.0,
-                  progress: bool = True) -> dict[str, InputStats]:
-    """Input statistics of every target (see module docstring for sharing and grouping)."""
+                  gradients: bool = False, progress: bool = True) -> dict[str, InputStats]:
+    """Input statistics of every target (see module docstring for sharing and grouping).
+
+    gradients: also backpropagate the LM loss of each calibration sequence (labels = the sequence)
+    and record the mean squared gradient per output channel of every target (`grad_sq`).
+    Only activations get gradients (the weights' are never formed), so it costs about two forwards.
+    """
     device = next(model.parameters()).device
     # group blocks so that one group's Gram matrices fit in max_stats_gib (float64)
     by_layer: dict[object, list[Target]] = {}
@@ -96,15 +112,26 @@ def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor
     out: dict[str, InputStats] = {}
     bar = tqdm(total=len(groups) * len(batches), desc="Calibration passes", unit="seq", disable=not progress)
     for group in groups:
-        out.update(_collect_group(model, group, batches, device, bar))
+        out.update(_collect_group(model, group, batches, device, bar, gradients))
     bar.close()
     return out
 
 
-def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, bar) -> dict[str, InputStats]:
+def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, bar,
+                   gradients: bool) -> dict[str, InputStats]:
     owner: dict[str, str] = {}  # module -> the module whose identical input tensor it shares
     first_pass: list[tuple[torch.Tensor, str]] = []  # references keep addresses from being reused
     acc: dict[str, list] = {}
+    grad_acc: dict[str, torch.Tensor] = {}
+
+    def grad_hook(name):
+        def fn(module, args, output):
+            def on_grad(g):
+                g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+                grad_acc[name] = grad_acc[name] + g2 if name in grad_acc else g2
+            if output.requires_grad:
+                output.register_hook(on_grad)
+        return fn
 
     def hook(name):
         def fn(module, args):
@@ -126,9 +153,20 @@ def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor,
         return fn
 
     handles = [model.get_submodule(t.name).register_forward_pre_hook(hook(t.name)) for t in group]
+    if gradients:
+        handles += [model.get_submodule(t.name).register_forward_hook(grad_hook(t.name)) for t in group]
     try:
         for seq in batches:
-            model(input_ids=seq[None].to(device), use_cache=False)
+            ids = seq[None].to(device)
+            if gradients:
+                with torch.enable_grad():
+                    # gradients flow to a leaf copy of the embeddings, never to the weights
+                    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+                    loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+                    torch.autograd.grad(loss, emb)
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
             first_pass.clear()
             bar.update(1)
     finally:
@@ -137,7 +175,10 @@ def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor,
     out = {}
     for t in group:
         gram, abs_sum, n = acc[owner[t.name]]
-        out[t.name] = InputStats(gram, abs_sum / n, n)
+        g2 = grad_acc[t.name] / n if t.name in grad_acc else None
+        if gradients and g2 is None:
+            raise WeloreError(f"no loss gradient reached {t.name}: is it used by the forward pass?")
+        out[t.name] = InputStats(gram, abs_sum / n, n, g2)
     return out
 
 
@@ -157,13 +198,21 @@ def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Ten
 
 
 def scaling(method: str, st: InputStats, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(S, S^-1, how) for one matrix."""
+    """(S, S^-1, how) for one matrix: the input-side scaling."""
     if method == "asvd":
         s = st.abs_mean.clamp_min(1e-6) ** alpha
         return torch.diag(s), torch.diag(1 / s), f"asvd(alpha={alpha:g})"
-    if method == "whiten":
+    if method in ("whiten", "whiten-fisher"):
         return whitening_factor(st.gram)
     raise ValueError(method)
+
+
+def output_weights(st: InputStats, damp: float = FISHER_DAMP) -> torch.Tensor:
+    """D's diagonal for `whiten-fisher`: sqrt(f + damp * mean f) per output channel (float64)."""
+    if st.grad_sq is None:
+        raise WeloreError("whiten-fisher needs loss gradients: collect_stats(..., gradients=True)")
+    f = st.grad_sq.double()
+    return (f + damp * f.mean()).clamp_min(1e-30).sqrt()
 
 
 @torch.no_grad()
@@ -179,6 +228,8 @@ def analyze_data_aware(model: nn.Module, targets: list[Target], stats: dict[str,
     missing = [t.name for t in targets if t.name not in stats]
     if missing:
         raise WeloreError(f"no calibration statistics for {missing[0]}: {method} needs calibration data")
+    if method == "whiten-fisher" and any(stats[t.name].grad_sq is None for t in targets):
+        raise WeloreError("whiten-fisher needs loss gradients: collect_stats(..., gradients=True)")
     values, fps, factors, how = {}, {}, {}, {}
     import time
 
@@ -190,13 +241,49 @@ def analyze_data_aware(model: nn.Module, targets: list[Target], stats: dict[str,
             raise WeloreError(f"weights of {t.name} contain NaN or Inf")
         S, S_inv, how[t.name] = scaling(method, stats[t.name], alpha)
         S, S_inv = S.to(w.device), S_inv.to(w.device)
-        U, s, Vh = torch.linalg.svd(w @ S, full_matrices=False)
+        d = output_weights(stats[t.name]).to(w.device) if method == "whiten-fisher" else None
+        U, s, Vh = torch.linalg.svd(w @ S if d is None else d[:, None] * (w @ S), full_matrices=False)
         r = max_useful_rank(*t.shape)
-        factors[t.name] = (U[:, :r].float().cpu(), s[:r].float().cpu(), (Vh[:r] @ S_inv).float().cpu())
+        U = U[:, :r] if d is None else U[:, :r] / d[:, None]  # fold D^-1 back into the up factor
+        factors[t.name] = (U.float().cpu(), s[:r].float().cpu(), (Vh[:r] @ S_inv).float().cpu())
         values[t.name] = s.float().cpu()
         fps[t.name] = fingerprint(module.weight)
     spectra = Spectra(list(targets), values, fps, factors, time.perf_counter() - start)
     spectra.how = how  # which square root each matrix got (reported; the eigh fallback is worth knowing)
+    return spectra
+
+
+@torch.no_grad()
+def attach_loss_tails(model: nn.Module, spectra: Spectra, stats: dict[str, InputStats], method: str) -> Spectra:
+    """Set `spectra.tails[name][k]` (k = 0..r) to the estimated loss increase of keeping only the
+    leading k triplets of `spectra.factors[name]`: what the `loss` allocation minimises.
+
+    The estimate is the Fisher-weighted output error on the calibration data. With factors
+    W = sum_j s_j u_j v_j^T (u orthonormal: svd, asvd, whiten), the output error of dropping triplet
+    j is s_j^2 v_j^T G v_j and the errors of different j add up (the cross terms vanish), weighted by
+    the matrix's mean squared output gradient. For whiten-fisher the weighting is already inside the
+    SVD and the error is exactly the sum of the dropped s_j^2.
+    """
+    if any(t.name not in stats or stats[t.name].grad_sq is None for t in spectra.targets):
+        raise WeloreError("the loss allocation needs calibration statistics with loss gradients")
+    if any(t.name not in spectra.factors for t in spectra.targets):
+        raise WeloreError("the loss allocation needs the SVD factors (spectra loaded from a file have none)")
+    tails = {}
+    for t in spectra.targets:
+        st = stats[t.name]
+        s_all = spectra.values[t.name].double()
+        U, s, Vh = (f.double() for f in spectra.factors[t.name])
+        if method == "whiten-fisher":
+            total, drop = s_all.pow(2).sum(), s.pow(2)
+        else:
+            G = st.gram.double().to(Vh.device)
+            w = weight_matrix(model.get_submodule(t.name)).detach().double().to(Vh.device)
+            scale = st.grad_sq.double().mean().to(Vh.device)
+            total = scale * torch.einsum("ij,jk,ik->", w, G, w)
+            drop = scale * s.pow(2) * torch.einsum("kj,jl,kl->k", Vh, G, Vh)
+        kept = torch.cat([torch.zeros(1, dtype=drop.dtype), drop.cpu().cumsum(0)])
+        tails[t.name] = (total.cpu() - kept).clamp_min(0).numpy()
+    spectra.tails = tails
     return spectra
 
 

@@ -106,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=_ratio, default=None, help="effective rank reduction to hit (default 0.5)")
     g.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit")
     g.add_argument("--threshold", type=_ratio, default=None, help="WeLore threshold t in [0,1], not searched")
-    p.add_argument("--allocation", choices=["welore", "uniform"], default="welore")
-    p.add_argument("--min-ratio", type=_ratio, default=0.5,
-                   help="a matrix is low-rank only if its reduction exceeds this (0 = truncate all, as the "
-                        "paper's compression-only script)")
-    p.add_argument("--method", choices=["svd", "asvd", "whiten"], default="svd",
-                   help="factorisation: plain SVD (WeLore), activation-aware (ASVD) or whitened (SVD-LLM)")
+    p.add_argument("--allocation", choices=["welore", "uniform", "loss"], default="welore",
+                   help="welore (data-free, the paper), uniform, or loss (minimises a calibrated estimate of the "
+                        "loss increase; needs calibration data)")
+    p.add_argument("--min-ratio", type=_ratio, default=None,
+                   help="a matrix is low-rank only if its reduction exceeds this (default 0.5; 0 for "
+                        "--allocation loss; 0 = truncate all, as the paper's compression-only script)")
+    p.add_argument("--method", choices=["svd", "asvd", "whiten", "whiten-fisher"], default="svd",
+                   help="factorisation: plain SVD (WeLore), activation-aware (ASVD), whitened (SVD-LLM), or "
+                        "whitened inputs + loss-gradient-weighted outputs")
     p.add_argument("--alloc-spectrum", choices=["weight", "data"], default="weight",
                    help="allocate ranks on the weight spectra (data-free) or the data-aware ones")
     p.add_argument("--refit", action="store_true", help="least-squares refit of each up factor on calibration data")

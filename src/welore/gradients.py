@@ -9,9 +9,14 @@ measures that on a real run:
   values, its stable rank ||G||_F^2 / ||G||_2^2, the overlap of its top-r left/right singular
   subspaces with the previous record's (mean squared cosine of the principal angles, 1 = same
   subspace, 0 = orthogonal), and the cosine between successive gradients;
-* the weight spectrum at the start and the end;
-* per matrix, the WeLore reduction ratio of the final weight, and the Spearman correlation between
-  gradient low-rankness / stability and that ratio, overall, per matrix type and per layer.
+* the weight spectrum at the start and the end, and the spectrum of the accumulated update
+  W_end - W_start (the direct product of the gradients: the paper's mechanism is that low-rank,
+  stable gradients add up to a low-rank update);
+* per matrix, the WeLore reduction ratio of the final weight and the low-rankness of the update,
+  and the Spearman correlation between gradient low-rankness / stability and each, overall, per
+  matrix type and per layer. In a short run the final weight is mostly the starting weight (the
+  pretrained one, or a random one whose spectrum is set by its shape), so the update is where a
+  short run can show the mechanism; the final weight is where a long run shows its outcome.
 
 Cheap by default (randomized SVD via `torch.svd_lowrank`, a record every N steps); `exact=True`
 computes full SVDs.
@@ -80,8 +85,10 @@ def top_svd(g: torch.Tensor, k: int, exact: bool, seed: int = 0) -> tuple[torch.
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+    """Spearman rank correlation (average ranks for ties; pairs with a NaN are left out)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
     if len(x) < 3:
         return float("nan")
 
@@ -137,6 +144,8 @@ def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, st
     rec.series = {t.name: {"stable_rank": [], "top_sv": [], "overlap_left": [], "overlap_right": [],
                            "cosine_prev": [], "cosine_first": [], "grad_norm": []} for t in targets}
     rec.weight_spectra = {t.name: {"start": _svdvals(modules[t.name])} for t in targets}
+    # a CPU copy of the starting weights, for the spectrum of the accumulated update at the end
+    start = {t.name: weight_matrix(modules[t.name]).detach().float().cpu().clone() for t in targets}
     device = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(True)
@@ -193,6 +202,8 @@ def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, st
             t_measure += time.perf_counter() - t0
     for t in targets:
         rec.weight_spectra[t.name]["end"] = _svdvals(modules[t.name])
+        update = weight_matrix(modules[t.name]).detach().float().cpu() - start.pop(t.name)
+        rec.weight_spectra[t.name]["update"] = torch.linalg.svdvals(update).tolist()
     rec.info.update(train_seconds=t_train, record_seconds=t_measure, train_tokens=tokens,
                     tokens_per_s_training=tokens / t_train if t_train else None,
                     tokens_per_s_with_records=tokens / (t_train + t_measure) if t_train else None)
@@ -223,23 +234,29 @@ def matrix_summary(rec: GradientRecord, ratio: float = 0.5) -> list[dict]:
         s = rec.series[t.name]
         later = s["stable_rank"][1:] or s["stable_rank"]
         overlaps = [(a + b) / 2 for a, b in zip(s["overlap_left"], s["overlap_right"])]
+        upd = np.asarray(rec.weight_spectra[t.name].get("update", []), dtype=np.float64)
+        upd_sr = float((upd ** 2).sum() / upd[0] ** 2) if len(upd) and upd[0] > 0 else float("nan")
         out.append({"name": t.name, "type": t.type, "layer": t.layer, "min_dim": min(t.shape),
                     "grad_stable_rank": float(np.mean(later)),
                     "grad_stable_rank_rel": float(np.mean(later)) / min(t.shape),
                     "grad_subspace_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
                     "grad_cosine_prev": float(np.mean(s["cosine_prev"])) if s["cosine_prev"] else float("nan"),
+                    "update_stable_rank_rel": upd_sr / min(t.shape),
                     "weight_reduction": m.reduction})
     return out
 
 
 def correlations(summary: list[dict]) -> dict:
     """Spearman correlation of gradient low-rankness (low relative stable rank) and stability
-    (subspace overlap) with the weight's WeLore reduction: overall, by matrix type, by layer."""
+    (subspace overlap) with the final weight's WeLore reduction and with the low-rankness of the
+    accumulated update (low relative stable rank of W_end - W_start): overall, by type, by layer."""
     def corr(rows):
         red = [r["weight_reduction"] for r in rows]
+        upd = [-r["update_stable_rank_rel"] for r in rows]
+        low, stab = [-r["grad_stable_rank_rel"] for r in rows], [r["grad_subspace_overlap"] for r in rows]
         return {"n": len(rows),
-                "lowrank_vs_reduction": spearman([-r["grad_stable_rank_rel"] for r in rows], red),
-                "stability_vs_reduction": spearman([r["grad_subspace_overlap"] for r in rows], red)}
+                "lowrank_vs_reduction": spearman(low, red), "stability_vs_reduction": spearman(stab, red),
+                "lowrank_vs_update": spearman(low, upd), "stability_vs_update": spearman(stab, upd)}
 
     out = {"overall": corr(summary), "by_type": {}, "by_layer": {}}
     for key, field_ in (("by_type", "type"), ("by_layer", "layer")):
@@ -294,20 +311,27 @@ def plot_all(rec: GradientRecord, summary: list[dict], corr: dict, out: Path, ti
     fig.supylabel("singular value / largest (dotted: start, solid: end)")
     paths.append(_save(fig, out / "weight_spectra.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for ax, (xkey, xlabel, ckey) in zip(axes, (("grad_stable_rank_rel", "gradient stable rank / min(m, n)",
-                                                "lowrank_vs_reduction"),
-                                               ("grad_subspace_overlap", "gradient subspace overlap (stability)",
-                                                "stability_vs_reduction"))):
-        for i, typ in enumerate(types):
-            rows = [r for r in summary if r["type"] == typ]
-            ax.scatter([r[xkey] for r in rows], [r["weight_reduction"] for r in rows], s=14, color=f"C{i}", label=typ)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("WeLore reduction ratio of the final weight")
-        ax.grid(alpha=0.3)
-        ax.set_title(f"Spearman {corr['overall'][ckey]:+.2f} (n={corr['overall']['n']})", fontsize=9)
-    axes[0].set_xscale("log")
-    axes[1].legend(fontsize=7)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
+    xs = (("grad_stable_rank_rel", "gradient stable rank / min(m, n)", "lowrank"),
+          ("grad_subspace_overlap", "gradient subspace overlap (stability)", "stability"))
+    ys = (("weight_reduction", "WeLore reduction ratio of the final weight", "reduction"),
+          ("update_stable_rank_rel", "stable rank of W_end - W_start / min(m, n)", "update"))
+    for row, (ykey, ylabel, ycorr) in enumerate(ys):
+        for col, (xkey, xlabel, xcorr) in enumerate(xs):
+            ax = axes[row, col]
+            for i, typ in enumerate(types):
+                rows = [r for r in summary if r["type"] == typ]
+                ax.scatter([r[xkey] for r in rows], [r[ykey] for r in rows], s=14, color=f"C{i}", label=typ)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"Spearman {corr['overall'][f'{xcorr}_vs_{ycorr}']:+.2f} (n={corr['overall']['n']})",
+                         fontsize=9)
+            if col == 0:
+                ax.set_xscale("log")
+            if ykey == "update_stable_rank_rel":
+                ax.set_yscale("log")
+    axes[0, 1].legend(fontsize=7)
     paths.append(_save(fig, out / "grad_vs_reduction.png"))
     return paths
 
@@ -322,10 +346,16 @@ def write_report(rec: GradientRecord, out: str | Path, title: str, ratio: float 
     (out / "gradients.json").write_text(json.dumps({"record": rec.to_dict(), "summary": summary,
                                                     "correlations": corr}, indent=1))
     plot_all(rec, summary, corr, out, title)
-    by_type = [{"matrix type": k, "n": v["n"], "spearman low-rank grad vs reduction": v["lowrank_vs_reduction"],
-                "spearman stable grad vs reduction": v["stability_vs_reduction"],
-                "mean grad stable rank": float(np.mean([r["grad_stable_rank"] for r in summary if r["type"] == k])),
-                "mean weight reduction": float(np.mean([r["weight_reduction"] for r in summary if r["type"] == k]))}
+    def mean(key, typ):
+        return float(np.nanmean([r[key] for r in summary if r["type"] == typ]))
+
+    by_type = [{"matrix type": k, "n": v["n"], "low-rank grad vs reduction": v["lowrank_vs_reduction"],
+                "stable grad vs reduction": v["stability_vs_reduction"],
+                "low-rank grad vs low-rank update": v["lowrank_vs_update"],
+                "stable grad vs low-rank update": v["stability_vs_update"],
+                "grad stable rank": mean("grad_stable_rank", k), "grad overlap": mean("grad_subspace_overlap", k),
+                "update stable rank / min dim": mean("update_stable_rank_rel", k),
+                "weight reduction": mean("weight_reduction", k)}
                for k, v in corr["by_type"].items()]
     o, i = corr["overall"], rec.info
     overhead = (f"training {i['tokens_per_s_training']:.0f} tokens/s without records, "
@@ -336,8 +366,10 @@ def write_report(rec: GradientRecord, out: str | Path, title: str, ratio: float 
           f"loss {rec.losses[0]:.3f} -> {rec.losses[-1]:.3f}; {overhead}.\n\n"
           f"Spearman correlation across {o['n']} matrices with the final weight's WeLore reduction ratio "
           f"(threshold at {ratio:.0%} effective rank reduction): gradient low-rankness (negative relative stable "
-          f"rank) **{o['lowrank_vs_reduction']:+.3f}**, gradient subspace stability **{o['stability_vs_reduction']:+.3f}**."
-          f"\n\n{markdown_table(by_type)}\n\n![stable rank](grad_stable_rank.png)\n\n![overlap](grad_overlap.png)\n\n"
+          f"rank) **{o['lowrank_vs_reduction']:+.3f}**, gradient subspace stability **{o['stability_vs_reduction']:+.3f}**. "
+          f"With the low-rankness of the accumulated update W_end - W_start (negative relative stable rank): "
+          f"gradient low-rankness **{o['lowrank_vs_update']:+.3f}**, stability **{o['stability_vs_update']:+.3f}**."
+          f"\n\nPer matrix type (Spearman within the type, then means):\n\n{markdown_table(by_type)}\n\n![stable rank](grad_stable_rank.png)\n\n![overlap](grad_overlap.png)\n\n"
           f"![weight spectra](weight_spectra.png)\n\n![scatter](grad_vs_reduction.png)\n")
     (out / "report.md").write_text(md)
     return corr

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import RankPlan, allocate, check_allocation_args
-from .calibrate import METHODS, analyze_data_aware, calibration_batches, collect_stats
+from .calibrate import METHODS, analyze_data_aware, attach_loss_tails, calibration_batches, collect_stats
 from .compress import apply_plan, count_parameters
 from .errors import WeloreError
 from .evaluate import perplexity
@@ -80,7 +80,7 @@ def _type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
 
 
 def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target: str = "rank",
-                 allocation: str = "welore", min_ratio: float = 0.5, threshold: float | None = None,
+                 allocation: str = "welore", min_ratio: float | None = None, threshold: float | None = None,
                  method: str = "svd", alloc_spectrum: str = "weight", refit: bool = False,
                  calib_samples: int = 32, calib_seqlen: int = 512, seed: int = 0,
                  targets=None, ignore=None, spectra_path=None, compare: bool = True, evaluate: bool = True,
@@ -88,18 +88,29 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
     """The main job (see module docstring). Returns the plan and the comparison rows.
 
-    method: "svd" (WeLore's plain truncation), "asvd" or "whiten" (data-aware factorisation from
-    `calib_samples` x `calib_seqlen` tokens of the C4 training documents; see welore.calibrate).
-    alloc_spectrum: allocate on the "weight" spectra (WeLore, data-free) or the "data"-aware ones.
+    method: "svd" (WeLore's plain truncation), "asvd", "whiten" or "whiten-fisher" (data-aware
+    factorisation from `calib_samples` x `calib_seqlen` tokens of the C4 training documents; see
+    welore.calibrate).
+    allocation: "welore", "uniform", or "loss" (minimises the estimated loss increase; calibrated).
+    alloc_spectrum: WeLore/uniform rules on the "weight" spectra (data-free) or the "data"-aware ones.
     refit: least-squares refit of each `up` factor on the calibration inputs.
+    min_ratio: default 0.5 (the paper's) for welore/uniform, 0 for loss, which already weighs dense
+    against factorised for every matrix.
     """
+    if min_ratio is None:
+        min_ratio = 0.0 if allocation == "loss" else 0.5
     check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
     if method not in METHODS:
         raise WeloreError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if alloc_spectrum not in ("weight", "data"):
         raise WeloreError(f"unknown allocation spectrum {alloc_spectrum!r}; choose weight or data")
-    if (method != "svd" or refit) and calib_samples <= 0:
-        raise WeloreError(f"{method}{' with refit' if refit else ''} needs calibration data (calib samples > 0)")
+    calibrated = method != "svd" or refit or allocation == "loss"
+    gradients = method == "whiten-fisher" or allocation == "loss"  # loss-gradient statistics
+    if calibrated and calib_samples <= 0:
+        what = method if method != "svd" else ("the loss allocation" if allocation == "loss" else "refit")
+        raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
+    if spectra_path and allocation == "loss" and method == "svd":
+        raise WeloreError("the loss allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
     _check_output(output, overwrite)
@@ -124,14 +135,16 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         target_list = find_targets(model, targets, ignore)
         spectra = analyze(model, target_list, keep_factors=method == "svd", progress=progress)
     factors = spectra  # where apply_plan takes its factors from
-    if method != "svd" or refit:
+    if calibrated:
         if tok is None:
             raise WeloreError("calibration needs a tokenizer, and this model has none")
         batches = calibration_batches(tok, calib_samples, calib_seqlen, seed=seed)
-        stats = collect_stats(model, target_list, batches, progress=progress)
+        stats = collect_stats(model, target_list, batches, gradients=gradients, progress=progress)
         if method != "svd":
             factors = analyze_data_aware(model, target_list, stats, method, progress=progress)
     alloc_spectra = factors if alloc_spectrum == "data" else spectra
+    if allocation == "loss":
+        alloc_spectra = attach_loss_tails(model, factors, stats, method)
     plan = allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
                     threshold=threshold)
     prep_s = time.perf_counter() - t  # analysis + calibration, shared by every variant
@@ -170,7 +183,8 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     settings = {"source": loaded.source, "name": loaded.name, "ratio": ratio, "target": target,
                 "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold, "method": method,
                 "alloc_spectrum": alloc_spectrum, "refit": refit,
-                "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed}
+                "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
+                                "loss_gradients": gradients}
                 if stats is not None else None,
                 "targets": targets, "ignore": ignore, "eval": {"corpus": corpus, "tokens": eval_tokens,
                                                                "seqlen": seqlen} if evaluate else None}

@@ -54,6 +54,8 @@ class Spectra:
     # name -> (U[:, :r], S[:r], Vh[:r]) with r = max_useful_rank; absent unless keep_factors
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
+    # name -> estimated loss increase of keeping k = 0..r triplets (welore.calibrate.attach_loss_tails)
+    tails: dict = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path) -> None:
         """Write singular values + metadata as safetensors (factors are not saved), atomically."""
