@@ -111,9 +111,14 @@ def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor
 
     out: dict[str, InputStats] = {}
     bar = tqdm(total=len(groups) * len(batches), desc="Calibration passes", unit="seq", disable=not progress)
-    for group in groups:
-        out.update(_collect_group(model, group, batches, device, bar, gradients))
-    bar.close()
+    was_training = model.training
+    model.eval()  # statistics of the model as it is used: no dropout
+    try:
+        for group in groups:
+            out.update(_collect_group(model, group, batches, device, bar, gradients))
+    finally:
+        model.train(was_training)
+        bar.close()
     return out
 
 
