@@ -216,14 +216,16 @@ def test_bad_calibration_input(outlier_llama, tokenizer):
 def test_every_architecture_calibrates_with_gradients(tiny, tokenizer):
     """Loss gradients reach every target of every architecture (GPT-2's Conv1D, OPT, NeoX, Gemma's
     scaled embeddings), and the loss recipe (whiten-fisher factors + loss tails) runs end to end."""
-    from welore import allocate, apply_plan
+    import welore  # the README's Python recipe, through the public API
 
-    targets = find_targets(tiny)
-    st = collect_stats(tiny, targets, calibration_batches(tokenizer, 2, 32), gradients=True, progress=False)
+    targets = welore.find_targets(tiny)
+    st = welore.collect_stats(tiny, targets, welore.calibration_batches(tokenizer, 2, 32), gradients=True,
+                              progress=False)
     assert all(st[t.name].grad_sq.shape == (t.out_features,) and st[t.name].grad_sq.sum() > 0 for t in targets)
-    sp = attach_loss_tails(tiny, analyze_data_aware(tiny, targets, st, "whiten-fisher", progress=False), st,
-                           "whiten-fisher")
-    plan = allocate(sp, ratio=0.3, target="params", allocation="loss", min_ratio=0.0)
-    apply_plan(tiny, plan, sp, progress=False)
+    factors = welore.analyze_data_aware(tiny, targets, st, "whiten-fisher", progress=False)
+    welore.attach_loss_tails(tiny, factors, st, "whiten-fisher")
+    plan = welore.allocate(factors, ratio=0.3, target="params", allocation="loss", min_ratio=0.0)
+    welore.apply_plan(tiny, plan, factors, progress=False)
+    assert abs(plan.param_reduction - 0.3) < 0.1
     ids = calibration_batches(tokenizer, 1, 32)
     assert torch.isfinite(tiny(input_ids=ids).logits).all()

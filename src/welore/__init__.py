@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .allocate import MatrixPlan, RankPlan, allocate, normalized_spectrum  # noqa: E402
+from .calibrate import analyze_data_aware, attach_loss_tails, calibration_batches, collect_stats  # noqa: E402
 from .compress import apply_plan, count_parameters, merge_to_dense, plan_model, set_trainable  # noqa: E402
 from .errors import WeloreError  # noqa: E402
 from .evaluate import perplexity, task_accuracy  # noqa: E402
@@ -20,5 +21,6 @@ __all__ = [
     "merge_to_dense", "plan_model", "set_trainable", "WeloreError", "perplexity", "task_accuracy",
     "FinetuneConfig", "compare", "finetune", "record_gradients", "run_gradients", "load_compressed",
     "save_compressed", "save_dense", "LowRankLinear", "load_model", "pick_device", "run_analyze",
-    "run_compress", "Spectra", "analyze", "Target", "find_targets",
+    "run_compress", "Spectra", "analyze", "Target", "find_targets", "analyze_data_aware", "attach_loss_tails",
+    "calibration_batches", "collect_stats",
 ]
