@@ -42,6 +42,8 @@ def test_loss_allocation(model_dir, tmp_path, method):
                        calib_samples=4, calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
     assert [r["model"] for r in res.rows] == ["dense", "uniform", "loss"]
     assert res.plan.allocation == "loss" and abs(res.plan.param_reduction - 0.3) < 0.05
+    uniform = float(res.rows[1]["param red. (targets)"].rstrip("%")) / 100  # compared at equal parameters
+    assert abs(uniform - res.plan.param_reduction) < 0.05
     meta = json.loads((out / "welore.json").read_text())
     assert meta["settings"]["calibration"]["loss_gradients"] is True
     assert load_compressed(out).plan.to_dict() == res.plan.to_dict()

@@ -1,8 +1,8 @@
 """The end-to-end jobs behind `welore analyze` and `welore compress` (the CLI only parses arguments).
 
 `compress` is the main job: load -> one SVD per target -> WeLore plan -> compress -> save, and, with
-`compare=True`, evaluate dense vs uniform vs WeLore at the same effective rank reduction, so every
-run shows what the non-uniform allocation buys.
+`compare=True`, evaluate dense vs uniform vs WeLore at the same reduction (effective rank, or parameters
+for a parameter target), so every run shows what the non-uniform allocation buys.
 """
 
 from __future__ import annotations
@@ -165,9 +165,12 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
 
     if evaluate and compare:
         row("dense", None, dense_params, 0.0, ppl(model))
-        # uniform baseline at the effective rank reduction WeLore actually reached
-        uni = allocate(alloc_spectra, ratio=min(max(plan.effective_rank_reduction, 1e-6), 1 - 1e-6),
-                       target="rank", allocation="uniform")
+        # uniform baseline at the reduction the plan actually reached, measured as the user asked:
+        # parameters for a parameter target, effective rank otherwise
+        reached = plan.param_reduction if target == "params" and threshold is None else plan.effective_rank_reduction
+        uni = allocate(alloc_spectra, ratio=min(max(reached, 1e-6), 1 - 1e-6),
+                       target="params" if target == "params" and threshold is None else "rank",
+                       allocation="uniform")
         t = time.perf_counter()
         baseline = apply_plan(copy.deepcopy(model), uni, factors, refit=stats if refit else None, progress=progress)
         uni_s = prep_s + time.perf_counter() - t
