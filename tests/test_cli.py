@@ -95,6 +95,8 @@ def _assert_clean_error(code, err, needle):
     (["compress", "MODEL", "--method", "asvd", "--calib-samples", "100000"], "too few calibration tokens"),
     (["compress", "MODEL", "--allocation", "loss", "--calib-samples", "0"], "loss allocation needs calibration"),
     (["compress", "MODEL", "--allocation", "loss", "--threshold", "0.2"], "welore allocation only"),
+    (["compress", "MODEL", "--calib-passes", "2"], "needs a calibrated method"),
+    (["compress", "MODEL", "--method", "whiten", "--calib-passes", "0"], "positive integer"),
     (["merge", "/no/such/dir", "OUT"], "no such directory"),
     (["merge", "MODEL", "OUT"], "not a welore model directory"),
 ])

@@ -22,7 +22,7 @@ def test_data_aware_compression(model_dir, tmp_path, method, refit):
     settings = json.loads((out / "welore.json").read_text())["settings"]
     assert settings["method"] == method and settings["refit"] == refit
     assert settings["calibration"] == {"corpus": "c4-train", "samples": 4, "seqlen": 64, "seed": 0,
-                                       "loss_gradients": False}
+                                       "loss_gradients": False, "passes": 1}
     loaded = load_compressed(out)
     assert loaded.plan.to_dict() == res.plan.to_dict()
 
@@ -47,6 +47,31 @@ def test_loss_allocation(model_dir, tmp_path, method):
     meta = json.loads((out / "welore.json").read_text())
     assert meta["settings"]["calibration"]["loss_gradients"] is True
     assert load_compressed(out).plan.to_dict() == res.plan.to_dict()
+
+
+def test_second_calibration_pass_sees_the_compressed_model(model_dir, tmp_path, monkeypatch):
+    """Pass 2 collects statistics on the compressed model (LowRankLinear modules present) and re-plans."""
+    import welore.pipeline as pipeline
+    from welore import LowRankLinear
+
+    seen = []
+    real = pipeline.collect_stats
+
+    def spy(model, *a, **kw):
+        seen.append(sum(isinstance(m, LowRankLinear) for m in model.modules()))
+        return real(model, *a, **kw)
+    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    kw = dict(ratio=0.3, target="params", allocation="loss", method="whiten-fisher", calib_samples=4,
+              calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
+    one = run_compress(model_dir, tmp_path / "one", **kw)
+    two = run_compress(model_dir, tmp_path / "two", calib_passes=2, **kw)
+    # run one: 1 pass on the dense model; run two: the same first pass, then one on one's compressed model
+    assert seen == [0, 0, len(one.plan.lrcs)] and seen[2] > 0
+    assert [r["model"] for r in two.rows] == ["dense", "uniform (1 pass)", "loss"]
+    assert json.loads((tmp_path / "two" / "welore.json").read_text())["settings"]["calibration"]["passes"] == 2
+    # the factors differ (refitted to the compressed model's inputs), the uniform row does not
+    assert two.rows[1]["wikitext2 ppl"] == pytest.approx(one.rows[1]["wikitext2 ppl"], rel=1e-6)
+    assert two.rows[2]["wikitext2 ppl"] != one.rows[2]["wikitext2 ppl"]
 
 
 def test_run_analyze(model_dir, tmp_path):

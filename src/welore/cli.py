@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="least-squares refit of each up factor on calibration data")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences from C4 train documents")
     p.add_argument("--calib-seqlen", type=_positive_int, default=512)
+    p.add_argument("--calib-passes", type=int, default=1,
+                   help="2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
@@ -218,7 +220,7 @@ def cmd_compress(a) -> int:
     res = run_compress(a.model, a.output, ratio=ratio, target=target, allocation=a.allocation,
                        min_ratio=a.min_ratio, threshold=a.threshold, method=a.method,
                        alloc_spectrum=a.alloc_spectrum, refit=a.refit, calib_samples=a.calib_samples,
-                       calib_seqlen=a.calib_seqlen, seed=a.seed, targets=a.targets, ignore=a.ignore,
+                       calib_seqlen=a.calib_seqlen, calib_passes=a.calib_passes, seed=a.seed, targets=a.targets, ignore=a.ignore,
                        spectra_path=a.spectra, compare=not a.no_compare, evaluate=not a.no_eval,
                        corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen, device=a.device,
                        dtype=a.dtype, overwrite=a.overwrite, progress=not a.quiet)

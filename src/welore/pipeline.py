@@ -82,7 +82,7 @@ def _type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
 def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target: str = "rank",
                  allocation: str = "welore", min_ratio: float | None = None, threshold: float | None = None,
                  method: str = "svd", alloc_spectrum: str = "weight", refit: bool = False,
-                 calib_samples: int = 32, calib_seqlen: int = 512, seed: int = 0,
+                 calib_samples: int = 32, calib_seqlen: int = 512, calib_passes: int = 1, seed: int = 0,
                  targets=None, ignore=None, spectra_path=None, compare: bool = True, evaluate: bool = True,
                  corpus: str = "wikitext2", eval_tokens: int | None = 4096, seqlen: int = 512,
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
@@ -96,6 +96,11 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     refit: least-squares refit of each `up` factor on the calibration inputs.
     min_ratio: default 0.5 (the paper's) for welore/uniform, 0 for loss, which already weighs dense
     against factorised for every matrix.
+    calib_passes: > 1 re-collects the statistics on the compressed model (each matrix then sees the
+    inputs, and the loss gradients, of the compressed model it will live in), refactorises every
+    matrix from its dense weight and re-plans. Costs one more calibration pass and a model copy each;
+    on SmolLM2 (loss + whiten-fisher) 2 passes gave 58.1 -> 57.3 at 20% and 189 -> 154 at 40%.
+    The uniform comparison row keeps the first pass's factors.
     """
     if min_ratio is None:
         min_ratio = 0.0 if allocation == "loss" else 0.5
@@ -109,6 +114,10 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     if calibrated and calib_samples <= 0:
         what = method if method != "svd" else ("the loss allocation" if allocation == "loss" else "refit")
         raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
+    if not (isinstance(calib_passes, int) and calib_passes >= 1):
+        raise WeloreError(f"calibration passes must be a positive integer, got {calib_passes}")
+    if calib_passes > 1 and not calibrated:
+        raise WeloreError("more than one calibration pass needs a calibrated method, refit or the loss allocation")
     if spectra_path and allocation == "loss" and method == "svd":
         raise WeloreError("the loss allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
@@ -134,19 +143,30 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     else:
         target_list = find_targets(model, targets, ignore)
         spectra = analyze(model, target_list, keep_factors=method == "svd", progress=progress)
-    factors = spectra  # where apply_plan takes its factors from
+
+    def plan_from(stats) -> tuple[Spectra, Spectra, RankPlan]:
+        """(factors apply_plan uses, spectra the rule reads, plan) for these statistics."""
+        factors = spectra if method == "svd" else analyze_data_aware(model, target_list, stats, method,
+                                                                     progress=progress)
+        alloc_spectra = factors if alloc_spectrum == "data" else spectra
+        if allocation == "loss":
+            alloc_spectra = attach_loss_tails(model, factors, stats, method)
+        return factors, alloc_spectra, allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation,
+                                                min_ratio=min_ratio, threshold=threshold)
+
     if calibrated:
         if tok is None:
             raise WeloreError("calibration needs a tokenizer, and this model has none")
         batches = calibration_batches(tok, calib_samples, calib_seqlen, seed=seed)
         stats = collect_stats(model, target_list, batches, gradients=gradients, progress=progress)
-        if method != "svd":
-            factors = analyze_data_aware(model, target_list, stats, method, progress=progress)
-    alloc_spectra = factors if alloc_spectrum == "data" else spectra
-    if allocation == "loss":
-        alloc_spectra = attach_loss_tails(model, factors, stats, method)
-    plan = allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
-                    threshold=threshold)
+    factors, alloc_spectra, plan = plan_from(stats)
+    first_pass = factors, alloc_spectra, stats  # what the uniform comparison row uses
+    for _ in range(calib_passes - 1):
+        compressed = apply_plan(copy.deepcopy(model), plan, factors, refit=stats if refit else None, progress=progress)
+        stats = collect_stats(compressed, target_list, batches, gradients=gradients, progress=progress)
+        del compressed
+        gc.collect()
+        factors, alloc_spectra, plan = plan_from(stats)
     prep_s = time.perf_counter() - t  # analysis + calibration, shared by every variant
     dense_params = count_parameters(model)
     ppl = lambda m: perplexity(m, tok, corpus, seqlen=seqlen, max_tokens=eval_tokens, progress=progress)  # noqa: E731
@@ -168,13 +188,16 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         # uniform baseline at the reduction the plan actually reached, measured as the user asked:
         # parameters for a parameter target, effective rank otherwise
         reached = plan.param_reduction if target == "params" and threshold is None else plan.effective_rank_reduction
-        uni = allocate(alloc_spectra, ratio=min(max(reached, 1e-6), 1 - 1e-6),
+        uni_factors, uni_spectra, uni_stats = first_pass
+        uni = allocate(uni_spectra, ratio=min(max(reached, 1e-6), 1 - 1e-6),
                        target="params" if target == "params" and threshold is None else "rank",
                        allocation="uniform")
         t = time.perf_counter()
-        baseline = apply_plan(copy.deepcopy(model), uni, factors, refit=stats if refit else None, progress=progress)
+        baseline = apply_plan(copy.deepcopy(model), uni, uni_factors, refit=uni_stats if refit else None,
+                              progress=progress)
         uni_s = prep_s + time.perf_counter() - t
-        row("uniform", uni, count_parameters(baseline), uni_s, ppl(baseline))
+        row("uniform" if calib_passes == 1 else "uniform (1 pass)", uni, count_parameters(baseline), uni_s,
+            ppl(baseline))
         del baseline
         gc.collect()
     t = time.perf_counter()
@@ -187,7 +210,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                 "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold, "method": method,
                 "alloc_spectrum": alloc_spectrum, "refit": refit,
                 "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
-                                "loss_gradients": gradients}
+                                "loss_gradients": gradients, "passes": calib_passes}
                 if stats is not None else None,
                 "targets": targets, "ignore": ignore, "eval": {"corpus": corpus, "tokens": eval_tokens,
                                                                "seqlen": seqlen} if evaluate else None}
