@@ -3,10 +3,13 @@
 Prints: load / analyze / compress wall times, the single-SVD vs naive two-SVD flow, peak RSS, and a
 table of WikiText-2 and held-out C4 perplexity for dense, uniform and WeLore (min_ratio 0, the
 paper's compression-only setting, and min_ratio 0.5, its fine-tuning setting) at effective rank
-reductions 10..70%, with parameter counts. Writes JSON, markdown and a PNG to --out.
+reductions 10..70%, with parameter counts; then generation speed, dense vs the main job's model (50%
+effective rank reduction, min_ratio 0.5): prefill and decode tokens/s of greedy `generate`, batch 1,
+fp32, median of --speed-runs runs, measured side by side. Writes JSON, markdown and a PNG to --out.
 
     python benchmarks/compress.py                      # ~20 min on 2 CPU cores
     python benchmarks/compress.py --ratios 0.5 --wiki-tokens 4096 --c4-tokens 2048   # quick look
+    python benchmarks/compress.py --speed-only         # generation speed alone (~2 min)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import gc
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--min-ratios", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--speed-runs", type=int, default=7, help="runs per generation-speed figure (median)")
+    ap.add_argument("--speed-tokens", type=int, default=64, help="new tokens per decode run")
+    ap.add_argument("--speed-only", action="store_true", help="only the generation-speed comparison")
     ap.add_argument("--out", default="bench-out/compress")
     a = ap.parse_args()
     out = Path(a.out)
@@ -50,6 +57,10 @@ def main() -> None:
     targets = find_targets(model)
     print(f"model {loaded.name}: {count_parameters(model):,} params, {len(targets)} target matrices, "
           f"device {next(model.parameters()).device}, load {load_s:.1f} s")
+    if a.speed_only:
+        speed = generation_speed(model, tok, analyze(model, targets, keep_factors=True, progress=False), a)
+        (out / "speed.json").write_text(json.dumps(speed, indent=1))
+        return
 
     # ---- single SVD (analyze keeps the factors) vs naive (svdvals, then a second SVD per LRC) ----
     t = time.perf_counter()
@@ -94,6 +105,7 @@ def main() -> None:
             del m
             gc.collect()
     timing["peak_rss_end_gib"] = peak_rss_gib()
+    timing["generation_speed"] = generation_speed(model, tok, spectra, a)
 
     for row in rows:
         for k in ("eff. rank red.", "param red. (targets)"):
@@ -110,6 +122,52 @@ def main() -> None:
     (out / "compress.json").write_text(json.dumps({"timing": timing, "rows": rows, "header": header}, indent=1))
     (out / "compress.md").write_text(header + "\n\n" + table + "\n")
     plot(rows, out / "compress.png")
+
+
+def generation_speed(dense, tok, spectra, a) -> dict:
+    """Prefill and decode tokens/s of greedy generate, batch 1, dense vs the main job's model (50%
+    effective rank reduction, min_ratio 0.5), alternating the two models run by run so that any
+    drift of the machine hits both alike. Decode excludes prefill: time(n new) - time(1 new)."""
+    plan = allocate(spectra, ratio=0.5, min_ratio=0.5)
+    compressed = apply_plan(copy.deepcopy(dense), plan, spectra, progress=False)
+    device = next(dense.parameters()).device
+    prompt = tok("The capital of France is", return_tensors="pt").to(device)
+    long_prompt = {"input_ids": torch.randint(0, len(tok), (1, 512), generator=torch.Generator().manual_seed(0))
+                   .to(device)}
+    n = a.speed_tokens
+
+    def timed(m, ids, new):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.eos_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    runs = {"dense": {"decode": [], "prefill": []}, "compressed": {"decode": [], "prefill": []}}
+    models = {"dense": dense, "compressed": compressed}
+    with torch.no_grad():
+        for m in models.values():  # warm-up: allocator, kernels, caches
+            timed(m, prompt, 4)
+            timed(m, long_prompt, 1)
+        for _ in range(a.speed_runs):
+            for name, m in models.items():
+                runs[name]["decode"].append((n - 1) / (timed(m, prompt, n) - timed(m, prompt, 1)))
+                runs[name]["prefill"].append(512 / timed(m, long_prompt, 1))
+    res = {"threads": torch.get_num_threads(), "device": str(device), "dtype": str(next(dense.parameters()).dtype),
+           "new_tokens": n, "runs": a.speed_runs, "params_dense": count_parameters(dense),
+           "params_compressed": count_parameters(compressed), "raw": runs}
+    res["param_ratio"] = res["params_dense"] / res["params_compressed"]
+    for kind in ("decode", "prefill"):
+        d, c = statistics.median(runs["dense"][kind]), statistics.median(runs["compressed"][kind])
+        res[f"{kind}_tok_s_dense"], res[f"{kind}_tok_s_compressed"], res[f"{kind}_speedup"] = d, c, c / d
+    print(f"generation speed ({res['device']}, {res['dtype']}, {res['threads']} threads, median of {a.speed_runs}): "
+          f"decode {res['decode_tok_s_dense']:.1f} -> {res['decode_tok_s_compressed']:.1f} tok/s "
+          f"({res['decode_speedup']:.3f}x), prefill (512 tokens) {res['prefill_tok_s_dense']:.0f} -> "
+          f"{res['prefill_tok_s_compressed']:.0f} tok/s ({res['prefill_speedup']:.3f}x); parameter ratio "
+          f"{res['param_ratio']:.3f}x, decode / parameter ratio {res['decode_speedup'] / res['param_ratio']:.2f}")
+    return res
 
 
 def plot(rows: list[dict], path: Path) -> None:

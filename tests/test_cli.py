@@ -31,8 +31,13 @@ def test_compress_evaluate_merge(capsys, model_dir, tmp_path):
     assert code == 0, err
     assert all(word in stdout for word in ("dense", "uniform", "WeLore", "wikitext2 ppl"))
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["dense", "uniform", "WeLore"]
+    assert [r["model"] for r in rows][:3] == ["dense", "uniform", "WeLore"]
     assert (out / "report.md").is_file()
+    # the calibrated recipe at the WeLore row's parameter count, and every row's continuation
+    assert rows[3]["model"].startswith("loss + whiten-fisher")
+    assert abs(rows[3]["params"] - rows[2]["params"]) <= 0.02 * rows[2]["params"]
+    assert all(isinstance(r["continuation"], str) for r in rows)
+    assert "Next:" in stdout and "welore finetune" in stdout and "--method whiten-fisher" in stdout
 
     code, stdout, _ = run(capsys, "evaluate", str(out), "--corpus", "wikitext2", "c4", "--max-tokens", "256",
                           "--seqlen", "64", "-q")
@@ -108,6 +113,74 @@ def test_bad_input_one_line_no_output(capsys, model_dir, tmp_path, args, needle)
     code, _, err = run(capsys, *args, *(["-q"] if args[0] != "merge" else []))
     _assert_clean_error(code, err, needle)
     assert not out.exists()
+
+
+def test_evaluate_a_local_file_records_its_sha256(capsys, model_dir, tmp_path):
+    import hashlib
+
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": "The quick brown fox jumps over the lazy dog. " * 8})
+                                for _ in range(6)))
+    code, stdout, err = run(capsys, "evaluate", str(model_dir), "--corpus", str(corpus), "wikitext2",
+                            "--text-field", "body", "--seqlen", "64", "--max-tokens", "128", "-o",
+                            str(tmp_path / "r.json"), "-q")
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["corpus"] for r in res] == [str(corpus), "wikitext2"]
+    assert res[0]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert res[0]["sha256"][:12] in stdout and res[0]["ppl"] > 1
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("missing.txt", None, "no such corpus file"),
+    ("empty.txt", "", "is empty"),
+    ("bin.txt", b"\x00\x01\x02", "binary"),
+    ("a.jsonl", '{"body": "x"}\n', "no field 'text'"),
+    ("short.txt", "a few words", "fewer than one window"),
+])
+def test_evaluate_bad_files(capsys, model_dir, tmp_path, name, content, needle):
+    path = tmp_path / name
+    if content is not None:
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    code, _, err = run(capsys, "evaluate", str(model_dir), "--corpus", str(path), "--seqlen", "64", "-q",
+                       "-o", str(tmp_path / "r.json"))
+    _assert_clean_error(code, err, needle)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_generate_streams_from_dense_and_compressed(capsys, model_dir, compressed_dir):
+    for model in (model_dir, compressed_dir):
+        code, stdout, err = run(capsys, "generate", str(model), "The cat", "--max-new-tokens", "5", "-q")
+        assert code == 0, err
+        assert stdout.strip()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["MODEL", "   "], "prompt is empty"),
+    (["/no/such/model", "hi"], "no such file or directory"),
+    (["NOTES", "hi"], "is not a model"),
+    (["MODEL", "hi", "--temperature", "-1"], "temperature"),
+])
+def test_generate_bad_input(capsys, model_dir, tmp_path, args, needle):
+    (tmp_path / "notes.txt").write_text("x")
+    args = [str(model_dir) if a == "MODEL" else str(tmp_path / "notes.txt") if a == "NOTES" else a for a in args]
+    code, _, err = run(capsys, "generate", *args, "-q")
+    _assert_clean_error(code, err, needle)
+
+
+def test_disk_full_during_compress_is_one_line_and_leaves_nothing(capsys, model_dir, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import welore.io as io
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(io, "save_file", full)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")
+    _assert_clean_error(code, err, "No space left on device")
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
 def test_not_a_model_file(capsys, tmp_path):

@@ -116,3 +116,53 @@ def test_existing_output_needs_overwrite(llama, tmp_path):
         save_compressed(llama, out, plan)
     save_compressed(llama, out, plan, overwrite=True)
     assert (out / WEIGHTS).is_file() and len(list(tmp_path.iterdir())) == 1
+
+
+BLOCK_WELORE = """
+import sys
+sys.modules["welore"] = None  # `import welore` raises: only transformers may load the directory
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__name__ == "WeloreForCausalLM", type(model)
+ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_plain_transformers_loads_a_compressed_dir_without_welore(arch, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_tiny
+
+    model = make_tiny(arch)
+    out, plan = _compressed(model, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_welore.WeloreForCausalLM"}
+    assert set(config["welore_lrcs"]) == {m.name for m in plan.lrcs}
+    assert "\nBASE_CLASS = None\n" not in (out / "modeling_welore.py").read_text()
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(load_compressed(out, device="cpu").model))
+
+
+def test_disk_full_while_saving_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from conftest import make_tiny
+    from safetensors import SafetensorError
+
+    import welore.io as io
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(WeloreError, match="cannot write .*No space left"):
+        _compressed(make_tiny("llama"), tmp_path)
+    assert list(tmp_path.iterdir()) == []

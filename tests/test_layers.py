@@ -52,3 +52,31 @@ def test_dtype_follows_the_request():
     U, S, Vh = torch.linalg.svd(torch.randn(8, 8), full_matrices=False)
     layer = LowRankLinear.from_svd(U, S, Vh, 4, bias=None, dtype=torch.bfloat16)
     assert layer.up.weight.dtype == torch.bfloat16 == layer.down.weight.dtype
+
+
+def test_column_major_factors_survive_building_copying_and_give_the_module_path_result():
+    import copy
+
+    torch.manual_seed(0)
+    W = torch.randn(40, 24)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    layer = LowRankLinear.from_svd(U, S, Vh, 6, bias=torch.randn(40))
+    for f in (layer.down, layer.up, copy.deepcopy(layer).down):
+        assert f.weight.t().is_contiguous()  # the fast layout of the forward's mm
+    x = torch.randn(3, 5, 24)
+    reference = layer.up(layer.down(x))  # the plain two-Linear computation
+    assert torch.allclose(layer(x), reference, atol=1e-6)
+    assert layer(x).shape == (3, 5, 40)
+
+
+def test_wrapped_factors_take_the_module_path():
+    torch.manual_seed(0)
+    W = torch.randn(12, 10)
+    layer = LowRankLinear.from_svd(*torch.linalg.svd(W, full_matrices=False), 4, bias=None)
+    x = torch.randn(2, 10)
+    before = layer(x)
+    seen = []
+    handle = layer.down.register_forward_hook(lambda m, i, o: seen.append(o.shape) or o * 0)  # as a LoRA wrapper would
+    assert torch.equal(layer(x), torch.zeros_like(before)) and seen == [(2, 4)]
+    handle.remove()
+    assert torch.allclose(layer(x), before)

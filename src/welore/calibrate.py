@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import WeloreError
 from .evaluate import encode_corpus
+from .progress import bar
 from .spectrum import Spectra, analyze, fingerprint, max_useful_rank
 from .targets import Target, weight_matrix
 
@@ -110,19 +110,19 @@ def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor
     groups.append(current)
 
     out: dict[str, InputStats] = {}
-    bar = tqdm(total=len(groups) * len(batches), desc="Calibration passes", unit="seq", disable=not progress)
+    pbar = bar(total=len(groups) * len(batches), desc="Calibration passes", unit="seq", progress=progress)
     was_training = model.training
     model.eval()  # statistics of the model as it is used: no dropout
     try:
         for group in groups:
-            out.update(_collect_group(model, group, batches, device, bar, gradients))
+            out.update(_collect_group(model, group, batches, device, pbar, gradients))
     finally:
         model.train(was_training)
-        bar.close()
+        pbar.close()
     return out
 
 
-def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, bar,
+def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, pbar,
                    gradients: bool) -> dict[str, InputStats]:
     owner: dict[str, str] = {}  # module -> the module whose identical input tensor it shares
     first_pass: list[tuple[torch.Tensor, str]] = []  # references keep addresses from being reused
@@ -173,7 +173,7 @@ def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor,
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
             first_pass.clear()
-            bar.update(1)
+            pbar.update(1)
     finally:
         for h in handles:
             h.remove()
@@ -239,7 +239,7 @@ def analyze_data_aware(model: nn.Module, targets: list[Target], stats: dict[str,
     import time
 
     start = time.perf_counter()
-    for t in tqdm(targets, desc=f"SVD of W*S ({method})", unit="matrix", disable=not progress):
+    for t in bar(targets, desc=f"SVD of W*S ({method})", unit="matrix", progress=progress):
         module = model.get_submodule(t.name)
         w = weight_matrix(module).detach().double()
         if not torch.isfinite(w).all():

@@ -128,16 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-compare", action="store_true", help="skip the dense and uniform rows")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity entirely")
+    p.add_argument("--no-recipe", action="store_true",
+                   help="skip the calibrated-recipe row (loss + whiten-fisher at the same parameter count) that "
+                        "a data-free run adds to the comparison")
     p.add_argument("--corpus", default="wikitext2", choices=["wikitext2", "c4"])
     p.add_argument("--eval-tokens", type=_positive_int, default=4096, help="tokens of the corpus to evaluate")
     p.add_argument("--seqlen", type=_positive_int, default=512)
 
-    p = sub.add_parser("evaluate", help="perplexity on WikiText-2 test and/or the held-out C4 sample")
+    p = sub.add_parser("evaluate", help="perplexity on WikiText-2, held-out C4, or your own text file")
     _common(p)
-    p.add_argument("--corpus", nargs="+", default=["wikitext2"], choices=["wikitext2", "c4"])
+    p.add_argument("--corpus", nargs="+", default=["wikitext2"], metavar="CORPUS",
+                   help="wikitext2, c4, or a .txt / .jsonl / .json / .parquet file (default: wikitext2)")
+    p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl/.json/.parquet files")
     p.add_argument("--seqlen", type=_positive_int, default=512)
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="bound the tokens evaluated")
     p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("-o", "--output", help="also write the results (with each corpus' sha256) to this JSON file")
+
+    p = sub.add_parser("generate", help="continue or answer a prompt with any model welore loads (streams tokens)")
+    p.add_argument("model", help="model directory, welore-compressed directory, .gguf file, hub id, or 'default' "
+                                 "(the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read standard input)")
+    p.add_argument("--raw", action="store_true", help="continue the text as it is, without the chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     for name, help_ in (("finetune", "fine-tune a compressed model (default: only the LRC factors)"),
                         ("compare", "fine-tune with several --train modes on the same data; one table + plot")):
@@ -185,12 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU-kernel notice is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
+    from .progress import shown
 
-        hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        with shown(not getattr(args, "quiet", False)):  # -q: ours and the libraries' bars alike
+            return COMMANDS[args.command](args)
     except WeloreError as e:
         print(f"welore: error: {e}", file=sys.stderr)
         return 2
@@ -213,6 +230,8 @@ def cmd_analyze(a) -> int:
 def cmd_compress(a) -> int:
     from .pipeline import run_compress
 
+    # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
+    data_free = a.method == "svd" and a.allocation != "loss" and not a.refit
     if a.param_ratio is not None:
         ratio, target = a.param_ratio, "params"
     else:
@@ -222,28 +241,61 @@ def cmd_compress(a) -> int:
                        alloc_spectrum=a.alloc_spectrum, refit=a.refit, calib_samples=a.calib_samples,
                        calib_seqlen=a.calib_seqlen, calib_passes=a.calib_passes, seed=a.seed, targets=a.targets, ignore=a.ignore,
                        spectra_path=a.spectra, compare=not a.no_compare, evaluate=not a.no_eval,
-                       corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen, device=a.device,
-                       dtype=a.dtype, overwrite=a.overwrite, progress=not a.quiet)
+                       corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen,
+                       recipe=not a.no_recipe and data_free, device=a.device, dtype=a.dtype,
+                       overwrite=a.overwrite, progress=not a.quiet)
     print(res.plan.summary())
     print()
-    print(res.table())
-    print(f"\nwrote {res.output}/ (model.safetensors, welore.json, report.md, spectra.png, reduction.png)")
+    if res.rows and len(res.rows[0]) > 1:
+        print(res.table())
+        print()
+    print(res.explain())
+    print(f"\nwrote {res.output}/ (model.safetensors, welore.json, modeling_welore.py, report.md, spectra.png, "
+          f"reduction.png)")
     return 0
 
 
 def cmd_evaluate(a) -> int:
+    import json
+
+    from .data import corpus_info
     from .evaluate import perplexity
+    from .io import atomic_file
     from .models import load_model
     from .report import text_table
 
+    for corpus in a.corpus:  # a missing or unknown corpus fails before the model loads
+        corpus_info(corpus, a.text_field)
     loaded = load_model(a.model, device=a.device, dtype=a.dtype)
     rows = []
     for corpus in a.corpus:
         r = perplexity(loaded.model, loaded.tokenizer, corpus, seqlen=a.seqlen, max_tokens=a.max_tokens,
-                       batch_size=a.batch_size, progress=not a.quiet)
+                       batch_size=a.batch_size, text_field=a.text_field, progress=not a.quiet)
         rows.append({"model": loaded.name, "corpus": corpus, "ppl": r.ppl, "tokens": r.tokens,
-                     "seqlen": r.seqlen, "seconds": r.seconds})
-    print(text_table(rows))
+                     "seqlen": r.seqlen, "seconds": r.seconds, "sha256": r.sha256})
+    print(text_table([{**r, "sha256": r["sha256"][:12]} for r in rows]))
+    if a.output:
+        with atomic_file(a.output) as tmp:
+            tmp.write_text(json.dumps({"model": loaded.source, "results": rows}, indent=1))
+        print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .generate import generate, has_chat_template
+    from .models import load_model
+
+    prompt = a.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise WeloreError("no prompt: give one after the model, or pipe it on standard input")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise WeloreError("the prompt is empty")
+    loaded = load_model(None if a.model == "default" else a.model, device=a.device, dtype=a.dtype)
+    chat = not a.raw and has_chat_template(loaded.tokenizer)
+    generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=a.max_new_tokens, chat=chat,
+             temperature=a.temperature, seed=a.seed, stream=True)
     return 0
 
 
@@ -295,7 +347,8 @@ def cmd_gradients(a) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "merge": cmd_merge,
+COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "generate": cmd_generate,
+            "merge": cmd_merge,
             "finetune": cmd_finetune, "compare": cmd_compare, "gradients": cmd_gradients}
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .allocate import RankPlan, allocate
 from .errors import WeloreError
 from .layers import LowRankLinear
+from .progress import bar
 from .spectrum import Spectra, analyze
 from .targets import find_targets, module_kind, weight_matrix
 
@@ -43,7 +43,7 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
     its closed-form least-squares fit to the dense layer's outputs on the calibration inputs.
     """
     factors = spectra.factors if spectra is not None else {}
-    for mp in tqdm(plan.lrcs, desc="Factorising LRCs", unit="matrix", disable=not progress):
+    for mp in bar(plan.lrcs, desc="Factorising LRCs", unit="matrix", progress=progress):
         try:
             module = model.get_submodule(mp.name)
         except AttributeError:

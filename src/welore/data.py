@@ -4,10 +4,16 @@ The folder is `$WELORE_DATA` if set, else the first `shared/data` found beside t
 directory or beside this source tree (`../shared/data` from the project root).
 
 Held-out discipline: C4 documents 0-1799 are for training/calibration, 1800-1999 for evaluation.
+
+Besides the named corpora, a corpus can be any local file: `.txt` (read as it is), or `.jsonl`,
+`.json` or `.parquet` records (read with the `datasets` library; `text_field` names the column, and
+documents are joined by blank lines, as C4's are). `corpus_info` gives its name and sha256, so a
+perplexity says which text it was measured on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +22,7 @@ from .errors import WeloreError
 
 CORPORA = ("wikitext2", "c4", "c4-train")
 C4_EVAL_START = 1800
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def data_dir() -> Path:
@@ -34,14 +41,59 @@ def data_dir() -> Path:
                       "(expects ../shared/data)")
 
 
-@lru_cache(maxsize=8)
-def load_corpus(name: str) -> str:
+def corpus_path(name: str) -> Path:
+    """The file a corpus is read from: a named corpus' file in the data folder, or the path itself."""
+    if name == "wikitext2":
+        return data_dir() / "text" / "wikitext2_test.raw"
+    if name in ("c4", "c4-train"):
+        return data_dir() / "text" / "c4_validation_2k.parquet"
+    path = Path(name).expanduser()
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise WeloreError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} or a "
+                          f"{', '.join(FILE_SUFFIXES)} file")
+    if not path.is_file():
+        raise WeloreError(f"no such corpus file: {name}")
+    return path
+
+
+def corpus_info(name: str, text_field: str = "text") -> dict:
+    """What a perplexity was measured on: the corpus' name, its file and the file's sha256."""
+    path = corpus_path(name)
+    if not path.is_file():
+        raise WeloreError(f"missing corpus file {path}")
+    info = {"corpus": name, "file": str(path), "sha256": _sha256(path)}
+    if name not in CORPORA and path.suffix.lower() != ".txt":
+        info["text_field"] = text_field
+    return info
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_corpus(name: str, text_field: str = "text") -> str:
     """One corpus as a single string, documents joined by blank lines.
 
     wikitext2: WikiText-2 raw test split (the standard perplexity corpus).
     c4:        C4 validation sample, documents 1800-1999 (held out from training/calibration).
     c4-train:  C4 validation sample, documents 0-1799.
+    a path:    a .txt file, or the `text_field` of every record of a .jsonl / .json / .parquet file.
     """
+    path = corpus_path(name)
+    if not path.is_file():
+        raise WeloreError(f"missing corpus file {path}")
+    st = path.stat()  # in the cache key, so an edited file is read again
+    return _load_corpus(name, text_field if name not in CORPORA else "text", str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_corpus(name: str, text_field: str, path_str: str, mtime_ns: int, size: int) -> str:
+    if name not in CORPORA:
+        return _load_file(Path(path_str), text_field)
     d = data_dir() / "text"
     if name == "wikitext2":
         path = d / "wikitext2_test.raw"
@@ -57,6 +109,44 @@ def load_corpus(name: str) -> str:
         docs = docs[C4_EVAL_START:] if name == "c4" else docs[:C4_EVAL_START]
         return "\n\n".join(docs)
     raise WeloreError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+
+
+def _load_file(path: Path, text_field: str) -> str:
+    if path.stat().st_size == 0:
+        raise WeloreError(f"corpus file {path} is empty")
+    if path.suffix.lower() == ".txt":
+        raw = path.read_bytes()
+        if b"\x00" in raw[:8192]:
+            raise WeloreError(f"corpus file {path} is binary, not text")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WeloreError(f"corpus file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+        text = text.replace("\r\n", "\n")  # as text mode would read it
+    else:
+        text = "\n\n".join(_records(path, text_field))
+    if not text.strip():
+        raise WeloreError(f"corpus file {path} holds no text")
+    return text
+
+
+def _records(path: Path, text_field: str) -> list[str]:
+    """The `text_field` of every record, via `datasets` (JSON lines, a JSON list, or parquet)."""
+    import datasets
+
+    builder = "parquet" if path.suffix.lower() == ".parquet" else "json"
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for a malformed file
+        msg = str(e).strip().splitlines()
+        raise WeloreError(f"cannot read {path} as {builder}: {(msg[0] if msg else type(e).__name__)[:200]}") from e
+    if text_field not in ds.column_names:
+        raise WeloreError(f"{path} has no field {text_field!r} (fields: {', '.join(ds.column_names) or 'none'}); "
+                          f"use --text-field")
+    docs = ds[text_field]
+    if not all(isinstance(d, str) or d is None for d in docs):
+        raise WeloreError(f"field {text_field!r} of {path} is not text")
+    return [d for d in docs if d]
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .data import load_corpus
+from .data import corpus_info, load_corpus
 from .errors import WeloreError
+from .progress import bar
 
-_ENCODED: dict[tuple[str, str, int | None], torch.Tensor] = {}
+_ENCODED: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass
@@ -29,16 +29,17 @@ class Perplexity:
     tokens: int  # tokens in the evaluated windows
     seqlen: int
     seconds: float
+    sha256: str | None = None  # of the corpus file: which text this was measured on
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None) -> torch.Tensor:
+def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_field: str = "text") -> torch.Tensor:
     """Token ids of a whole corpus (cached per tokenizer: the same tokenizer loaded twice hits the cache)."""
-    key = (_tokenizer_key(tokenizer), corpus, max_tokens)
+    text = load_corpus(corpus, text_field)  # cached itself; read first so an edited file is a new key
+    key = (_tokenizer_key(tokenizer), corpus, text_field, max_tokens, hash(text))
     if key not in _ENCODED:
-        text = load_corpus(corpus)
         ids = None
         if max_tokens is not None and len(text) > max_tokens * 8:
             # tokenizing 1 MB for 4k tokens wastes seconds: tokenize a prefix of ~8 characters per
@@ -74,27 +75,28 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512, max_tokens: int | None = None,
-               batch_size: int = 1, progress: bool = True) -> Perplexity:
-    """Perplexity of `model` on `corpus` (see module docstring)."""
+               batch_size: int = 1, text_field: str = "text", progress: bool = True) -> Perplexity:
+    """Perplexity of `model` on `corpus`: a name (wikitext2, c4) or a .txt / .jsonl / .json / .parquet
+    file whose `text_field` holds the documents (see module docstring)."""
     if tokenizer is None:
         raise WeloreError("evaluation needs a tokenizer, and this model has none")
     if seqlen < 2:
         raise WeloreError(f"seqlen must be at least 2, got {seqlen}")
     if max_tokens is not None and max_tokens < seqlen:
         raise WeloreError(f"max_tokens ({max_tokens}) must be at least seqlen ({seqlen})")
-    ids = encode_corpus(tokenizer, corpus, max_tokens)
+    ids = encode_corpus(tokenizer, corpus, max_tokens, text_field)
     n_windows = ids.numel() // seqlen
     if max_tokens is not None:
         n_windows = min(n_windows, max_tokens // seqlen)
     if n_windows == 0:
-        raise WeloreError(f"corpus {corpus} has fewer than seqlen={seqlen} tokens")
+        raise WeloreError(f"corpus {corpus} has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=n_windows * seqlen, desc=f"Perplexity on {corpus}", unit="tok", disable=not progress)
+    pbar = bar(total=n_windows * seqlen, desc=f"Perplexity on {corpus}", unit="tok", progress=progress)
     for i in range(0, n_windows, batch_size):
         batch = windows[i: i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
@@ -103,13 +105,14 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
                               batch[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         count += batch[:, 1:].numel()
-        bar.update(batch.numel())
-        bar.set_postfix(ppl=f"{math.exp(total_nll / count):.2f}")
-    bar.close()
+        pbar.update(batch.numel())
+        pbar.set_postfix(ppl=f"{math.exp(min(total_nll / count, 700)):.2f}")
+    pbar.close()
     model.train(was_training)
     nll = total_nll / count
     ppl = math.exp(nll) if nll < 700 else float("inf")
-    return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start)
+    return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start,
+                      corpus_info(corpus, text_field)["sha256"])
 
 
 @dataclass
@@ -148,7 +151,7 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
     was_training = model.training
     model.eval()
     correct, start = 0, time.perf_counter()
-    for ex in tqdm(examples, desc=f"Accuracy on {task}", unit="ex", disable=not progress):
+    for ex in bar(examples, desc=f"Accuracy on {task}", unit="ex", progress=progress):
         if ex.options:
             scores = []
             for opt in ex.options:

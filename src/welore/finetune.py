@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .compress import count_parameters, low_rank_modules, set_trainable
 from .errors import WeloreError
 from .evaluate import encode_corpus, encode_example, perplexity, task_accuracy
 from .io import read_meta, save_compressed
+from .progress import bar
 from .tasks import TASKS, task_splits
 
 MODES = ("lrc", "full", "lora", "galore")
@@ -347,10 +347,10 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         evals.append({"step": 0, **_evaluate(model, tokenizer, cfg, eval_set, progress)})
     model.train()
     tokens, train_s = 0, 0.0
-    bar = tqdm(range(start_step, cfg.steps), desc=f"finetune [{cfg.mode}]", unit="step", disable=not progress,
+    pbar = bar(range(start_step, cfg.steps), desc=f"finetune [{cfg.mode}]", unit="step", progress=progress,
                initial=start_step, total=cfg.steps)
     with PeakMemory(accelerator.device) as mem:
-        for step in bar:
+        for step in pbar:
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
@@ -370,7 +370,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
             tokens, train_s = tokens + step_tokens, train_s + dt
             log.append({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": step_tokens / dt})
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+            pbar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 evals.append({"step": done, **_evaluate(model, tokenizer, cfg, eval_set, progress=False)})
@@ -378,10 +378,10 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 checkpoint(done)
             if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
-                bar.close()
+                pbar.close()
                 checkpoint(done)
                 raise WeloreError(f"stopped after step {done} as asked; continue with --resume")
-    bar.close()
+    pbar.close()
     evals.append({"step": cfg.steps, **_evaluate(model, tokenizer, cfg, eval_set, progress)})
 
     model = accelerator.unwrap_model(model)

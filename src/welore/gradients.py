@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import WeloreError
+from .progress import bar
 from .targets import Target, find_targets, weight_matrix
 
 PRESETS = {
@@ -179,12 +179,12 @@ def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, st
         model.zero_grad(set_to_none=True)
 
     model.train()
-    bar = tqdm(range(steps), desc="Training with gradient records", unit="step", disable=not progress)
+    pbar = bar(range(steps), desc="Training with gradient records", unit="step", progress=progress)
     t0 = time.perf_counter()
     measure_now(0)
     t_measure += time.perf_counter() - t0
     tokens = 0
-    for step in bar:
+    for step in pbar:
         batch = {k: v.to(device) for k, v in train_batches(step).items()}
         t0 = time.perf_counter()
         loss = model(**batch, use_cache=False).loss
@@ -195,7 +195,7 @@ def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, st
         t_train += time.perf_counter() - t0
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         rec.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % every == 0:
             t0 = time.perf_counter()
             measure_now(step + 1)

@@ -1,7 +1,10 @@
 """Self-describing compressed-model directories.
 
     out/
-      config.json             the base architecture's Hugging Face config
+      config.json             the base architecture's Hugging Face config, plus `welore_lrcs` (the
+                              shape of every low-rank layer) and an `auto_map` to modeling_welore.py
+      modeling_welore.py      welore's layers.py, self-contained: with it, plain transformers loads the
+                              directory (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`)
       generation_config.json  (when the model has one)
       model.safetensors       all weights; LRCs as `<name>.down.weight` / `<name>.up.weight[/bias]`
       welore.json             format, versions, base model, settings, rank plan
@@ -15,7 +18,9 @@ a half-written output.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import platform
 import shutil
@@ -26,17 +31,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import layers
 from .allocate import RankPlan
 from .errors import WeloreError
-from .layers import LowRankLinear
+from .layers import column_major, low_rank_specs, swap_in_low_rank
 
 FORMAT = "welore/1"
 WEIGHTS = "model.safetensors"
 META = "welore.json"
+MODELING = "modeling_welore.py"
 
 
 def versions() -> dict[str, str]:
@@ -59,7 +67,10 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the user's to fix
+            raise WeloreError(f"cannot write {out}: {_one_line(e)}") from e
         _public_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -73,10 +84,36 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _public_permissions(root: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; give the output the usual umask modes."""
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeloreError(f"output {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            raise WeloreError(f"cannot write {path}: {_one_line(e)}") from e
+        tmp.chmod(0o666 & ~_umask())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _public_permissions(root: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; give the output the usual umask modes."""
+    umask = _umask()
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
@@ -108,7 +145,7 @@ def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, to
         "plan": plan.to_dict(),
     }
     with atomic_dir(out_dir, overwrite) as tmp:
-        model.config.save_pretrained(tmp)
+        _save_config_and_modeling(model, tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:
@@ -122,6 +159,26 @@ def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, to
         if extra is not None:
             extra(tmp)
     return Path(out_dir)
+
+
+def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
+    """config.json with the low-rank layers' shapes and an auto_map to a copy of welore's layers.py,
+    so that stock transformers (trust_remote_code=True) loads the directory without welore."""
+    config = copy.deepcopy(model.config)
+    specs = low_rank_specs(model)
+    base = next((c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c), None)
+    if specs and base is not None:
+        config.welore_lrcs = specs
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.WeloreForCausalLM"}
+        source = Path(layers.__file__).read_text()
+        marker = "\nBASE_CLASS = None\n"
+        if marker not in source:
+            raise RuntimeError("welore/layers.py lost its BASE_CLASS line")
+        (out / MODELING).write_text(source.replace(marker, f"\nBASE_CLASS = {base!r}\n"))
+    elif specs:
+        logging.getLogger(__name__).warning("%s is not a transformers class: the output loads with welore only",
+                                            type(model).__name__)
+    config.save_pretrained(out)
 
 
 def read_meta(path: str | Path) -> dict:
@@ -145,14 +202,18 @@ def build_skeleton(config, plan: RankPlan, dtype: torch.dtype | None = None) -> 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else \
             AutoModelForCausalLM.from_config(config)
+        specs = {}
         for mp in plan.lrcs:
             try:
                 old = model.get_submodule(mp.name)
             except AttributeError:
                 raise WeloreError(f"the plan names {mp.name}, which this architecture does not have") from None
             bias = getattr(old, "bias", None) is not None
-            model.set_submodule(mp.name, LowRankLinear(mp.in_features, mp.out_features, mp.alloc_rank,
-                                                       bias=bias, kind=mp.kind))
+            if hasattr(old, "up"):  # already low-rank (the class came from modeling_welore.py)
+                bias = old.up.bias is not None
+            specs[mp.name] = {"in": mp.in_features, "out": mp.out_features, "rank": mp.alloc_rank,
+                              "bias": bias, "kind": mp.kind}
+        swap_in_low_rank(model, specs)
     return model
 
 
@@ -188,6 +249,7 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise WeloreError(f"{path / WEIGHTS}: tensor {k} contains NaN or Inf")
     model.load_state_dict(state, strict=False, assign=True)
+    column_major(model)  # assign took the row-major tensors as saved
     model.tie_weights()  # tied tensors were stored once
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -200,6 +262,11 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
         except Exception:
             tok = None  # compressed without a tokenizer: fine for everything but evaluation
     return LoadedModel(model, tok, str(path), path.name, meta)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return (msg[0] if msg else type(e).__name__)[:300]
 
 
 def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:

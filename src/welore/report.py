@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -107,11 +108,17 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def text_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table: numbers right-aligned, text (names, continuations) left-aligned."""
     columns = columns or list(rows[0])
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    numeric = [all(_NUMBER.fullmatch(row[i]) for row in cells) for i in range(len(columns))]
+    line = lambda vals: "  ".join(v.rjust(w) if num else v.ljust(w)  # noqa: E731
+                                  for v, w, num in zip(vals, widths, numeric)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+_NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?%?|nan|inf|-inf|")
 
 
 def _fmt(v) -> str:

@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import WeloreError
+from .progress import bar
 from .targets import Target, find_targets, weight_matrix
 
 SPECTRA_FORMAT = "welore-spectra/1"
@@ -114,7 +114,7 @@ def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_facto
     targets = targets if targets is not None else find_targets(model)
     values, fps, factors = {}, {}, {}
     start = time.perf_counter()
-    for t in tqdm(targets, desc="SVD of target matrices", unit="matrix", disable=not progress):
+    for t in bar(targets, desc="SVD of target matrices", unit="matrix", progress=progress):
         module = model.get_submodule(t.name)
         w = weight_matrix(module).detach()
         wf = w.float()  # fp32 whatever the storage dtype: half-precision SVD is inaccurate or unsupported

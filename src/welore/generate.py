@@ -1,0 +1,66 @@
+"""Text from a model: the greedy continuation shown in the compress table, and `welore generate`.
+
+A compressed model's perplexity of 254,713 means little until one reads what it writes; the same
+prompt, greedily continued by every row of the comparison, gives the number a face.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TextStreamer
+
+from .errors import WeloreError
+
+PROMPT = "The capital of France is"
+
+
+def _encode(tokenizer, prompt: str, chat: bool, device) -> dict[str, torch.Tensor]:
+    if chat:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str = PROMPT, *, max_new_tokens: int = 64, chat: bool = False,
+             temperature: float = 0.0, seed: int = 0, stream: bool = False) -> str:
+    """The model's continuation of `prompt` (greedy unless temperature > 0), as text.
+
+    chat: wrap the prompt in the tokenizer's chat template as a user turn (instruct models answer
+    instead of continuing). stream: print tokens to stdout as they are produced.
+    """
+    if tokenizer is None:
+        raise WeloreError("generation needs a tokenizer, and this model has none")
+    if not prompt or not prompt.strip():
+        raise WeloreError("the prompt is empty")
+    if max_new_tokens <= 0:
+        raise WeloreError(f"max new tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise WeloreError(f"temperature must be >= 0, got {temperature}")
+    if chat and not has_chat_template(tokenizer):
+        raise WeloreError("this tokenizer has no chat template (use --raw)")
+    device = next(model.parameters()).device
+    enc = _encode(tokenizer, prompt, chat, device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    torch.manual_seed(seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=streamer, **sampling)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 12) -> str:
+    """Greedy raw continuation on one line (newlines shown as a visible mark), for tables."""
+    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens).replace("\n", " ⏎ ").strip()
