@@ -63,3 +63,17 @@ def test_loss_allocation_with_whiten_fisher_stays_usable(tmp_path_factory):
     assert rows["loss"]["wikitext2 ppl"] < rows["uniform"]["wikitext2 ppl"]
     # measured 59.7 vs dense 30.7 (1.95x) and uniform 320 with these settings; 2.5x leaves room for BLAS noise
     assert rows["loss"]["wikitext2 ppl"] < 2.5 * rows["dense"]["wikitext2 ppl"]
+
+
+def test_quiet_hides_the_gguf_bar_and_generate_uses_the_chat_template():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "welore", "generate", "default", "What is the capital of France?",
+           "--max-new-tokens", "8"]
+    quiet = subprocess.run([*cmd, "-q"], capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "de-quantizing" not in quiet.stderr and "%|" not in quiet.stderr  # no bar of any library
+    assert "Paris" in quiet.stdout  # the instruct model answers through its chat template
+    loud = subprocess.run(cmd, capture_output=True, text=True)
+    assert "de-quantizing" in loud.stderr  # the switch is what hides it
