@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from welore import allocate, analyze, apply_plan, count_parameters, find_targets, load_model, perplexity
-from welore.calibrate import analyze_data_aware, attach_loss_tails, calibration_batches, collect_stats
+from welore.calibrate import calibration_batches, collect_stats
+from welore.factorize import analyze_data_aware, attach_loss_tails
 from welore.report import markdown_table
 
 

@@ -4,11 +4,10 @@ import torch
 from conftest import make_tiny
 
 from welore import WeloreError, find_targets
-from welore.calibrate import (
+from welore.calibrate import calibration_batches, collect_stats
+from welore.factorize import (
     analyze_data_aware,
     attach_loss_tails,
-    calibration_batches,
-    collect_stats,
     output_error,
     output_weights,
     refit_up,

@@ -3,10 +3,11 @@
 __version__ = "0.1.0"
 
 from .allocate import MatrixPlan, RankPlan, allocate, normalized_spectrum  # noqa: E402
-from .calibrate import analyze_data_aware, attach_loss_tails, calibration_batches, collect_stats  # noqa: E402
+from .calibrate import calibration_batches, collect_stats  # noqa: E402
 from .compress import apply_plan, count_parameters, merge_to_dense, plan_model, set_trainable  # noqa: E402
 from .errors import WeloreError  # noqa: E402
 from .evaluate import perplexity, task_accuracy  # noqa: E402
+from .factorize import analyze_data_aware, attach_loss_tails  # noqa: E402
 from .finetune import FinetuneConfig, compare, finetune  # noqa: E402
 from .gradients import record_gradients, run_gradients  # noqa: E402
 from .io import load_compressed, save_compressed, save_dense  # noqa: E402

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
     p.add_argument("--overwrite", action="store_true")
 
+    from .factorize import METHODS
+
     p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore")
     _common(p)
     _targets(p)
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=_ratio, default=None,
                    help="a matrix is low-rank only if its reduction exceeds this (default 0.5; 0 for "
                         "--allocation loss; 0 = truncate all, as the paper's compression-only script)")
-    p.add_argument("--method", choices=["svd", "asvd", "whiten", "whiten-fisher"], default="svd",
+    p.add_argument("--method", choices=list(METHODS), default="svd",
                    help="factorisation: plain SVD (WeLore), activation-aware (ASVD), whitened (SVD-LLM), or "
                         "whitened inputs + loss-gradient-weighted outputs")
     p.add_argument("--alloc-spectrum", choices=["weight", "data"], default="weight",
@@ -228,10 +230,11 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_compress(a) -> int:
+    from .factorize import get_method
     from .pipeline import run_compress
 
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
-    data_free = a.method == "svd" and a.allocation != "loss" and not a.refit
+    data_free = not get_method(a.method).needs_stats and a.allocation != "loss" and not a.refit
     if a.param_ratio is not None:
         ratio, target = a.param_ratio, "params"
     else:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .allocate import RankPlan, allocate
 from .errors import WeloreError
+from .factorize import refit_up
 from .layers import LowRankLinear
 from .progress import bar
 from .spectrum import Spectra, analyze
@@ -61,8 +62,6 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
         layer = LowRankLinear.from_svd(U, S, Vh, mp.alloc_rank, module.bias, kind=mp.kind,
                                        dtype=w.dtype, device=w.device)
         if refit is not None:
-            from .calibrate import refit_up
-
             with torch.no_grad():
                 gram = refit[mp.name].gram.to(w.device)
                 layer.up.weight.copy_(refit_up(w, layer.down.weight, gram).to(w.dtype))

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import RankPlan, allocate, check_allocation_args
-from .calibrate import METHODS, analyze_data_aware, attach_loss_tails, calibration_batches, collect_stats
+from .calibrate import calibration_batches, collect_stats
 from .compress import apply_plan, count_parameters
 from .errors import WeloreError
 from .evaluate import perplexity
+from .factorize import analyze_data_aware, attach_loss_tails, get_method
 from .generate import PROMPT, continuation
 from .io import atomic_dir, save_compressed
 from .models import load_model
@@ -132,20 +133,19 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     if min_ratio is None:
         min_ratio = 0.0 if allocation == "loss" else 0.5
     check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
-    if method not in METHODS:
-        raise WeloreError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fac = get_method(method)
     if alloc_spectrum not in ("weight", "data"):
         raise WeloreError(f"unknown allocation spectrum {alloc_spectrum!r}; choose weight or data")
-    calibrated = method != "svd" or refit or allocation == "loss"
-    gradients = method == "whiten-fisher" or allocation == "loss"  # loss-gradient statistics
+    calibrated = fac.needs_stats or refit or allocation == "loss"
+    gradients = fac.needs_gradients or allocation == "loss"  # loss-gradient statistics
     if calibrated and calib_samples <= 0:
-        what = method if method != "svd" else ("the loss allocation" if allocation == "loss" else "refit")
+        what = method if fac.needs_stats else ("the loss allocation" if allocation == "loss" else "refit")
         raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
     if not (isinstance(calib_passes, int) and calib_passes >= 1):
         raise WeloreError(f"calibration passes must be a positive integer, got {calib_passes}")
     if calib_passes > 1 and not calibrated:
         raise WeloreError("more than one calibration pass needs a calibrated method, refit or the loss allocation")
-    if spectra_path and allocation == "loss" and method == "svd":
+    if spectra_path and allocation == "loss" and fac.is_weight_svd:
         raise WeloreError("the loss allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
@@ -169,11 +169,11 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         target_list = spectra.targets
     else:
         target_list = find_targets(model, targets, ignore)
-        spectra = analyze(model, target_list, keep_factors=method == "svd", progress=progress)
+        spectra = analyze(model, target_list, keep_factors=fac.is_weight_svd, progress=progress)
 
     def plan_from(stats) -> tuple[Spectra, Spectra, RankPlan]:
         """(factors apply_plan uses, spectra the rule reads, plan) for these statistics."""
-        factors = spectra if method == "svd" else analyze_data_aware(model, target_list, stats, method,
+        factors = spectra if fac.is_weight_svd else analyze_data_aware(model, target_list, stats, method,
                                                                      progress=progress)
         alloc_spectra = factors if alloc_spectrum == "data" else spectra
         if allocation == "loss":

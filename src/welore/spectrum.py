@@ -54,8 +54,10 @@ class Spectra:
     # name -> (U[:, :r], S[:r], Vh[:r]) with r = max_useful_rank; absent unless keep_factors
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
-    # name -> estimated loss increase of keeping k = 0..r triplets (welore.calibrate.attach_loss_tails)
+    # name -> estimated loss increase of keeping k = 0..r triplets (welore.factorize.attach_loss_tails)
     tails: dict = field(default_factory=dict, repr=False)
+    # name -> how the factorisation went (e.g. which square root whitening took; the eigh fallback is worth knowing)
+    how: dict = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path) -> None:
         """Write singular values + metadata as safetensors (factors are not saved), atomically."""
@@ -106,6 +108,13 @@ class Spectra:
                 raise WeloreError(f"spectra are stale: weights of {t.name} changed since they were computed")
 
 
+def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U[:, :rank], all singular values, Vh[:rank]) of w in float32: fp32 whatever the storage
+    dtype, since half-precision SVD is inaccurate or unsupported."""
+    U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+    return U[:, :rank], S, Vh[:rank]
+
+
 def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_factors: bool = False,
             progress: bool = True) -> Spectra:
     """Singular values of every target of `model` (see module docstring)."""
@@ -121,9 +130,8 @@ def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_facto
         if not torch.isfinite(wf).all():
             raise WeloreError(f"weights of {t.name} contain NaN or Inf")
         if keep_factors:
-            U, S, Vh = torch.linalg.svd(wf, full_matrices=False)
-            r = max_useful_rank(*t.shape)
-            factors[t.name] = (U[:, :r].cpu(), S[:r].cpu(), Vh[:r].cpu())
+            U, S, Vh = truncated_svd(wf, max_useful_rank(*t.shape))
+            factors[t.name] = (U.cpu(), S[: U.shape[1]].cpu(), Vh.cpu())
         else:
             S = torch.linalg.svdvals(wf)
         values[t.name] = S.cpu()
