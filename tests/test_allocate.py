@@ -189,3 +189,38 @@ def test_loss_allocation_is_monotone_in_price():
     assert plans[0].level <= plans[1].level <= plans[2].level
     for a, b in zip(plans, plans[1:]):
         assert all(mb.kept_rank <= ma.kept_rank for ma, mb in zip(a.matrices, b.matrices))
+
+
+def test_a_registered_rule_runs_through_welore_compress(model_dir, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from welore.allocate import RULES, Rule, register
+    from welore.cli import main
+
+    class FirstHalfOnly(Rule):
+        """Toy rule: only the first half of the targets lose rank, all by the same fraction."""
+
+        label = "first-half"
+
+        def __init__(self, spectra):
+            super().__init__(spectra)
+            self.candidates = np.linspace(0, 1, 101)
+
+        def kept(self, level):
+            half = np.arange(len(self.full)) < len(self.full) // 2
+            return np.maximum(self.full - np.where(half, np.floor(level * self.full), 0).astype(int), 1)
+
+    register("first-half", FirstHalfOnly)
+    try:
+        out = tmp_path / "fh"
+        assert main(["compress", str(model_dir), "--allocation", "first-half", "--ratio", "0.3", "--min-ratio",
+                     "0", "-o", str(out), "--no-eval", "-q"]) == 0
+        plan = RankPlan.from_dict(json.loads((out / "welore.json").read_text())["plan"])
+        half = len(plan.matrices) // 2
+        assert plan.allocation == "first-half" and plan.lrcs
+        assert all(not m.lrc for m in plan.matrices[half:])  # the rule, not another, decided
+        assert "level" in plan.summary()
+    finally:
+        RULES.pop("first-half")

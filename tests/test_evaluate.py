@@ -5,7 +5,7 @@ import torch
 from conftest import VOCAB
 
 from welore import WeloreError, perplexity
-from welore.evaluate import encode_corpus
+from welore.data import encode_corpus
 
 
 class UniformLM(torch.nn.Module):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .data import encode_corpus, random_windows
 from .errors import WeloreError
-from .evaluate import encode_corpus
 from .progress import bar
 from .targets import Target
 
@@ -45,9 +45,7 @@ def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-
     if ids.numel() < samples * seqlen:
         raise WeloreError(f"too few calibration tokens: {corpus} has {ids.numel():,}, "
                           f"{samples} x {seqlen} = {samples * seqlen:,} needed")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=g)
-    return torch.stack([ids[s: s + seqlen] for s in starts])
+    return random_windows(ids, samples, seqlen, torch.Generator().manual_seed(seed))
 
 
 def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor, *, max_stats_gib: float = 4.0,

@@ -11,7 +11,21 @@ import os
 import sys
 from pathlib import Path
 
+from ._version import __version__
+from .allocate import RULES
+from .compress import merge_to_dense
+from .data import corpus_info
 from .errors import WeloreError
+from .evaluate import perplexity
+from .factorize import METHODS, get_method
+from .finetune import DATA, FinetuneConfig, compare, finetune
+from .generate import generate, has_chat_template
+from .gradients import run_gradients
+from .io import atomic_file, load_compressed, save_dense
+from .models import load_model
+from .pipeline import run_analyze, run_compress
+from .progress import shown
+from .report import text_table
 
 
 def _ratio(s: str) -> float:
@@ -47,7 +61,6 @@ def _targets(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    from .finetune import DATA, FinetuneConfig
 
     d = FinetuneConfig()
     p.add_argument("--data", default=d.data, help=f"c4 (continual LM) or a task: {', '.join(DATA[1:])}")
@@ -73,7 +86,6 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_config(a, mode: str):
-    from .finetune import FinetuneConfig
 
     return FinetuneConfig(mode=mode, data=a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
                           grad_accum=a.grad_accum, seqlen=a.seqlen, warmup=a.warmup, weight_decay=a.weight_decay,
@@ -86,7 +98,6 @@ def _finetune_config(a, mode: str):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
-    from . import __version__
 
     ap.add_argument("--version", action="version", version=f"welore {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -99,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
     p.add_argument("--overwrite", action="store_true")
 
-    from .factorize import METHODS
 
     p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore")
     _common(p)
@@ -108,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=_ratio, default=None, help="effective rank reduction to hit (default 0.5)")
     g.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit")
     g.add_argument("--threshold", type=_ratio, default=None, help="WeLore threshold t in [0,1], not searched")
-    p.add_argument("--allocation", choices=["welore", "uniform", "loss"], default="welore",
+    p.add_argument("--allocation", choices=list(RULES), default="welore",
                    help="welore (data-free, the paper), uniform, or loss (minimises a calibrated estimate of the "
                         "loss increase; needs calibration data)")
     p.add_argument("--min-ratio", type=_ratio, default=None,
@@ -205,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU-kernel notice is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .progress import shown
 
     try:
         with shown(not getattr(args, "quiet", False)):  # -q: ours and the libraries' bars alike
@@ -219,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_analyze(a) -> int:
-    from .pipeline import run_analyze
 
     out, spectra, plan = run_analyze(a.model, a.output, targets=a.targets, ignore=a.ignore, ratio=a.ratio,
                                      min_ratio=a.min_ratio, device=a.device, dtype=a.dtype,
@@ -230,11 +238,9 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_compress(a) -> int:
-    from .factorize import get_method
-    from .pipeline import run_compress
 
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
-    data_free = not get_method(a.method).needs_stats and a.allocation != "loss" and not a.refit
+    data_free = not get_method(a.method).needs_stats and not RULES[a.allocation].needs_tails and not a.refit
     if a.param_ratio is not None:
         ratio, target = a.param_ratio, "params"
     else:
@@ -261,11 +267,6 @@ def cmd_compress(a) -> int:
 def cmd_evaluate(a) -> int:
     import json
 
-    from .data import corpus_info
-    from .evaluate import perplexity
-    from .io import atomic_file
-    from .models import load_model
-    from .report import text_table
 
     for corpus in a.corpus:  # a missing or unknown corpus fails before the model loads
         corpus_info(corpus, a.text_field)
@@ -285,8 +286,6 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .generate import generate, has_chat_template
-    from .models import load_model
 
     prompt = a.prompt
     if prompt is None:
@@ -303,8 +302,6 @@ def cmd_generate(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from .compress import merge_to_dense
-    from .io import load_compressed, save_dense
 
     if not Path(a.model).is_dir():
         raise WeloreError(f"no such directory: {a.model}")
@@ -315,8 +312,6 @@ def cmd_merge(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from .finetune import finetune
-    from .report import text_table
 
     res = finetune(a.model, a.output, _finetune_config(a, a.train), resume=a.resume, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
@@ -328,8 +323,6 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .finetune import compare
-    from .report import text_table
 
     rows = compare(a.model, a.output, _finetune_config(a, "lrc"), a.modes, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
@@ -339,7 +332,6 @@ def cmd_compare(a) -> int:
 
 
 def cmd_gradients(a) -> int:
-    from .gradients import run_gradients
 
     out, corr, rec = run_gradients(a.model, a.output, preset=a.preset, steps=a.steps, every=a.every, lr=a.lr,
                                    batch_size=a.batch_size, seqlen=a.seqlen, top_k=a.top_k, rank=a.rank,

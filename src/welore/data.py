@@ -18,6 +18,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from .errors import WeloreError
 
 CORPORA = ("wikitext2", "c4", "c4-train")
@@ -154,3 +156,56 @@ def _read_lines(path: Path) -> list[str]:
         raise WeloreError(f"missing corpus file {path}")
     with open(path, encoding="utf-8") as f:
         return f.readlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenised corpora and windows: every reader of text goes through these
+
+_ENCODED: dict[tuple, torch.Tensor] = {}
+
+
+def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_field: str = "text") -> torch.Tensor:
+    """Token ids of a whole corpus (cached per tokenizer: the same tokenizer loaded twice hits the cache)."""
+    text = load_corpus(corpus, text_field)  # cached itself; read first so an edited file is a new key
+    key = (_tokenizer_key(tokenizer), corpus, text_field, max_tokens, hash(text))
+    if key not in _ENCODED:
+        ids = None
+        if max_tokens is not None and len(text) > max_tokens * 8:
+            # tokenizing 1 MB for 4k tokens wastes seconds: tokenize a prefix of ~8 characters per
+            # token, keeping it only if it holds a comfortable margin past max_tokens (the tokens
+            # near the cut may differ from the full tokenization; those far before it do not)
+            ids = _tokenize(tokenizer, text[: max_tokens * 8])
+            if len(ids) < max_tokens + 256:
+                ids = None
+        _ENCODED[key] = torch.tensor(ids if ids is not None else _tokenize(tokenizer, text), dtype=torch.long)
+    return _ENCODED[key]
+
+
+def _tokenizer_key(tokenizer) -> str:
+    """Content hash of a fast tokenizer's definition (else its identity)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return f"id:{id(tokenizer)}"
+    return hashlib.blake2b(backend.to_str().encode(), digest_size=16).hexdigest()
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than model max" for a whole corpus
+    try:
+        return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def random_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator,
+                   high: int | None = None) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens at uniformly random starts in [0, high) (default: every
+    start that fits), drawn from `generator`: (count x seqlen)."""
+    high = ids.numel() - seqlen if high is None else high
+    starts = torch.randint(0, high, (count,), generator=generator)
+    return torch.stack([ids[s: s + seqlen] for s in starts])

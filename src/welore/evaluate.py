@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import corpus_info, load_corpus
+from .data import corpus_info, encode_corpus
 from .errors import WeloreError
 from .progress import bar
-
-_ENCODED: dict[tuple, torch.Tensor] = {}
+from .tasks import first_number
 
 
 @dataclass
@@ -33,44 +32,6 @@ class Perplexity:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_field: str = "text") -> torch.Tensor:
-    """Token ids of a whole corpus (cached per tokenizer: the same tokenizer loaded twice hits the cache)."""
-    text = load_corpus(corpus, text_field)  # cached itself; read first so an edited file is a new key
-    key = (_tokenizer_key(tokenizer), corpus, text_field, max_tokens, hash(text))
-    if key not in _ENCODED:
-        ids = None
-        if max_tokens is not None and len(text) > max_tokens * 8:
-            # tokenizing 1 MB for 4k tokens wastes seconds: tokenize a prefix of ~8 characters per
-            # token, keeping it only if it holds a comfortable margin past max_tokens (the tokens
-            # near the cut may differ from the full tokenization; those far before it do not)
-            ids = _tokenize(tokenizer, text[: max_tokens * 8])
-            if len(ids) < max_tokens + 256:
-                ids = None
-        _ENCODED[key] = torch.tensor(ids if ids is not None else _tokenize(tokenizer, text), dtype=torch.long)
-    return _ENCODED[key]
-
-
-def _tokenizer_key(tokenizer) -> str:
-    """Content hash of a fast tokenizer's definition (else its identity)."""
-    import hashlib
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return f"id:{id(tokenizer)}"
-    return hashlib.blake2b(backend.to_str().encode(), digest_size=16).hexdigest()
-
-
-def _tokenize(tokenizer, text: str) -> list[int]:
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "sequence longer than model max" for a whole corpus
-    try:
-        return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 @torch.no_grad()
@@ -141,7 +102,6 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
                   progress: bool = True) -> Accuracy:
     """Accuracy on `examples` (welore.tasks.Example): the highest summed option log-probability wins;
     generative examples (no options) need an exact match of the first number generated."""
-    from .tasks import first_number
 
     if tokenizer is None:
         raise WeloreError("evaluation needs a tokenizer, and this model has none")

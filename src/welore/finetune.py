@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from .compress import count_parameters, low_rank_modules, set_trainable
+from .data import encode_corpus
 from .errors import WeloreError
-from .evaluate import encode_corpus, encode_example, perplexity, task_accuracy
-from .io import read_meta, save_compressed
+from .evaluate import encode_example, perplexity, task_accuracy
+from .io import atomic_dir, check_output, load_compressed, read_meta, save_compressed
+from .models import pick_device
 from .progress import bar
+from .report import markdown_table, plot_loss_curves
 from .tasks import TASKS, task_splits
 
 MODES = ("lrc", "full", "lora", "galore")
@@ -281,16 +284,13 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from .io import load_compressed
-    from .models import pick_device
 
     cfg.validate()
     model_dir, output = Path(model_dir), Path(output)
     if not model_dir.is_dir():
         raise WeloreError(f"no such directory: {model_dir}")
     meta = read_meta(model_dir)  # refuses anything that is not a welore-compressed directory
-    if output.exists() and not overwrite:
-        raise WeloreError(f"output {output} already exists (use --overwrite to replace it)")
+    check_output(output, overwrite)
     ckpt = output.with_name(output.name + ".ckpt")
     fingerprint = _model_fingerprint(model_dir)
     state_file = ckpt / "trainer_state.json"
@@ -396,7 +396,6 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     result = FinetuneResult(output, cfg, trainable, total, log, evals, metrics)
     record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "metrics": metrics, "evals": evals,
               "log": log, "resumed_from_step": start_step if resume else None}
-    from .report import plot_loss_curves
 
     settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}
     plan = loaded.plan
@@ -419,8 +418,6 @@ def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, mode
     import subprocess
     import sys
 
-    from .io import atomic_dir
-    from .report import markdown_table, plot_loss_curves
 
     cfg.validate()
     for m in modes:

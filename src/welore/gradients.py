@@ -33,8 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocate import allocate, check_allocation_args
+from .data import encode_corpus, random_windows
 from .errors import WeloreError
+from .io import atomic_dir, check_output
+from .models import load_model
 from .progress import bar
+from .report import _plt, _save, markdown_table
+from .spectrum import Spectra
 from .targets import Target, find_targets, weight_matrix
 
 PRESETS = {
@@ -85,26 +91,16 @@ def top_svd(g: torch.Tensor, k: int, exact: bool, seed: int = 0) -> tuple[torch.
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties; pairs with a NaN are left out)."""
+    """Spearman rank correlation (scipy's; average ranks for ties), leaving out pairs with a NaN;
+    NaN when fewer than 3 pairs remain or either side is constant."""
+    from scipy.stats import spearmanr  # scipy is heavy and only the report needs it
+
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-
-    def ranks(v):
-        order = v.argsort()
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for val in np.unique(v):  # ties share the mean rank
-            idx = v == val
-            r[idx] = r[idx].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearmanr(x, y).statistic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +219,6 @@ def matrix_summary(rec: GradientRecord, ratio: float = 0.5) -> list[dict]:
     """Per matrix: gradient low-rankness and stability, and the WeLore reduction ratio of the final
     weight under the threshold that reduces the final model by `ratio` (min_ratio 0: every matrix's
     own reduction, not whether it would become an LRC)."""
-    from .allocate import allocate
-    from .spectrum import Spectra
 
     spectra = Spectra(rec.targets, {t.name: torch.tensor(rec.weight_spectra[t.name]["end"]) for t in rec.targets},
                       {t.name: "" for t in rec.targets})
@@ -272,7 +266,6 @@ def correlations(summary: list[dict]) -> dict:
 
 
 def plot_all(rec: GradientRecord, summary: list[dict], corr: dict, out: Path, title: str) -> list[Path]:
-    from .report import _plt, _save
 
     plt = _plt()
     types = list(dict.fromkeys(t.type for t in rec.targets))
@@ -338,7 +331,6 @@ def plot_all(rec: GradientRecord, summary: list[dict], corr: dict, out: Path, ti
 
 def write_report(rec: GradientRecord, out: str | Path, title: str, ratio: float = 0.5) -> dict:
     """JSON of every series, the PNGs, and report.md putting them together. Returns the correlations."""
-    from .report import markdown_table
 
     out = Path(out)
     summary = matrix_summary(rec, ratio)
@@ -390,16 +382,13 @@ def pretrain_model(preset: str, vocab_size: int, seed: int = 0) -> nn.Module:
 def text_batches(tokenizer, seqlen: int, batch_size: int, corpus: str = "c4-train", seed: int = 0):
     """(batch_for_step, fixed measurement batch): random windows of the corpus; the measurement batch
     is drawn apart from the training stream (a different generator)."""
-    from .evaluate import encode_corpus
-
     ids = encode_corpus(tokenizer, corpus)
     n = ids.numel() - seqlen - 1
     if n <= 0:
         raise WeloreError(f"{corpus} is shorter than one sequence of {seqlen} tokens")
 
     def take(gen) -> dict:
-        starts = torch.randint(0, n, (batch_size,), generator=gen)
-        x = torch.stack([ids[s: s + seqlen] for s in starts])
+        x = random_windows(ids, batch_size, seqlen, gen, high=n)
         return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
 
     measure = take(torch.Generator().manual_seed(10_000 + seed))
@@ -413,9 +402,6 @@ def run_gradients(source=None, output=None, *, preset: str | None = None, steps:
                   overwrite: bool = False, progress: bool = True) -> tuple[Path, dict, GradientRecord]:
     """`welore gradients`: fine-tune `source` (default: the embedded model) or, with `preset`, pretrain a
     fresh LLaMA of that size (tokenizer from `source`), recording gradients; write the report."""
-    from .allocate import check_allocation_args
-    from .io import atomic_dir
-    from .models import load_model
 
     check_allocation_args(ratio=ratio)
     if preset is not None and preset not in PRESETS:
@@ -426,8 +412,7 @@ def run_gradients(source=None, output=None, *, preset: str | None = None, steps:
         raise WeloreError(f"steps must be > 0, got {steps}")
     if every <= 0 or every > steps:
         raise WeloreError(f"the sampling interval must be in [1, steps={steps}], got {every}")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise WeloreError(f"output {output} already exists (use --overwrite to replace it)")
+    check_output(output, overwrite)
     loaded = load_model(source, device=device)
     if loaded.tokenizer is None:
         raise WeloreError("recording gradients on text needs a tokenizer, and this model has none")

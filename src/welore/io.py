@@ -27,17 +27,22 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import layers
+from ._version import __version__
 from .allocate import RankPlan
+from .device import pick_device
 from .errors import WeloreError
 from .layers import column_major, low_rank_specs, swap_in_low_rank
 
@@ -47,21 +52,37 @@ META = "welore.json"
 MODELING = "modeling_welore.py"
 
 
+@dataclass
+class LoadedModel:
+    model: transformers.PreTrainedModel
+    tokenizer: object | None
+    source: str  # what the user asked for, resolved to a path or hub id
+    name: str  # short human name, used for default output names
+    meta: dict | None = None  # welore.json of a compressed directory
+
+    @property
+    def plan(self) -> RankPlan | None:
+        """The rank plan of a welore-compressed model, else None."""
+        return RankPlan.from_dict(self.meta["plan"]) if self.meta else None
+
+
 def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
     return {"welore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def check_output(out: str | Path | None, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite`: called before minutes of work, and again by
+    `atomic_dir` just before writing."""
+    if out is not None and Path(out).exists() and not overwrite:
+        raise WeloreError(f"output {out} already exists (use --overwrite to replace it)")
 
 
 @contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False):
     """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir` in one rename."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise WeloreError(f"output {out} already exists (use --overwrite to replace it)")
+    check_output(out, overwrite)
     if out.exists() and not out.is_dir():
         raise WeloreError(f"output {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,9 +217,6 @@ def read_meta(path: str | Path) -> dict:
 
 def build_skeleton(config, plan: RankPlan, dtype: torch.dtype | None = None) -> nn.Module:
     """The compressed architecture with empty (meta) parameters; buffers are real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else \
             AutoModelForCausalLM.from_config(config)
@@ -219,10 +237,6 @@ def build_skeleton(config, plan: RankPlan, dtype: torch.dtype | None = None) -> 
 
 def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = None, tokenizer: bool = True):
     """Load a directory written by `save_compressed` (see module docstring). Returns a LoadedModel."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .models import LoadedModel, pick_device
-
     path = Path(path)
     meta = read_meta(path)
     plan = RankPlan.from_dict(meta.get("plan", {}))

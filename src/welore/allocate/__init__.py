@@ -1,0 +1,97 @@
+"""Rank allocation: how many singular values each target matrix keeps.
+
+One rule (welore.allocate.rules.RULES: `welore`, `uniform`, `loss`) maps a single monotone level
+to a kept rank per matrix; the level is found by bisection so the whole model hits a requested
+*effective rank reduction* (dropped ranks / total ranks, counting only what is really dropped) or
+*parameter reduction* (over the target matrices), or is given directly (WeLore's threshold t).
+
+A matrix becomes a Low-rank Component (LRC, stored as two factors) only when its own reduction
+exceeds `min_ratio` (for rules where it applies) and the factors are smaller than the dense matrix,
+k(m+n) < mn. Everything else is a Non-Low-rank Component (N-LRC), kept dense and exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import WeloreError
+from ..spectrum import Spectra
+from .plan import PLAN_FORMAT, MatrixPlan, RankPlan
+from .rule import Rule, normalized_spectrum
+from .rules import RULES, register
+
+__all__ = ["allocate", "check_allocation_args", "MatrixPlan", "RankPlan", "PLAN_FORMAT", "Rule", "RULES",
+           "register", "normalized_spectrum"]
+
+
+def _plan_at(rule: Rule, name: str, spectra: Spectra, level: float, min_ratio: float,
+             target: dict | None) -> RankPlan:
+    mats = []
+    for t, full, k in zip(spectra.targets, rule.full, rule.kept(level)):
+        k, full = int(k), int(full)
+        m, n = t.shape
+        reduces_enough = not rule.min_ratio_applies or (1 - k / full) > min_ratio
+        lrc = k < full and reduces_enough and k * (m + n) < m * n
+        mats.append(MatrixPlan(t.name, t.kind, m, n, full, k, lrc))
+    return RankPlan(name, float(level), float(min_ratio), target, mats)
+
+
+def allocate(spectra: Spectra, *, ratio: float | None = 0.5, target: str = "rank",
+             allocation: str = "welore", min_ratio: float = 0.5, threshold: float | None = None) -> RankPlan:
+    """A rank plan for `spectra`.
+
+    ratio:      the reduction to hit, in (0, 1); `target` says of what: "rank" (effective rank
+                reduction) or "params" (parameters of the target matrices).
+    threshold:  WeLore's t in [0, 1] given directly instead of searched (then `ratio` is ignored).
+    min_ratio:  a matrix is an LRC only if its own rank reduction exceeds this (WeLore allocation).
+    """
+    check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
+                          threshold=threshold)
+    rule = RULES[allocation](spectra)
+    if threshold is not None:
+        return _plan_at(rule, allocation, spectra, float(threshold), min_ratio, None)
+    tgt = {"kind": target, "ratio": float(ratio)}
+    metric = (lambda p: p.effective_rank_reduction) if target == "rank" else (lambda p: p.param_reduction)
+    level = _bisect(rule.candidates,
+                    lambda lv: metric(_plan_at(rule, allocation, spectra, lv, min_ratio, tgt)), ratio)
+    return _plan_at(rule, allocation, spectra, level, min_ratio, tgt)
+
+
+def check_allocation_args(*, ratio: float | None = 0.5, target: str = "rank", allocation: str = "welore",
+                          min_ratio: float = 0.5, threshold: float | None = None) -> None:
+    """Raise WeloreError for arguments `allocate` would refuse (callable before any heavy work)."""
+    if allocation not in RULES:
+        raise WeloreError(f"unknown allocation {allocation!r}; choose one of {', '.join(RULES)}")
+    if not (_is_number(min_ratio) and 0.0 <= min_ratio < 1.0):
+        raise WeloreError(f"min_ratio must be in [0, 1), got {min_ratio}")
+    if threshold is not None:
+        if allocation != "welore":
+            raise WeloreError("an explicit threshold applies to the welore allocation only")
+        if not (_is_number(threshold) and 0.0 <= threshold <= 1.0):
+            raise WeloreError(f"threshold must be in [0, 1], got {threshold}")
+        return
+    if target not in ("rank", "params"):
+        raise WeloreError(f"unknown target {target!r}; choose rank or params")
+    if not (_is_number(ratio) and 0.0 < ratio < 1.0):
+        raise WeloreError(f"ratio must be in (0, 1), got {ratio}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bisect(levels: np.ndarray, f: Callable[[float], float], goal: float) -> float:
+    """The level among sorted `levels` whose f (monotone non-decreasing) is closest to `goal`."""
+    lo, hi = 0, len(levels) - 1
+    if f(levels[hi]) <= goal:
+        return float(levels[hi])
+    while hi - lo > 1:  # invariant: f(levels[lo]) <= goal < f(levels[hi])
+        mid = (lo + hi) // 2
+        if f(levels[mid]) <= goal:
+            lo = mid
+        else:
+            hi = mid
+    return float(levels[lo] if goal - f(levels[lo]) <= f(levels[hi]) - goal else levels[hi])
