@@ -38,7 +38,7 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
     """Replace every LRC of `plan` in `model` (in place) by a LowRankLinear of its planned rank.
 
     The factors come from `spectra.factors` when present (the SVD computed by `analyze`, or the
-    data-aware one of `welore.calibrate`); a matrix without stored factors is decomposed here (the
+    data-aware one of `welore.factorize`); a matrix without stored factors is decomposed here (the
     "naive" two-SVD flow, kept for benchmarking and for plans applied to a fresh model).
     refit: calibration statistics ({name: InputStats}); when given, each `up` factor is replaced by
     its closed-form least-squares fit to the dense layer's outputs on the calibration inputs.

@@ -107,10 +107,11 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
     """The main job (see module docstring). Returns the plan and the comparison rows.
 
-    method: "svd" (WeLore's plain truncation), "asvd", "whiten" or "whiten-fisher" (data-aware
-    factorisation from `calib_samples` x `calib_seqlen` tokens of the C4 training documents; see
-    welore.calibrate).
-    allocation: "welore", "uniform", or "loss" (minimises the estimated loss increase; calibrated).
+    method: a name in welore.factorize.METHODS: "svd" (WeLore's plain truncation), "asvd", "whiten",
+    "whiten-fisher" (data-aware, from `calib_samples` x `calib_seqlen` tokens of the C4 training
+    documents), or one registered at run time.
+    allocation: a name in welore.allocate.RULES: "welore", "uniform", or "loss" (minimises the
+    estimated loss increase; calibrated).
     alloc_spectrum: WeLore/uniform rules on the "weight" spectra (data-free) or the "data"-aware ones.
     refit: least-squares refit of each `up` factor on the calibration inputs.
     min_ratio: default 0.5 (the paper's) for welore/uniform, 0 for loss, which already weighs dense
