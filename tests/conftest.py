@@ -117,3 +117,21 @@ def compressed_dir(tmp_path, tokenizer) -> Path:
     plan, spectra = plan_model(model, ratio=0.5, min_ratio=0.3, progress=False)
     apply_plan(model, plan, spectra, progress=False)
     return save_compressed(model, tmp_path / "compressed", plan, tokenizer=tokenizer, base_model="tiny")
+
+
+@pytest.fixture
+def outlier_llama():
+    """Tiny llama whose embeddings have a few large channels, like the outlier features of real LLMs."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, :3] *= 30
+    return model
+
+
+@pytest.fixture
+def stats(outlier_llama, tokenizer):
+    """Calibration statistics (with loss gradients) of `outlier_llama` on 8 x 64 C4-train tokens."""
+    from welore import calibration_batches, collect_stats, find_targets
+
+    return collect_stats(outlier_llama, find_targets(outlier_llama), calibration_batches(tokenizer, 8, 64),
+                         gradients=True, progress=False)

@@ -1,44 +1,11 @@
-import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
 
 from welore import WeloreError, find_targets
 from welore.calibrate import calibration_batches, collect_stats
 from welore.factorize import (
     analyze_data_aware,
-    attach_loss_tails,
-    output_error,
-    output_weights,
-    refit_up,
-    scaling,
-    whitening_factor,
 )
-from welore.targets import weight_matrix
-
-
-@pytest.fixture
-def outlier_llama():
-    """Tiny llama whose embeddings have a few large channels, like the outlier features of real LLMs."""
-    model = make_tiny("llama")
-    with torch.no_grad():
-        model.get_input_embeddings().weight[:, :3] *= 30
-    return model
-
-
-@pytest.fixture
-def stats(outlier_llama, tokenizer):
-    return collect_stats(outlier_llama, find_targets(outlier_llama), calibration_batches(tokenizer, 8, 64),
-                         gradients=True, progress=False)
-
-
-def _errors(model, spectra, stats, k):
-    out = []
-    for t in spectra.targets:
-        U, s, Vh = spectra.factors[t.name]
-        w = weight_matrix(model.get_submodule(t.name)).detach()
-        out.append(output_error(w, (U[:, :k] * s[:k]) @ Vh[:k], stats[t.name].gram))
-    return out
 
 
 def test_shared_inputs_share_statistics(outlier_llama, tokenizer, stats):
@@ -63,41 +30,6 @@ def test_grouped_passes_give_the_same_statistics(outlier_llama, tokenizer, stats
     small = collect_stats(outlier_llama, find_targets(outlier_llama), batches, max_stats_gib=1e-9, progress=False)
     for name, st in stats.items():
         assert torch.allclose(small[name].gram, st.gram, rtol=1e-9, atol=1e-9)
-
-
-def test_data_aware_methods_reconstruct_outputs_better_than_svd(outlier_llama, stats):
-    targets = find_targets(outlier_llama)
-    svd = _errors(outlier_llama, analyze_data_aware(outlier_llama, targets, stats, "svd", progress=False), stats, 8)
-    asvd = _errors(outlier_llama, analyze_data_aware(outlier_llama, targets, stats, "asvd", progress=False), stats, 8)
-    white = _errors(outlier_llama, analyze_data_aware(outlier_llama, targets, stats, "whiten", progress=False),
-                    stats, 8)
-    # whitening is optimal for the output error at a given rank: never worse, matrix by matrix
-    assert all(w <= s + 1e-6 for w, s in zip(white, svd))
-    assert sum(white) < 0.5 * sum(svd)
-    assert sum(asvd) < sum(svd)
-
-
-def test_whitened_spectrum_is_the_output_error(outlier_llama, stats):
-    t = find_targets(outlier_llama)[4]
-    sp = analyze_data_aware(outlier_llama, [t], stats, "whiten", progress=False)
-    U, s, Vh = sp.factors[t.name]
-    w = weight_matrix(outlier_llama.get_submodule(t.name)).detach()
-    err = output_error(w, (U[:, :5] * s[:5]) @ Vh[:5], stats[t.name].gram)
-    full = sp.values[t.name].double()
-    assert err == pytest.approx((full[5:].pow(2).sum() / full.pow(2).sum()).sqrt().item(), rel=1e-3)
-
-
-@pytest.mark.parametrize("method", ["svd", "asvd", "whiten", "whiten-fisher"])
-def test_full_rank_reproduces_the_dense_layer(method, stats, outlier_llama):
-    t = find_targets(outlier_llama)[0]
-    w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
-    if method == "svd":
-        S = S_inv = torch.eye(w.shape[1], dtype=torch.float64)
-    else:
-        S, S_inv, _ = scaling(method, stats[t.name])
-    d = output_weights(stats[t.name]) if method == "whiten-fisher" else torch.ones(w.shape[0], dtype=torch.float64)
-    U, s, Vh = torch.linalg.svd(d[:, None] * (w @ S), full_matrices=False)
-    assert torch.allclose((U / d[:, None] * s) @ (Vh @ S_inv), w, atol=1e-10)
 
 
 def test_loss_gradients_match_autograd(outlier_llama, tokenizer, stats):
@@ -128,74 +60,6 @@ def test_statistics_without_gradients_have_none(outlier_llama, tokenizer, stats)
     assert torch.allclose(plain[name].gram, stats[name].gram, rtol=1e-9)  # the backward changes no Gram
     with pytest.raises(WeloreError, match="needs loss gradients"):
         analyze_data_aware(outlier_llama, find_targets(outlier_llama), plain, "whiten-fisher", progress=False)
-
-
-def _weighted_error(w, w_approx, st, fisher: bool) -> float:
-    """||D (W - W') X^T||_F^2 with D^2 = the method's output weights (scalar mean grad_sq unless fisher)."""
-    d2 = output_weights(st).pow(2) if fisher else st.grad_sq.double().mean() * torch.ones(w.shape[0])
-    diff = (w - w_approx).double()
-    return torch.einsum("i,ij,jk,ik->", d2.double(), diff, st.gram, diff).item()
-
-
-@pytest.mark.parametrize("method", ["svd", "asvd", "whiten", "whiten-fisher"])
-def test_loss_tails_are_the_weighted_output_error(outlier_llama, stats, method):
-    """tails[k] is the (Fisher-)weighted output error of keeping k triplets: checked against the direct
-    computation, which also checks that the error terms of different triplets add up."""
-    targets = find_targets(outlier_llama)
-    sp = attach_loss_tails(outlier_llama, analyze_data_aware(outlier_llama, targets, stats, method, progress=False),
-                           stats, method)
-    for t in (targets[0], targets[6]):
-        w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
-        U, s, Vh = (f.double() for f in sp.factors[t.name])
-        tails = sp.tails[t.name]
-        assert len(tails) == s.numel() + 1 and np.all(np.diff(tails) <= 1e-9 * tails[0])
-        for k in (0, 3, s.numel()):
-            direct = _weighted_error(w, (U[:, :k] * s[:k]) @ Vh[:k], stats[t.name], method == "whiten-fisher")
-            assert tails[k] == pytest.approx(direct, rel=1e-3, abs=1e-9 * tails[0])
-
-
-def test_whiten_fisher_protects_loss_sensitive_channels(outlier_llama, stats):
-    """At equal rank, whiten-fisher has the lowest Fisher-weighted error of all methods (it is optimal for
-    it), and whiten the lowest plain output error."""
-    targets = find_targets(outlier_llama)
-    sps = {m: analyze_data_aware(outlier_llama, targets, stats, m, progress=False) for m in METHODS_ALL}
-    for t in targets:
-        w = weight_matrix(outlier_llama.get_submodule(t.name)).detach().double()
-        errs = {}
-        for m, sp in sps.items():
-            U, s, Vh = (f.double() for f in sp.factors[t.name])
-            errs[m] = _weighted_error(w, (U[:, :4] * s[:4]) @ Vh[:4], stats[t.name], fisher=True)
-        assert errs["whiten-fisher"] <= min(errs.values()) * (1 + 1e-4)
-
-
-METHODS_ALL = ["svd", "asvd", "whiten", "whiten-fisher"]
-
-
-def test_rank_deficient_gram_falls_back(tokenizer):
-    x = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 6, dtype=torch.float64)  # rank 3 of 6
-    gram = x.T @ x
-    gram[5, :] = gram[:, 5] = 0  # a dead channel: plain Cholesky fails
-    with pytest.raises(RuntimeError):
-        torch.linalg.cholesky(gram)
-    S, S_inv, how = whitening_factor(gram)
-    assert torch.isfinite(S).all() and torch.isfinite(S_inv).all()
-    assert torch.allclose(S @ S_inv, torch.eye(6, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(S @ S.T, gram, atol=1e-3 * gram.diagonal().mean().item())
-    # a negative-definite-looking matrix cannot be Cholesky-factored even with ridge: eigh takes over
-    S, S_inv, how = whitening_factor(-torch.eye(4, dtype=torch.float64))
-    assert how == "eigh" and torch.isfinite(S).all()
-
-
-def test_refit_never_increases_the_output_error(outlier_llama, stats):
-    t = find_targets(outlier_llama)[5]
-    sp = analyze_data_aware(outlier_llama, [t], stats, "svd", progress=False)
-    U, s, Vh = sp.factors[t.name]
-    w = weight_matrix(outlier_llama.get_submodule(t.name)).detach()
-    k = 6
-    down, up = s[:k].sqrt()[:, None] * Vh[:k], U[:, :k] * s[:k].sqrt()
-    before = output_error(w, up @ down, stats[t.name].gram)
-    after = output_error(w, refit_up(w, down, stats[t.name].gram).float() @ down, stats[t.name].gram)
-    assert after <= before + 1e-6 and after < 0.9 * before
 
 
 def test_bad_calibration_input(outlier_llama, tokenizer):
