@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 unexpected failure (a bug: traceback shown), 2 bad input (on
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -61,7 +62,6 @@ def _targets(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-
     d = FinetuneConfig()
     p.add_argument("--data", default=d.data, help=f"c4 (continual LM) or a task: {', '.join(DATA[1:])}")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -109,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, default=0.5, help="effective rank reduction for the illustrated plan")
     p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
     p.add_argument("--overwrite", action="store_true")
-
 
     p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore")
     _common(p)
@@ -228,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_analyze(a) -> int:
-
     out, spectra, plan = run_analyze(a.model, a.output, targets=a.targets, ignore=a.ignore, ratio=a.ratio,
                                      min_ratio=a.min_ratio, device=a.device, dtype=a.dtype,
                                      overwrite=a.overwrite, progress=not a.quiet)
@@ -255,9 +253,8 @@ def cmd_compress(a) -> int:
                        overwrite=a.overwrite, progress=not a.quiet)
     print(res.plan.summary())
     print()
-    if res.rows and len(res.rows[0]) > 1:
-        print(res.table())
-        print()
+    print(res.table())
+    print()
     print(res.explain())
     print(f"\nwrote {res.output}/ (model.safetensors, welore.json, modeling_welore.py, report.md, spectra.png, "
           f"reduction.png)")
@@ -265,9 +262,6 @@ def cmd_compress(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    import json
-
-
     for corpus in a.corpus:  # a missing or unknown corpus fails before the model loads
         corpus_info(corpus, a.text_field)
     loaded = load_model(a.model, device=a.device, dtype=a.dtype)
@@ -286,7 +280,6 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_generate(a) -> int:
-
     prompt = a.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -312,7 +305,6 @@ def cmd_merge(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-
     res = finetune(a.model, a.output, _finetune_config(a, a.train), resume=a.resume, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
     print(text_table([{k: v for k, v in e.items()} for e in res.evals]))
@@ -332,7 +324,6 @@ def cmd_compare(a) -> int:
 
 
 def cmd_gradients(a) -> int:
-
     out, corr, rec = run_gradients(a.model, a.output, preset=a.preset, steps=a.steps, every=a.every, lr=a.lr,
                                    batch_size=a.batch_size, seqlen=a.seqlen, top_k=a.top_k, rank=a.rank,
                                    exact=a.exact, ratio=a.ratio, seed=a.seed, targets=a.targets, ignore=a.ignore,

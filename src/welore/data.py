@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WeloreError
+from .errors import WeloreError, one_line
 
 CORPORA = ("wikitext2", "c4", "c4-train")
 C4_EVAL_START = 1800
@@ -63,13 +63,16 @@ def corpus_info(name: str, text_field: str = "text") -> dict:
     path = corpus_path(name)
     if not path.is_file():
         raise WeloreError(f"missing corpus file {path}")
-    info = {"corpus": name, "file": str(path), "sha256": _sha256(path)}
+    st = path.stat()
+    info = {"corpus": name, "file": str(path), "sha256": _sha256(str(path), st.st_mtime_ns, st.st_size)}
     if name not in CORPORA and path.suffix.lower() != ".txt":
         info["text_field"] = text_field
     return info
 
 
-def _sha256(path: Path) -> str:
+@lru_cache(maxsize=32)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file, cached per (path, mtime, size): every perplexity asks, the file is read once."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -140,8 +143,7 @@ def _records(path: Path, text_field: str) -> list[str]:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for a malformed file
-        msg = str(e).strip().splitlines()
-        raise WeloreError(f"cannot read {path} as {builder}: {(msg[0] if msg else type(e).__name__)[:200]}") from e
+        raise WeloreError(f"cannot read {path} as {builder}: {one_line(e, 200)}") from e
     if text_field not in ds.column_names:
         raise WeloreError(f"{path} has no field {text_field!r} (fields: {', '.join(ds.column_names) or 'none'}); "
                           f"use --text-field")
@@ -183,8 +185,6 @@ def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_fi
 
 def _tokenizer_key(tokenizer) -> str:
     """Content hash of a fast tokenizer's definition (else its identity)."""
-    import hashlib
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return f"id:{id(tokenizer)}"

@@ -8,3 +8,9 @@ Everything else is a bug and keeps its traceback.
 
 class WeloreError(Exception):
     """A user-facing error with a one-line message."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of a library's exception message, for a WeloreError that wraps it."""
+    msg = str(e).strip().splitlines()
+    return (msg[0] if msg else type(e).__name__)[:limit]

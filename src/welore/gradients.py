@@ -266,7 +266,6 @@ def correlations(summary: list[dict]) -> dict:
 
 
 def plot_all(rec: GradientRecord, summary: list[dict], corr: dict, out: Path, title: str) -> list[Path]:
-
     plt = _plt()
     types = list(dict.fromkeys(t.type for t in rec.targets))
     paths = []

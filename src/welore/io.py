@@ -43,7 +43,7 @@ from . import layers
 from ._version import __version__
 from .allocate import RankPlan
 from .device import pick_device
-from .errors import WeloreError
+from .errors import WeloreError, one_line
 from .layers import column_major, low_rank_specs, swap_in_low_rank
 
 FORMAT = "welore/1"
@@ -91,7 +91,7 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
         try:
             yield tmp
         except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the user's to fix
-            raise WeloreError(f"cannot write {out}: {_one_line(e)}") from e
+            raise WeloreError(f"cannot write {out}: {one_line(e)}") from e
         _public_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -119,7 +119,7 @@ def atomic_file(path: str | Path):
         try:
             yield tmp
         except OSError as e:
-            raise WeloreError(f"cannot write {path}: {_one_line(e)}") from e
+            raise WeloreError(f"cannot write {path}: {one_line(e)}") from e
         tmp.chmod(0o666 & ~_umask())
         tmp.replace(path)
     finally:
@@ -276,11 +276,6 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
         except Exception:
             tok = None  # compressed without a tokenizer: fine for everything but evaluation
     return LoadedModel(model, tok, str(path), path.name, meta)
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return (msg[0] if msg else type(e).__name__)[:300]
 
 
 def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:

