@@ -51,16 +51,16 @@ def test_loss_allocation(model_dir, tmp_path, method):
 
 def test_second_calibration_pass_sees_the_compressed_model(model_dir, tmp_path, monkeypatch):
     """Pass 2 collects statistics on the compressed model (LowRankLinear modules present) and re-plans."""
-    import welore.pipeline as pipeline
+    import welore.compress as compress_module  # where compression calibrates
     from welore import LowRankLinear
 
     seen = []
-    real = pipeline.collect_stats
+    real = compress_module.collect_stats
 
     def spy(model, *a, **kw):
         seen.append(sum(isinstance(m, LowRankLinear) for m in model.modules()))
         return real(model, *a, **kw)
-    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    monkeypatch.setattr(compress_module, "collect_stats", spy)
     kw = dict(ratio=0.3, target="params", allocation="loss", method="whiten-fisher", calib_samples=4,
               calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
     one = run_compress(model_dir, tmp_path / "one", **kw)

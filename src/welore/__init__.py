@@ -3,7 +3,8 @@
 from ._version import __version__
 from .allocate import MatrixPlan, RankPlan, allocate, normalized_spectrum
 from .calibrate import calibration_batches, collect_stats
-from .compress import apply_plan, count_parameters, merge_to_dense, plan_model, set_trainable
+from .compress import Compressed, apply_plan, count_parameters, merge_to_dense, plan_model, set_trainable
+from .config import CompressConfig
 from .errors import WeloreError
 from .evaluate import perplexity, task_accuracy
 from .factorize import analyze_data_aware, attach_loss_tails
@@ -17,7 +18,7 @@ from .spectrum import Spectra, analyze
 from .targets import Target, find_targets
 
 __all__ = [
-    "__version__",
+    "__version__", "CompressConfig", "Compressed",
     "MatrixPlan", "RankPlan", "allocate", "normalized_spectrum", "apply_plan", "count_parameters",
     "merge_to_dense", "plan_model", "set_trainable", "WeloreError", "perplexity", "task_accuracy",
     "FinetuneConfig", "compare", "finetune", "record_gradients", "run_gradients", "load_compressed",

@@ -1,23 +1,92 @@
-"""Apply a rank plan to a model: LRCs become LowRankLinear, N-LRCs stay as they are.
+"""Compress a model: (calibrate) -> factorise -> allocate -> apply. LRCs become LowRankLinear,
+N-LRCs stay as they are.
 
-    plan, spectra = welore.plan_model(model, ratio=0.5)     # one SVD per matrix
+    result = welore.compress(model, tokenizer, CompressConfig(ratio=0.5))   # the whole line, in place
+    plan, spectra = welore.plan_model(model, ratio=0.5)     # or by hand: one SVD per matrix
     welore.apply_plan(model, plan, spectra)                  # reuses those SVDs
 """
 
 from __future__ import annotations
 
+import copy
+import gc
+import time
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .allocate import RankPlan, allocate
+from .calibrate import calibration_batches, collect_stats
+from .config import CompressConfig
 from .errors import WeloreError
-from .factorize import refit_up
+from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear
 from .progress import bar
 from .spectrum import Spectra, analyze
-from .targets import find_targets, module_kind, weight_matrix
+from .targets import Target, find_targets, module_kind, weight_matrix
 
 TRAIN_MODES = ("lrc", "full", "none")
+
+
+@dataclass
+class Compressed:
+    """What `compress` did: the plan, and what a comparison against baselines reuses."""
+
+    model: nn.Module  # the same object that was passed in, now compressed
+    plan: RankPlan
+    spectra: Spectra  # the weight spectra (with the SVD factors when the method is plain svd)
+    targets: list[Target]
+    first_pass: tuple[Spectra, Spectra, dict | None]  # (factors, spectra the rule read, statistics)
+    stats: dict | None  # the last pass's calibration statistics (None when data-free)
+    prep_seconds: float  # analysis + calibration + factorisation + planning
+    apply_seconds: float
+
+
+def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spectra | None = None,
+             progress: bool = True) -> Compressed:
+    """Compress `model` in place as `cfg` says. `spectra`: cached weight spectra (values only) to
+    allocate from instead of analysing again; they are checked against the weights."""
+    fac, rule = cfg.factorizer, cfg.rule
+    t = time.perf_counter()
+    if spectra is not None:
+        spectra.check_matches(model)
+        targets = spectra.targets
+    else:
+        targets = find_targets(model, cfg.targets, cfg.ignore)
+        spectra = analyze(model, targets, keep_factors=fac.is_weight_svd, progress=progress)
+
+    def plan_from(stats) -> tuple[Spectra, Spectra, RankPlan]:
+        """(factors apply_plan uses, spectra the rule reads, plan) for these statistics."""
+        factors = spectra if fac.is_weight_svd else analyze_data_aware(model, targets, stats, cfg.method,
+                                                                     progress=progress)
+        alloc_spectra = factors if cfg.alloc_spectrum == "data" else spectra
+        if rule.needs_tails:
+            alloc_spectra = attach_loss_tails(model, factors, stats, cfg.method)
+        return factors, alloc_spectra, allocate(alloc_spectra, ratio=cfg.ratio, target=cfg.target,
+                                                allocation=cfg.allocation, min_ratio=cfg.min_ratio,
+                                                threshold=cfg.threshold)
+
+    stats = batches = None
+    if cfg.calibrated:
+        if tokenizer is None:
+            raise WeloreError("calibration needs a tokenizer, and this model has none")
+        batches = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.seed)
+        stats = collect_stats(model, targets, batches, gradients=cfg.gradients, progress=progress)
+    factors, alloc_spectra, plan = plan_from(stats)
+    first_pass = factors, alloc_spectra, stats
+    for _ in range(cfg.calib_passes - 1):
+        # each matrix sees the inputs (and loss gradients) of the compressed model it will live in
+        compressed = apply_plan(copy.deepcopy(model), plan, factors, refit=stats if cfg.refit else None,
+                                progress=progress)
+        stats = collect_stats(compressed, targets, batches, gradients=cfg.gradients, progress=progress)
+        del compressed
+        gc.collect()
+        factors, alloc_spectra, plan = plan_from(stats)
+    prep_s = time.perf_counter() - t
+    t = time.perf_counter()
+    apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
+    return Compressed(model, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t)
 
 
 def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: list[str] | None = None,

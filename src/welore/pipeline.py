@@ -16,14 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocate import RULES, RankPlan, allocate, check_allocation_args
+from .allocate import RankPlan, allocate, check_allocation_args
 from .calibrate import calibration_batches, collect_stats
-from .compress import apply_plan, count_parameters
+from .compress import Compressed, apply_plan, compress, count_parameters
+from .config import CompressConfig
 from .errors import WeloreError
 from .evaluate import perplexity
-from .factorize import analyze_data_aware, attach_loss_tails, get_method
+from .factorize import analyze_data_aware, attach_loss_tails
 from .generate import PROMPT, continuation
-from .io import atomic_dir, check_output, save_compressed
+from .io import atomic_dir, atomic_file, check_output, save_compressed
 from .models import load_model
 from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
 from .spectrum import Spectra, analyze
@@ -125,23 +126,11 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     `recipe_samples` x `calib_seqlen` calibration tokens) at the parameter count this plan reached.
     new_tokens: length of each row's greedy continuation of `welore.generate.PROMPT` (0: none).
     """
-    if min_ratio is None:
-        min_ratio = RULES[allocation].default_min_ratio if allocation in RULES else 0.5
-    check_allocation_args(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio, threshold=threshold)
-    rule = RULES[allocation]
-    fac = get_method(method)
-    if alloc_spectrum not in ("weight", "data"):
-        raise WeloreError(f"unknown allocation spectrum {alloc_spectrum!r}; choose weight or data")
-    calibrated = fac.needs_stats or refit or rule.needs_tails
-    gradients = fac.needs_gradients or rule.needs_tails  # loss-gradient statistics
-    if calibrated and calib_samples <= 0:
-        what = method if fac.needs_stats else (f"the {allocation} allocation" if rule.needs_tails else "refit")
-        raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
-    if not (isinstance(calib_passes, int) and calib_passes >= 1):
-        raise WeloreError(f"calibration passes must be a positive integer, got {calib_passes}")
-    if calib_passes > 1 and not calibrated:
-        raise WeloreError("more than one calibration pass needs a calibrated method, refit or the loss allocation")
-    if spectra_path and rule.needs_tails and fac.is_weight_svd:
+    cfg = CompressConfig(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
+                         threshold=threshold, method=method, alloc_spectrum=alloc_spectrum, refit=refit,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_passes=calib_passes,
+                         seed=seed, targets=targets, ignore=ignore)
+    if spectra_path and cfg.rule.needs_tails and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {allocation} allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
@@ -156,44 +145,26 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     if evaluate and tok is None:
         raise WeloreError("the model has no tokenizer, so it cannot be evaluated (use --no-eval)")
     load_s = time.perf_counter() - t0
+    dense = copy.deepcopy(model) if evaluate and compare else None  # the baselines' starting point
 
-    t = time.perf_counter()
-    stats = None
-    if spectra_path:
-        spectra = Spectra.load(spectra_path)  # weight spectra, values only
-        spectra.check_matches(model)
-        target_list = spectra.targets
-    else:
-        target_list = find_targets(model, targets, ignore)
-        spectra = analyze(model, target_list, keep_factors=fac.is_weight_svd, progress=progress)
+    done = compress(model, tok, cfg, spectra=Spectra.load(spectra_path) if spectra_path else None,
+                    progress=progress)
+    plan, spectra = done.plan, done.spectra
+    settings = {"source": loaded.source, "name": loaded.name, **cfg.to_dict(),
+                "eval": {"corpus": corpus, "tokens": eval_tokens, "seqlen": seqlen, "prompt": PROMPT,
+                         "new_tokens": new_tokens} if evaluate else None,
+                "recipe_row": {"allocation": "loss", "method": "whiten-fisher", "samples": recipe_samples,
+                               "seqlen": cfg.calib_seqlen, "seed": seed} if dense is not None and recipe else None}
 
-    def plan_from(stats) -> tuple[Spectra, Spectra, RankPlan]:
-        """(factors apply_plan uses, spectra the rule reads, plan) for these statistics."""
-        factors = spectra if fac.is_weight_svd else analyze_data_aware(model, target_list, stats, method,
-                                                                     progress=progress)
-        alloc_spectra = factors if alloc_spectrum == "data" else spectra
-        if rule.needs_tails:
-            alloc_spectra = attach_loss_tails(model, factors, stats, method)
-        return factors, alloc_spectra, allocate(alloc_spectra, ratio=ratio, target=target, allocation=allocation,
-                                                min_ratio=min_ratio, threshold=threshold)
+    def write_spectra(tmp: Path) -> None:
+        spectra.save(tmp / "spectra.safetensors")
+        plot_spectra(spectra, tmp / "spectra.png", title=f"{loaded.name}: normalised singular values")
+        plot_reduction_heatmap(plan, spectra, tmp / "reduction.png")
 
-    if calibrated:
-        if tok is None:
-            raise WeloreError("calibration needs a tokenizer, and this model has none")
-        batches = calibration_batches(tok, calib_samples, calib_seqlen, seed=seed)
-        stats = collect_stats(model, target_list, batches, gradients=gradients, progress=progress)
-    factors, alloc_spectra, plan = plan_from(stats)
-    first_pass = factors, alloc_spectra, stats  # what the uniform comparison row uses
-    for _ in range(calib_passes - 1):
-        compressed = apply_plan(copy.deepcopy(model), plan, factors, refit=stats if refit else None, progress=progress)
-        stats = collect_stats(compressed, target_list, batches, gradients=gradients, progress=progress)
-        del compressed
-        gc.collect()
-        factors, alloc_spectra, plan = plan_from(stats)
-    prep_s = time.perf_counter() - t  # analysis + calibration, shared by every variant
+    # saved first: the comparison below only reads the compressed model and adds the report
+    save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
+                    overwrite=overwrite, extra=write_spectra)
     ppl = lambda m: perplexity(m, tok, corpus, seqlen=seqlen, max_tokens=eval_tokens, progress=progress)  # noqa: E731
-
-    rows = []
 
     def row(label: str, p: RankPlan | None, m, seconds: float) -> dict:
         r = {"model": label,
@@ -206,60 +177,40 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                 r["continuation"] = continuation(m, tok, max_new_tokens=new_tokens)
         return r
 
-    recipe_row = None
-    if evaluate and compare:
-        rows.append(row("dense", None, model, 0.0))
-        # uniform baseline at the reduction the plan actually reached, measured as the user asked:
-        # parameters for a parameter target, effective rank otherwise
-        reached = plan.param_reduction if target == "params" and threshold is None else plan.effective_rank_reduction
-        uni_factors, uni_spectra, uni_stats = first_pass
-        uni = allocate(uni_spectra, ratio=_open_ratio(reached),
-                       target="params" if target == "params" and threshold is None else "rank",
-                       allocation="uniform")
-        t = time.perf_counter()
-        baseline = apply_plan(copy.deepcopy(model), uni, uni_factors, refit=uni_stats if refit else None,
-                              progress=progress)
-        uni_s = prep_s + time.perf_counter() - t
-        rows.append(row("uniform" if calib_passes == 1 else "uniform (1 pass)", uni, baseline, uni_s))
-        del baseline
-        gc.collect()
-        if recipe:
-            recipe_row = _recipe_row(model, tok, target_list, plan, recipe_samples, calib_seqlen, seed, row,
-                                     progress)
-    t = time.perf_counter()
-    apply_plan(model, plan, factors, refit=stats if refit else None, progress=progress)
-    compress_s = prep_s + time.perf_counter() - t
-    rows.append(row(rule.label, plan, model, compress_s))
-    if recipe_row is not None:
-        rows.append(recipe_row)
-
-    settings = {"source": loaded.source, "name": loaded.name, "ratio": ratio, "target": target,
-                "allocation": allocation, "min_ratio": min_ratio, "threshold": threshold, "method": method,
-                "alloc_spectrum": alloc_spectrum, "refit": refit,
-                "calibration": {"corpus": "c4-train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed,
-                                "loss_gradients": gradients, "passes": calib_passes}
-                if stats is not None else None,
-                "targets": targets, "ignore": ignore,
-                "eval": {"corpus": corpus, "tokens": eval_tokens, "seqlen": seqlen, "prompt": PROMPT,
-                         "new_tokens": new_tokens} if evaluate else None,
-                "recipe_row": {"allocation": "loss", "method": "whiten-fisher", "samples": recipe_samples,
-                               "seqlen": calib_seqlen, "seed": seed} if recipe_row is not None else None}
+    ours = row(cfg.rule.label, plan, model, done.prep_seconds + done.apply_seconds)
+    del model
+    done.model = loaded.model = None  # only `dense` stays in memory for the baselines
+    gc.collect()
+    rows = [ours] if dense is None else _baseline_rows(dense, tok, cfg, done, ours, recipe, recipe_samples, row,
+                                                       progress)
     result = CompressResult(output, plan, rows, settings)
-
-    def write_report(tmp: Path) -> None:
-        spectra.save(tmp / "spectra.safetensors")
-        plot_spectra(spectra, tmp / "spectra.png", title=f"{loaded.name}: normalised singular values")
-        plot_reduction_heatmap(plan, spectra, tmp / "reduction.png")
-        (tmp / "results.json").write_text(json.dumps({"rows": rows, "load_seconds": load_s}, indent=1))
-        (tmp / "report.md").write_text(
-            f"# welore compress: {loaded.name}\n\n{plan.summary()}\n\n"
-            f"Settings: `{json.dumps(settings)}`\n\n{markdown_table(rows)}\n\n"
-            f"{result.explain()}\n\n![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
-            f"{_type_summary(spectra, plan, loaded.name).split(chr(10), 2)[2]}")
-
-    save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
-                    overwrite=overwrite, extra=write_report)
+    with atomic_file(output / "results.json") as f:
+        f.write_text(json.dumps({"rows": rows, "load_seconds": load_s}, indent=1))
+    with atomic_file(output / "report.md") as f:
+        f.write_text(f"# welore compress: {loaded.name}\n\n{plan.summary()}\n\n"
+                     f"Settings: `{json.dumps(settings)}`\n\n{markdown_table(rows)}\n\n"
+                     f"{result.explain()}\n\n![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
+                     f"{_type_summary(spectra, plan, loaded.name).split(chr(10), 2)[2]}")
     return result
+
+
+def _baseline_rows(dense, tok, cfg: CompressConfig, done: Compressed, ours: dict, recipe: bool,
+                   recipe_samples: int, row, progress: bool) -> list[dict]:
+    """The comparison's rows in order: dense, uniform (at the reduction our plan reached, measured as
+    the user asked), ours, and the calibrated recipe. `dense` is used up: the uniform baseline is
+    applied to it in place, last, so at most two models are in memory at any time."""
+    plan = done.plan
+    rows = [row("dense", None, dense, 0.0)]
+    recipe_row = _recipe_row(dense, tok, done.targets, plan, recipe_samples, cfg.calib_seqlen, cfg.seed, row,
+                             progress) if recipe else None
+    reached = plan.param_reduction if cfg.uniform_target == "params" else plan.effective_rank_reduction
+    uni_factors, uni_spectra, uni_stats = done.first_pass
+    uni = allocate(uni_spectra, ratio=_open_ratio(reached), target=cfg.uniform_target, allocation="uniform")
+    t = time.perf_counter()
+    apply_plan(dense, uni, uni_factors, refit=uni_stats if cfg.refit else None, progress=progress)
+    rows.append(row("uniform" if cfg.calib_passes == 1 else "uniform (1 pass)", uni, dense,
+                    done.prep_seconds + time.perf_counter() - t))
+    return rows + [ours] + ([recipe_row] if recipe_row is not None else [])
 
 
 def _recipe_row(model, tok, target_list, plan: RankPlan, samples: int, seqlen: int, seed: int, row,
