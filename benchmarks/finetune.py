@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from welore import run_compress
-from welore.finetune import FinetuneConfig, compare
+from welore import FinetuneConfig, compare
 
 
 def main() -> None:

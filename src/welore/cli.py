@@ -6,22 +6,22 @@ Exit codes: 0 ok, 1 unexpected failure (a bug: traceback shown), 2 bad input (on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
 from ._version import __version__
-from .allocate import RULES
 from .compress import merge_to_dense
+from .config import MODES, CompressConfig, FinetuneConfig, from_namespace
 from .data import corpus_info
 from .errors import WeloreError
 from .evaluate import perplexity
-from .factorize import METHODS, get_method
-from .finetune import DATA, FinetuneConfig, compare, finetune
 from .generate import generate, has_chat_template
-from .gradients import run_gradients
 from .io import atomic_file, load_compressed, save_dense
 from .models import load_model
 from .pipeline import run_analyze, run_compress
@@ -61,46 +61,22 @@ def _targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="+", metavar="REGEX", help="regexes of module names to leave dense")
 
 
-def _finetune_args(p: argparse.ArgumentParser) -> None:
-    d = FinetuneConfig()
-    p.add_argument("--data", default=d.data, help=f"c4 (continual LM) or a task: {', '.join(DATA[1:])}")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--seqlen", type=int, default=d.seqlen)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: start/end)")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples)
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: none)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lora-rank", type=int, default=None, help="default: matched to lrc's trainable parameters")
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--galore-rank", type=int, default=d.galore_rank)
-    p.add_argument("--galore-update-gap", type=int, default=d.galore_update_gap)
-    p.add_argument("--galore-scale", type=float, default=d.galore_scale)
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # resume tests
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already speaks of it or there is none."""
 
-
-def _finetune_config(a, mode: str):
-
-    return FinetuneConfig(mode=mode, data=a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                          grad_accum=a.grad_accum, seqlen=a.seqlen, warmup=a.warmup, weight_decay=a.weight_decay,
-                          max_grad_norm=a.max_grad_norm, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
-                          eval_examples=a.eval_examples, save_every=a.save_every, seed=a.seed,
-                          lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, galore_rank=a.galore_rank,
-                          galore_update_gap=a.galore_update_gap, galore_scale=a.galore_scale,
-                          stop_after=a.stop_after)
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
 
     ap.add_argument("--version", action="version", version=f"welore {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    # HfArgumentParser subparsers: a job's dataclass becomes its flags (`dataclass_types=`), once
+    sub = ap.add_subparsers(dest="command", required=True,
+                            parser_class=functools.partial(HfArgumentParser, formatter_class=_Help))
 
     p = sub.add_parser("analyze", help="singular value spectra of every target matrix, with plots")
     _common(p)
@@ -110,30 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore")
+    p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore",
+                       dataclass_types=[CompressConfig])
     _common(p)
-    _targets(p)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=_ratio, default=None, help="effective rank reduction to hit (default 0.5)")
-    g.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit")
-    g.add_argument("--threshold", type=_ratio, default=None, help="WeLore threshold t in [0,1], not searched")
-    p.add_argument("--allocation", choices=list(RULES), default="welore",
-                   help="welore (data-free, the paper), uniform, or loss (minimises a calibrated estimate of the "
-                        "loss increase; needs calibration data)")
-    p.add_argument("--min-ratio", type=_ratio, default=None,
-                   help="a matrix is low-rank only if its reduction exceeds this (default 0.5; 0 for "
-                        "--allocation loss; 0 = truncate all, as the paper's compression-only script)")
-    p.add_argument("--method", choices=list(METHODS), default="svd",
-                   help="factorisation: plain SVD (WeLore), activation-aware (ASVD), whitened (SVD-LLM), or "
-                        "whitened inputs + loss-gradient-weighted outputs")
-    p.add_argument("--alloc-spectrum", choices=["weight", "data"], default="weight",
-                   help="allocate ranks on the weight spectra (data-free) or the data-aware ones")
-    p.add_argument("--refit", action="store_true", help="least-squares refit of each up factor on calibration data")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences from C4 train documents")
-    p.add_argument("--calib-seqlen", type=_positive_int, default=512)
-    p.add_argument("--calib-passes", type=int, default=1,
-                   help="2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit "
+                   "(short for --ratio R --target params)")
+    p.set_defaults(ratio=None)  # unset, so that giving two of --ratio, --param-ratio, --threshold is caught
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")
@@ -170,15 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("finetune", "fine-tune a compressed model (default: only the LRC factors)"),
                         ("compare", "fine-tune with several --train modes on the same data; one table + plot")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, dataclass_types=[FinetuneConfig])
         p.add_argument("model", help="welore-compressed directory")
         p.add_argument("-o", "--output", required=True, help="output directory")
         if name == "finetune":
-            p.add_argument("--train", choices=["lrc", "full", "lora", "galore"], default="lrc")
             p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/")
         else:
-            p.add_argument("--modes", nargs="+", default=["lrc", "full", "lora", "galore"])
-        _finetune_args(p)
+            p.add_argument("--modes", nargs="+", default=list(MODES), help="the modes to run (each in its own process)")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--device", default=None)
         p.add_argument("-q", "--quiet", action="store_true")
@@ -212,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU-kernel notice is noise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     try:
@@ -236,20 +191,17 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_compress(a) -> int:
-
-    # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
-    data_free = not get_method(a.method).needs_stats and not RULES[a.allocation].needs_tails and not a.refit
+    given = [f"--{k.replace('_', '-')}" for k in ("ratio", "param_ratio", "threshold") if getattr(a, k) is not None]
+    if len(given) > 1:
+        raise WeloreError(f"give one of --ratio, --param-ratio, --threshold, not {' and '.join(given)}")
     if a.param_ratio is not None:
-        ratio, target = a.param_ratio, "params"
-    else:
-        ratio, target = (a.ratio if a.ratio is not None else 0.5), "rank"
-    res = run_compress(a.model, a.output, ratio=ratio, target=target, allocation=a.allocation,
-                       min_ratio=a.min_ratio, threshold=a.threshold, method=a.method,
-                       alloc_spectrum=a.alloc_spectrum, refit=a.refit, calib_samples=a.calib_samples,
-                       calib_seqlen=a.calib_seqlen, calib_passes=a.calib_passes, seed=a.seed, targets=a.targets, ignore=a.ignore,
-                       spectra_path=a.spectra, compare=not a.no_compare, evaluate=not a.no_eval,
-                       corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen,
-                       recipe=not a.no_recipe and data_free, device=a.device, dtype=a.dtype,
+        a.ratio, a.target = a.param_ratio, "params"
+    a.ratio = 0.5 if a.ratio is None else a.ratio
+    cfg = from_namespace(CompressConfig, a)
+    # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
+    res = run_compress(a.model, a.output, cfg, spectra_path=a.spectra, compare=not a.no_compare,
+                       evaluate=not a.no_eval, corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen,
+                       recipe=not a.no_recipe and not cfg.calibrated, device=a.device, dtype=a.dtype,
                        overwrite=a.overwrite, progress=not a.quiet)
     print(res.plan.summary())
     print()
@@ -305,7 +257,9 @@ def cmd_merge(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    res = finetune(a.model, a.output, _finetune_config(a, a.train), resume=a.resume, overwrite=a.overwrite,
+    from .train import finetune  # the training stack (Trainer, PEFT) costs ~1.3 s to import: only here
+
+    res = finetune(a.model, a.output, from_namespace(FinetuneConfig, a), resume=a.resume, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
     print(text_table([{k: v for k, v in e.items()} for e in res.evals]))
     m = res.metrics
@@ -315,8 +269,9 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_compare(a) -> int:
+    from .train import compare  # the training stack: see cmd_finetune
 
-    rows = compare(a.model, a.output, _finetune_config(a, "lrc"), a.modes, overwrite=a.overwrite,
+    rows = compare(a.model, a.output, from_namespace(FinetuneConfig, a), a.modes, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
     print(text_table(rows))
     print(f"wrote {a.output}/ (compare.md, compare.json, compare.png, one directory per mode)")
@@ -324,6 +279,8 @@ def cmd_compare(a) -> int:
 
 
 def cmd_gradients(a) -> int:
+    from .gradients import run_gradients  # the training stack: see cmd_finetune
+
     out, corr, rec = run_gradients(a.model, a.output, preset=a.preset, steps=a.steps, every=a.every, lr=a.lr,
                                    batch_size=a.batch_size, seqlen=a.seqlen, top_k=a.top_k, rank=a.rank,
                                    exact=a.exact, ratio=a.ratio, seed=a.seed, targets=a.targets, ignore=a.ignore,

@@ -1,14 +1,30 @@
-"""CompressConfig: every setting of a compression, validated in one place and written as-is
-(`to_dict`) into the output's welore.json, so a directory says how it was made."""
+"""One dataclass per job: every setting, validated in one place (`__post_init__`), written as-is
+into the output (welore.json, finetune.json), and turned into CLI flags by
+`transformers.HfArgumentParser` (field `metadata` carries the help text), so a flag is never
+written twice.
+
+    CompressConfig    welore compress
+    FinetuneConfig    welore finetune / compare
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from .allocate import RULES, check_allocation_args
 from .allocate.rule import Rule
 from .errors import WeloreError
-from .factorize import Factorizer, get_method
+from .factorize import METHODS, Factorizer, get_method
+from .tasks import TASKS
+
+MODES = ("lrc", "full", "lora", "galore")
+DATA = ("c4", *TASKS)
+
+
+def _help(text: str, **more) -> dict:
+    return {"help": text, **more}
 
 
 @dataclass
@@ -20,20 +36,31 @@ class CompressConfig:
     (data-free) or the "data"-aware ones. refit: least-squares refit of each `up` factor.
     calib_passes > 1: re-collect the statistics on the compressed model, refactorise, re-plan."""
 
-    ratio: float | None = 0.5
-    target: str = "rank"
-    allocation: str = "welore"
-    min_ratio: float | None = None
-    threshold: float | None = None
-    method: str = "svd"
-    alloc_spectrum: str = "weight"
-    refit: bool = False
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    calib_passes: int = 1
-    seed: int = 0
-    targets: list[str] | None = field(default=None)
-    ignore: list[str] | None = field(default=None)
+    ratio: float | None = field(default=0.5, metadata=_help("the reduction to hit (default 0.5): effective rank "
+                                                             "(with --target params: parameters of the targets)"))
+    target: str = field(default="rank", metadata=_help("what --ratio reduces", choices=("rank", "params")))
+    allocation: str = field(default="welore", metadata=_help(
+        "rank allocation rule: welore (data-free, the paper), uniform, or loss (minimises a calibrated estimate "
+        "of the loss increase)", choices=RULES.keys()))  # a live view: rules registered later are choices too
+    min_ratio: float | None = field(default=None, metadata=_help(
+        "a matrix is low-rank only if its reduction exceeds this (default 0.5; 0 for --allocation loss; 0 = "
+        "truncate all, as the paper's compression-only script)"))
+    threshold: float | None = field(default=None, metadata=_help("WeLore threshold t in [0,1], not searched"))
+    method: str = field(default="svd", metadata=_help(
+        "factorisation: plain SVD (WeLore), activation-aware (ASVD), whitened (SVD-LLM), or whitened inputs + "
+        "loss-gradient-weighted outputs", choices=METHODS.keys()))
+    alloc_spectrum: str = field(default="weight", metadata=_help(
+        "allocate ranks on the weight spectra (data-free) or the data-aware ones", choices=("weight", "data")))
+    refit: bool = field(default=False, metadata=_help("least-squares refit of each up factor on calibration data"))
+    calib_samples: int = field(default=32, metadata=_help("calibration sequences from C4 train documents"))
+    calib_seqlen: int = field(default=512, metadata=_help("tokens per calibration sequence"))
+    calib_passes: int = field(default=1, metadata=_help(
+        "2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)"))
+    seed: int = field(default=0, metadata=_help("seed of the calibration sample"))
+    targets: list[str] | None = field(default=None, metadata=_help(
+        "regexes of module names to compress (default: every linear layer in the blocks)", metavar="REGEX"))
+    ignore: list[str] | None = field(default=None, metadata=_help("regexes of module names to leave dense",
+                                                                  metavar="REGEX"))
 
     def __post_init__(self) -> None:
         if self.min_ratio is None:
@@ -47,6 +74,8 @@ class CompressConfig:
             what = self.method if self.factorizer.needs_stats else (
                 f"the {self.allocation} allocation" if self.rule.needs_tails else "refit")
             raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
+        if self.calib_seqlen <= 0:
+            raise WeloreError(f"calibration seqlen must be > 0, got {self.calib_seqlen}")
         if not (isinstance(self.calib_passes, int) and self.calib_passes >= 1):
             raise WeloreError(f"calibration passes must be a positive integer, got {self.calib_passes}")
         if self.calib_passes > 1 and not self.calibrated:
@@ -83,3 +112,60 @@ class CompressConfig:
                             "seed": calib["seed"], "loss_gradients": self.gradients,
                             "passes": calib["calib_passes"]} if self.calibrated else None
         return d
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (see welore.finetune)."""
+
+    mode: str = field(default="lrc", metadata=_help(f"what trains: {', '.join(MODES)}", aliases=["--train"]))
+    data: str = field(default="c4", metadata=_help(f"c4 (continual LM) or a task: {', '.join(TASKS)}"))
+    steps: int = field(default=100, metadata=_help("optimizer steps"))
+    lr: float = field(default=1e-4, metadata=_help("peak learning rate"))
+    batch_size: int = field(default=4, metadata=_help("sequences per micro-batch and process"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    seqlen: int = field(default=256, metadata=_help("tokens per training sequence (task examples are cut to this)"))
+    warmup: int = field(default=10, metadata=_help("linear warmup steps before the cosine decay"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0: none)"))
+    eval_every: int = field(default=0, metadata=_help("steps between evaluations (0: only at the start and end)"))
+    eval_tokens: int = field(default=4096, metadata=_help("held-out tokens for perplexity (c4)"))
+    eval_examples: int = field(default=100, metadata=_help("held-out examples for accuracy (tasks)"))
+    save_every: int = field(default=50, metadata=_help("steps between checkpoints (0: none)"))
+    seed: int = field(default=0, metadata=_help("seed of the data order and of LoRA's initialisation"))
+    lora_rank: int | None = field(default=None, metadata=_help("default: matched to lrc's trainable parameters"))
+    lora_alpha: float | None = field(default=None, metadata=_help("default: 2 x rank"))
+    galore_rank: int = field(default=64, metadata=_help("rank of GaLore's gradient projection"))
+    galore_update_gap: int = field(default=50, metadata=_help("steps between GaLore projection updates"))
+    galore_scale: float = field(default=0.25, metadata=_help("GaLore's update scale"))
+    # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
+    stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise WeloreError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.data not in DATA:
+            raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise WeloreError(f"learning rate must be > 0, got {self.lr}")
+        for name in ("steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
+                     "galore_rank", "galore_update_gap"):
+            if getattr(self, name) <= 0:
+                raise WeloreError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise WeloreError("warmup, eval_every and save_every must be >= 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise WeloreError("weight decay and max grad norm must be >= 0")
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise WeloreError(f"lora rank must be > 0, got {self.lora_rank}")
+        if self.seqlen < 8:
+            raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
+
+    def to_dict(self) -> dict:
+        """The settings that define the run (what a resumed run must match)."""
+        return {k: v for k, v in asdict(self).items() if k != "stop_after"}
+
+
+def from_namespace(cls, namespace) -> object:
+    """The dataclass `cls` built from the parsed flags HfArgumentParser added for it."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})

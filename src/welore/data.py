@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .errors import WeloreError, one_line
 
@@ -192,8 +193,6 @@ def _tokenizer_key(tokenizer) -> str:
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than model max" for a whole corpus
     try:
@@ -209,3 +208,19 @@ def random_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.
     high = ids.numel() - seqlen if high is None else high
     starts = torch.randint(0, high, (count,), generator=generator)
     return torch.stack([ids[s: s + seqlen] for s in starts])
+
+
+def text_batches(tokenizer, seqlen: int, batch_size: int, corpus: str = "c4-train", seed: int = 0):
+    """(batch_for_step, fixed measurement batch): random windows of the corpus; the measurement batch
+    is drawn apart from the training stream (a different generator)."""
+    ids = encode_corpus(tokenizer, corpus)
+    n = ids.numel() - seqlen - 1
+    if n <= 0:
+        raise WeloreError(f"{corpus} is shorter than one sequence of {seqlen} tokens")
+
+    def take(gen) -> dict:
+        x = random_windows(ids, batch_size, seqlen, gen, high=n)
+        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+    measure = take(torch.Generator().manual_seed(10_000 + seed))
+    return (lambda step: take(torch.Generator().manual_seed(seed * 1_000_003 + step))), measure

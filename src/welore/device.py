@@ -1,7 +1,12 @@
-"""Where and in what precision: the device (CUDA when present, never assumed) and dtype by name."""
+"""Where and in what precision: the device (CUDA when present, never assumed), dtype by name, and
+the peak memory a piece of work used there."""
 
 from __future__ import annotations
 
+import resource
+import threading
+
+import psutil
 import torch
 
 from .errors import WeloreError
@@ -28,3 +33,40 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in table:
         raise WeloreError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(table)}")
     return table[dtype]
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block: CUDA peak allocated on GPU; on CPU the peak resident set
+    size, sampled every 20 ms (and the process high-water mark, which also counts loading)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = torch.device(device), 0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        proc = psutil.Process()
+        self.start_rss = proc.memory_info().rss
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    def report(self) -> dict:
+        if self.device.type == "cuda":
+            return {"peak_memory_gib": self.peak / 2**30, "memory_kind": "cuda peak allocated"}
+        return {"peak_memory_gib": self.peak / 2**30, "memory_kind": "peak RSS during training",
+                "rss_at_start_gib": self.start_rss / 2**30,
+                "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

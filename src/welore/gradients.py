@@ -18,13 +18,13 @@ measures that on a real run:
   pretrained one, or a random one whose spectrum is set by its shape), so the update is where a
   short run can show the mechanism; the final weight is where a long run shows its outcome.
 
-Cheap by default (randomized SVD via `torch.svd_lowrank`, a record every N steps); `exact=True`
-computes full SVDs.
+Records are a callback on welore's Trainer; randomized SVDs (`exact=True`: full ones) keep them cheap.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
 from .allocate import allocate, check_allocation_args
-from .data import encode_corpus, random_windows
+from .data import text_batches
 from .errors import WeloreError
 from .io import atomic_dir, check_output
 from .models import load_model
-from .progress import bar
-from .report import _plt, _save, markdown_table
-from .spectrum import Spectra
+from .report import gradients_markdown, plot_gradients
+from .spectrum import Spectra, cosine, stable_rank, subspace_overlap, top_svd
 from .targets import Target, find_targets, weight_matrix
+from .trainer import StepLog, StepStream, make_trainer, training_arguments
 
 PRESETS = {
     # LLaMA configs that pretrain on a laptop CPU in minutes (the tokenizer's vocabulary sets the
@@ -51,43 +52,6 @@ PRESETS = {
     "llama-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
                         num_key_value_heads=4),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# measures
-
-
-def stable_rank(g: torch.Tensor, top: float | None = None) -> float:
-    """||G||_F^2 / ||G||_2^2: 1 for a rank-1 matrix, min(m, n) for an orthogonal one."""
-    fro2 = g.double().pow(2).sum().item()
-    if top is None:
-        top = torch.linalg.matrix_norm(g.double(), ord=2).item()
-    return fro2 / top**2 if top > 0 else 0.0
-
-
-def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean squared cosine of the principal angles between the column spans of orthonormal `a`, `b`:
-    ||a^T b||_F^2 / r. 1 for the same subspace, 0 for orthogonal ones."""
-    r = min(a.shape[1], b.shape[1])
-    return (a.double().T @ b.double()).pow(2).sum().item() / r if r else 0.0
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    d = a.norm() * b.norm()
-    return (a @ b).item() / d.item() if d > 0 else 0.0
-
-
-def top_svd(g: torch.Tensor, k: int, exact: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading k singular triplets: randomized (4 oversampling columns, 2 power iterations) or exact."""
-    g = g.float()
-    k = min(k, *g.shape)
-    if exact or k + 4 >= min(g.shape):
-        U, S, Vh = torch.linalg.svd(g, full_matrices=False)
-        return U[:, :k], S[:k], Vh[:k].T
-    torch.manual_seed(seed)  # svd_lowrank draws a random test matrix
-    U, S, V = torch.svd_lowrank(g, q=k + 4, niter=2)
-    return U[:, :k], S[:k], V[:, :k]
 
 
 def spearman(x, y) -> float:
@@ -122,87 +86,100 @@ class GradientRecord:
                 "losses": self.losses, "info": self.info}
 
 
-def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, steps: int, every: int,
-                     lr: float = 1e-4, top_k: int = 8, rank: int = 4, exact: bool = False,
-                     targets: list[Target] | None = None, progress: bool = True) -> GradientRecord:
-    """Train `model` for `steps` AdamW steps on `train_batches(step)` and record gradient statistics of
-    every target on the fixed `measure_batch` every `every` steps (and at step 0)."""
+class GradientRecorder(TrainerCallback):
+    """Every `every` optimizer steps (and at step 0), the gradient of every target on the fixed
+    `measure` batch: its top-k singular values, stable rank, norm, the overlap of its top-`rank`
+    subspaces with the previous record's, and its cosine with the previous and first gradients.
+    At the end, the weight spectra and the spectrum of the accumulated update W_end - W_start."""
+
+    def __init__(self, rec: GradientRecord, measure: dict, every: int):
+        self.rec, self.measure, self.every, self.seconds = rec, measure, every, 0.0
+        self.prev: dict[str, tuple] = {}
+        self.first: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.modules = {t.name: model.get_submodule(t.name) for t in self.rec.targets}
+        # a CPU copy of the starting weights, for the spectrum of the accumulated update at the end
+        self.start = {n: weight_matrix(m).detach().float().cpu().clone() for n, m in self.modules.items()}
+        self.record(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.record(model, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.rec.losses.append(logs["loss"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for name, module in self.modules.items():
+            self.rec.weight_spectra[name]["end"] = _svdvals(module)
+            update = weight_matrix(module).detach().float().cpu() - self.start.pop(name)
+            self.rec.weight_spectra[name]["update"] = torch.linalg.svdvals(update).tolist()
+
+    def record(self, model: nn.Module, step: int) -> None:
+        t0, rec, info = time.perf_counter(), self.rec, self.rec.info
+        device = next(model.parameters()).device
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(**{k: v.to(device) for k, v in self.measure.items()}, use_cache=False).loss.backward()
+        rec.steps.append(step)
+        for t in rec.targets:
+            w = self.modules[t.name].weight  # gradients live on the stored parameter; Conv1D stores W^T
+            g = (w.grad.T if t.kind == "conv1d" else w.grad).detach().float()
+            U, S, V = top_svd(g, info["top_k"], info["exact"], seed=step)
+            s, r = rec.series[t.name], info["rank"]
+            s["top_sv"].append(S.tolist())
+            s["stable_rank"].append(stable_rank(g, S[0].item() if len(S) else None))
+            s["grad_norm"].append(g.norm().item())
+            if t.name in self.prev:
+                pu, pv, pg = self.prev[t.name]
+                s["overlap_left"].append(subspace_overlap(pu, U[:, :r]))
+                s["overlap_right"].append(subspace_overlap(pv, V[:, :r]))
+                s["cosine_prev"].append(cosine(pg, g))
+            else:
+                self.first[t.name] = g.clone()
+            s["cosine_first"].append(cosine(self.first[t.name], g))
+            self.prev[t.name] = (U[:, :r].clone(), V[:, :r].clone(), g.clone())
+        model.zero_grad(set_to_none=True)
+        self.seconds += time.perf_counter() - t0
+
+
+def _check_schedule(steps: int, every: int) -> None:
     if steps <= 0:
         raise WeloreError(f"steps must be > 0, got {steps}")
     if every <= 0 or every > steps:
         raise WeloreError(f"the sampling interval must be in [1, steps={steps}], got {every}")
+
+
+def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, steps: int, every: int,
+                     lr: float = 1e-4, top_k: int = 8, rank: int = 4, exact: bool = False,
+                     targets: list[Target] | None = None, progress: bool = True) -> GradientRecord:
+    """Train `model` for `steps` AdamW steps (constant `lr`, clipping at 1) on `train_batches(step)`
+    and record gradient statistics of every target on the fixed `measure_batch` every `every` steps
+    (and at step 0)."""
+    _check_schedule(steps, every)
     if not 1 <= rank <= top_k:
         raise WeloreError(f"rank must be in [1, top_k={top_k}], got {rank}")
     targets = targets if targets is not None else find_targets(model)
-    modules = {t.name: model.get_submodule(t.name) for t in targets}
     rec = GradientRecord(targets, info={"steps": steps, "every": every, "lr": lr, "top_k": top_k, "rank": rank,
                                         "exact": exact})
     rec.series = {t.name: {"stable_rank": [], "top_sv": [], "overlap_left": [], "overlap_right": [],
                            "cosine_prev": [], "cosine_first": [], "grad_norm": []} for t in targets}
-    rec.weight_spectra = {t.name: {"start": _svdvals(modules[t.name])} for t in targets}
-    # a CPU copy of the starting weights, for the spectrum of the accumulated update at the end
-    start = {t.name: weight_matrix(modules[t.name]).detach().float().cpu().clone() for t in targets}
-    device = next(model.parameters()).device
+    rec.weight_spectra = {t.name: {"start": _svdvals(model.get_submodule(t.name))} for t in targets}
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    prev: dict[str, tuple] = {}
-    first: dict[str, torch.Tensor] = {}
-    measure = {k: v.to(device) for k, v in measure_batch.items()}
-    t_measure, t_train = 0.0, 0.0
-
-    def measure_now(step: int) -> None:
-        model.zero_grad(set_to_none=True)
-        model(**measure, use_cache=False).loss.backward()
-        rec.steps.append(step)
-        for t in targets:
-            w = modules[t.name].weight  # gradients live on the stored parameter; Conv1D stores W^T
-            g = (w.grad.T if t.kind == "conv1d" else w.grad).detach().float()
-            U, S, V = top_svd(g, top_k, exact, seed=step)
-            s = rec.series[t.name]
-            s["top_sv"].append(S.tolist())
-            s["stable_rank"].append(stable_rank(g, S[0].item() if len(S) else None))
-            s["grad_norm"].append(g.norm().item())
-            if t.name in prev:
-                pu, pv, pg = prev[t.name]
-                s["overlap_left"].append(subspace_overlap(pu, U[:, :rank]))
-                s["overlap_right"].append(subspace_overlap(pv, V[:, :rank]))
-                s["cosine_prev"].append(cosine(pg, g))
-            else:
-                first[t.name] = g.clone()
-            s["cosine_first"].append(cosine(first[t.name], g))
-            prev[t.name] = (U[:, :rank].clone(), V[:, :rank].clone(), g.clone())
-        model.zero_grad(set_to_none=True)
-
-    model.train()
-    pbar = bar(range(steps), desc="Training with gradient records", unit="step", progress=progress)
-    t0 = time.perf_counter()
-    measure_now(0)
-    t_measure += time.perf_counter() - t0
-    tokens = 0
-    for step in pbar:
-        batch = {k: v.to(device) for k, v in train_batches(step).items()}
-        t0 = time.perf_counter()
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t_train += time.perf_counter() - t0
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        rec.losses.append(loss.item())
-        pbar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % every == 0:
-            t0 = time.perf_counter()
-            measure_now(step + 1)
-            t_measure += time.perf_counter() - t0
-    for t in targets:
-        rec.weight_spectra[t.name]["end"] = _svdvals(modules[t.name])
-        update = weight_matrix(modules[t.name]).detach().float().cpu() - start.pop(t.name)
-        rec.weight_spectra[t.name]["update"] = torch.linalg.svdvals(update).tolist()
-    rec.info.update(train_seconds=t_train, record_seconds=t_measure, train_tokens=tokens,
-                    tokens_per_s_training=tokens / t_train if t_train else None,
-                    tokens_per_s_with_records=tokens / (t_train + t_measure) if t_train else None)
+    rows = len(measure_batch["input_ids"])
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as scratch:  # Trainer wants an output directory; nothing is saved
+        args = training_arguments(scratch, steps=steps, lr=lr, batch_size=rows, schedule="constant",
+                                  device=device.type)
+        log = StepLog("Training with gradient records", progress)
+        recorder = GradientRecorder(rec, measure_batch, every)
+        make_trainer(model, args, StepStream(train_batches, steps, rows), [log, recorder]).train()
+    rec.info.update(train_seconds=log.seconds, record_seconds=recorder.seconds, train_tokens=log.tokens,
+                    tokens_per_s_training=log.tokens / log.seconds if log.seconds else None,
+                    tokens_per_s_with_records=log.tokens / (log.seconds + recorder.seconds) if log.seconds else None)
     model.eval()
     return rec
 
@@ -262,70 +239,7 @@ def correlations(summary: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# pictures and report
-
-
-def plot_all(rec: GradientRecord, summary: list[dict], corr: dict, out: Path, title: str) -> list[Path]:
-    plt = _plt()
-    types = list(dict.fromkeys(t.type for t in rec.targets))
-    paths = []
-    for metric, ylabel, fname, x0 in (("stable_rank", "gradient stable rank (mean over layers)", "grad_stable_rank.png", 0),
-                                      ("overlap", "top-r subspace overlap with previous record", "grad_overlap.png", 1)):
-        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-        for i, typ in enumerate(types):
-            names = [t.name for t in rec.targets if t.type == typ]
-            if metric == "stable_rank":
-                ys = np.mean([rec.series[n]["stable_rank"] for n in names], axis=0)
-            else:
-                ys = np.mean([[(a + b) / 2 for a, b in zip(rec.series[n]["overlap_left"], rec.series[n]["overlap_right"])]
-                              for n in names], axis=0)
-            ax.plot(rec.steps[x0:], ys, marker=".", color=f"C{i}", label=typ)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        if metric == "stable_rank":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=9)
-        paths.append(_save(fig, out / fname))
-
-    fig, axes = plt.subplots(1, len(types), figsize=(3 * len(types), 3), squeeze=False, layout="constrained")
-    for ax, typ in zip(axes[0], types):
-        for t in [t for t in rec.targets if t.type == typ]:
-            for when, style in (("start", ":"), ("end", "-")):
-                s = np.array(rec.weight_spectra[t.name][when])
-                ax.plot(np.linspace(0, 1, len(s)), s / s.max(), ls=style, lw=0.7,
-                        color="tab:gray" if when == "start" else "tab:red", alpha=0.6)
-        ax.set_yscale("log")
-        ax.set_title(typ, fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.supxlabel("singular value index / rank")
-    fig.supylabel("singular value / largest (dotted: start, solid: end)")
-    paths.append(_save(fig, out / "weight_spectra.png"))
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
-    xs = (("grad_stable_rank_rel", "gradient stable rank / min(m, n)", "lowrank"),
-          ("grad_subspace_overlap", "gradient subspace overlap (stability)", "stability"))
-    ys = (("weight_reduction", "WeLore reduction ratio of the final weight", "reduction"),
-          ("update_stable_rank_rel", "stable rank of W_end - W_start / min(m, n)", "update"))
-    for row, (ykey, ylabel, ycorr) in enumerate(ys):
-        for col, (xkey, xlabel, xcorr) in enumerate(xs):
-            ax = axes[row, col]
-            for i, typ in enumerate(types):
-                rows = [r for r in summary if r["type"] == typ]
-                ax.scatter([r[xkey] for r in rows], [r[ykey] for r in rows], s=14, color=f"C{i}", label=typ)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.set_title(f"Spearman {corr['overall'][f'{xcorr}_vs_{ycorr}']:+.2f} (n={corr['overall']['n']})",
-                         fontsize=9)
-            if col == 0:
-                ax.set_xscale("log")
-            if ykey == "update_stable_rank_rel":
-                ax.set_yscale("log")
-    axes[0, 1].legend(fontsize=7)
-    paths.append(_save(fig, out / "grad_vs_reduction.png"))
-    return paths
+# report
 
 
 def write_report(rec: GradientRecord, out: str | Path, title: str, ratio: float = 0.5) -> dict:
@@ -336,63 +250,19 @@ def write_report(rec: GradientRecord, out: str | Path, title: str, ratio: float 
     corr = correlations(summary)
     (out / "gradients.json").write_text(json.dumps({"record": rec.to_dict(), "summary": summary,
                                                     "correlations": corr}, indent=1))
-    plot_all(rec, summary, corr, out, title)
-    def mean(key, typ):
-        return float(np.nanmean([r[key] for r in summary if r["type"] == typ]))
-
-    by_type = [{"matrix type": k, "n": v["n"], "low-rank grad vs reduction": v["lowrank_vs_reduction"],
-                "stable grad vs reduction": v["stability_vs_reduction"],
-                "low-rank grad vs low-rank update": v["lowrank_vs_update"],
-                "stable grad vs low-rank update": v["stability_vs_update"],
-                "grad stable rank": mean("grad_stable_rank", k), "grad overlap": mean("grad_subspace_overlap", k),
-                "update stable rank / min dim": mean("update_stable_rank_rel", k),
-                "weight reduction": mean("weight_reduction", k)}
-               for k, v in corr["by_type"].items()]
-    o, i = corr["overall"], rec.info
-    overhead = (f"training {i['tokens_per_s_training']:.0f} tokens/s without records, "
-                f"{i['tokens_per_s_with_records']:.0f} tokens/s with them "
-                f"({i['record_seconds']:.1f} s of records in {i['train_seconds'] + i['record_seconds']:.1f} s)")
-    md = (f"# welore gradients: {title}\n\n{i['steps']} steps, a record every {i['every']} "
-          f"({'exact' if i['exact'] else 'randomized'} SVD, top-{i['top_k']}, subspaces of rank {i['rank']}); "
-          f"loss {rec.losses[0]:.3f} -> {rec.losses[-1]:.3f}; {overhead}.\n\n"
-          f"Spearman correlation across {o['n']} matrices with the final weight's WeLore reduction ratio "
-          f"(threshold at {ratio:.0%} effective rank reduction): gradient low-rankness (negative relative stable "
-          f"rank) **{o['lowrank_vs_reduction']:+.3f}**, gradient subspace stability **{o['stability_vs_reduction']:+.3f}**. "
-          f"With the low-rankness of the accumulated update W_end - W_start (negative relative stable rank): "
-          f"gradient low-rankness **{o['lowrank_vs_update']:+.3f}**, stability **{o['stability_vs_update']:+.3f}**."
-          f"\n\nPer matrix type (Spearman within the type, then means):\n\n{markdown_table(by_type)}\n\n![stable rank](grad_stable_rank.png)\n\n![overlap](grad_overlap.png)\n\n"
-          f"![weight spectra](weight_spectra.png)\n\n![scatter](grad_vs_reduction.png)\n")
-    (out / "report.md").write_text(md)
+    plot_gradients(rec, summary, corr, out, title)
+    (out / "report.md").write_text(gradients_markdown(rec, summary, corr, title, ratio))
     return corr
 
 
 def pretrain_model(preset: str, vocab_size: int, seed: int = 0) -> nn.Module:
     """A randomly initialised LLaMA of a preset size (for watching low-rank weights emerge)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     if preset not in PRESETS:
         raise WeloreError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=True,
                       **PRESETS[preset])
     return AutoModelForCausalLM.from_config(cfg)
-
-
-def text_batches(tokenizer, seqlen: int, batch_size: int, corpus: str = "c4-train", seed: int = 0):
-    """(batch_for_step, fixed measurement batch): random windows of the corpus; the measurement batch
-    is drawn apart from the training stream (a different generator)."""
-    ids = encode_corpus(tokenizer, corpus)
-    n = ids.numel() - seqlen - 1
-    if n <= 0:
-        raise WeloreError(f"{corpus} is shorter than one sequence of {seqlen} tokens")
-
-    def take(gen) -> dict:
-        x = random_windows(ids, batch_size, seqlen, gen, high=n)
-        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
-
-    measure = take(torch.Generator().manual_seed(10_000 + seed))
-    return (lambda step: take(torch.Generator().manual_seed(seed * 1_000_003 + step))), measure
-
 
 
 def run_gradients(source=None, output=None, *, preset: str | None = None, steps: int | None = None, every: int = 10,
@@ -407,10 +277,7 @@ def run_gradients(source=None, output=None, *, preset: str | None = None, steps:
         raise WeloreError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     steps = steps if steps is not None else (300 if preset else 40)
     lr = lr if lr is not None else (1e-3 if preset else 1e-4)
-    if steps <= 0:
-        raise WeloreError(f"steps must be > 0, got {steps}")
-    if every <= 0 or every > steps:
-        raise WeloreError(f"the sampling interval must be in [1, steps={steps}], got {every}")
+    _check_schedule(steps, every)  # before the model loads
     check_output(output, overwrite)
     loaded = load_model(source, device=device)
     if loaded.tokenizer is None:

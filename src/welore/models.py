@@ -89,6 +89,10 @@ def _load_gguf(path: Path, dev, torch_dtype, with_tok: bool, name: str) -> Loade
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tok else None
     except Exception as e:  # the GGUF reader raises many types for a bad file
         raise WeloreError(f"cannot load GGUF model {path}: {one_line(e)}") from e
+    # the weights were dequantized on load: a plain float model, which Trainer may train and whose
+    # saved config must not claim a GGUF quantization
+    if model.hf_quantizer is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     return LoadedModel(_ready(model, dev), tok, str(path), name)
 
 

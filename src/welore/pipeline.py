@@ -98,7 +98,7 @@ def _type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
             f"WeLore plan at the requested ratio: {plan.summary()}\n\n{markdown_table(rows)}\n")
 
 
-def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target: str = "rank",
+def run_compress(source=None, output=None, config: CompressConfig | None = None, *, ratio: float | None = 0.5, target: str = "rank",
                  allocation: str = "welore", min_ratio: float | None = None, threshold: float | None = None,
                  method: str = "svd", alloc_spectrum: str = "weight", refit: bool = False,
                  calib_samples: int = 32, calib_seqlen: int = 512, calib_passes: int = 1, seed: int = 0,
@@ -107,6 +107,9 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                  recipe: bool = False, recipe_samples: int = RECIPE_SAMPLES, new_tokens: int = 12,
                  device=None, dtype=None, overwrite: bool = False, progress: bool = True) -> CompressResult:
     """The main job (see module docstring). Returns the plan and the comparison rows.
+
+    config: the compression settings; without it they are built from the keywords that follow
+    (CompressConfig's fields), which document themselves here.
 
     method: a name in welore.factorize.METHODS: "svd" (WeLore's plain truncation), "asvd", "whiten",
     "whiten-fisher" (data-aware, from `calib_samples` x `calib_seqlen` tokens of the C4 training
@@ -126,12 +129,12 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     `recipe_samples` x `calib_seqlen` calibration tokens) at the parameter count this plan reached.
     new_tokens: length of each row's greedy continuation of `welore.generate.PROMPT` (0: none).
     """
-    cfg = CompressConfig(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
+    cfg = config or CompressConfig(ratio=ratio, target=target, allocation=allocation, min_ratio=min_ratio,
                          threshold=threshold, method=method, alloc_spectrum=alloc_spectrum, refit=refit,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_passes=calib_passes,
                          seed=seed, targets=targets, ignore=ignore)
     if spectra_path and cfg.rule.needs_tails and cfg.factorizer.is_weight_svd:
-        raise WeloreError(f"the {allocation} allocation needs SVD factors, which --spectra files do not hold")
+        raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
     if eval_tokens is not None and eval_tokens < seqlen:
         raise WeloreError(f"eval tokens ({eval_tokens}) must be at least seqlen ({seqlen})")
     check_output(output, overwrite)
@@ -139,7 +142,8 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
     loaded = load_model(source, device=device, dtype=dtype)
     if loaded.meta is not None:
         raise WeloreError(f"{loaded.source} is already compressed; compress its base model instead")
-    output = Path(output) if output else default_output(loaded.name, allocation, target, ratio, threshold)
+    output = Path(output) if output else default_output(loaded.name, cfg.allocation, cfg.target, cfg.ratio,
+                                                                     cfg.threshold)
     check_output(output, overwrite)
     model, tok = loaded.model, loaded.tokenizer
     if evaluate and tok is None:
@@ -154,7 +158,7 @@ def run_compress(source=None, output=None, *, ratio: float | None = 0.5, target:
                 "eval": {"corpus": corpus, "tokens": eval_tokens, "seqlen": seqlen, "prompt": PROMPT,
                          "new_tokens": new_tokens} if evaluate else None,
                 "recipe_row": {"allocation": "loss", "method": "whiten-fisher", "samples": recipe_samples,
-                               "seqlen": cfg.calib_seqlen, "seed": seed} if dense is not None and recipe else None}
+                               "seqlen": cfg.calib_seqlen, "seed": cfg.seed} if dense is not None and recipe else None}
 
     def write_spectra(tmp: Path) -> None:
         spectra.save(tmp / "spectra.safetensors")

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partialmethod
 
+from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from tqdm import std
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 _ORIGINAL_INIT = std.tqdm.__init__
 _enabled = True
@@ -28,9 +30,6 @@ def set_enabled(enabled: bool) -> None:
     global _enabled
     _enabled = bool(enabled)
     std.tqdm.__init__ = _ORIGINAL_INIT if enabled else partialmethod(_ORIGINAL_INIT, disable=True)
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
     (enable_progress_bars if enabled else disable_progress_bars)()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     try:

@@ -99,6 +99,117 @@ def plot_loss_curves(logs: dict[str, list[dict]], path: str | Path, title: str =
     return _save(fig, path)
 
 
+def plot_gradients(rec, summary: list[dict], corr: dict, out: Path, title: str) -> list[Path]:
+    """welore gradients' four PNGs from a `GradientRecord`, its per-matrix summary and correlations:
+    gradient stable rank and subspace overlap over training per matrix type, the weight spectra at the
+    start and end, and the gradient measures against the WeLore reduction and the update's rank."""
+    plt = _plt()
+    types = list(dict.fromkeys(t.type for t in rec.targets))
+    paths = []
+    for metric, ylabel, fname, x0 in (("stable_rank", "gradient stable rank (mean over layers)", "grad_stable_rank.png", 0),
+                                      ("overlap", "top-r subspace overlap with previous record", "grad_overlap.png", 1)):
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        for i, typ in enumerate(types):
+            names = [t.name for t in rec.targets if t.type == typ]
+            if metric == "stable_rank":
+                ys = np.mean([rec.series[n]["stable_rank"] for n in names], axis=0)
+            else:
+                ys = np.mean([[(a + b) / 2 for a, b in zip(rec.series[n]["overlap_left"], rec.series[n]["overlap_right"])]
+                              for n in names], axis=0)
+            ax.plot(rec.steps[x0:], ys, marker=".", color=f"C{i}", label=typ)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        if metric == "stable_rank":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        paths.append(_save(fig, out / fname))
+
+    fig, axes = plt.subplots(1, len(types), figsize=(3 * len(types), 3), squeeze=False, layout="constrained")
+    for ax, typ in zip(axes[0], types):
+        for t in [t for t in rec.targets if t.type == typ]:
+            for when, style in (("start", ":"), ("end", "-")):
+                s = np.array(rec.weight_spectra[t.name][when])
+                ax.plot(np.linspace(0, 1, len(s)), s / s.max(), ls=style, lw=0.7,
+                        color="tab:gray" if when == "start" else "tab:red", alpha=0.6)
+        ax.set_yscale("log")
+        ax.set_title(typ, fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.supxlabel("singular value index / rank")
+    fig.supylabel("singular value / largest (dotted: start, solid: end)")
+    paths.append(_save(fig, out / "weight_spectra.png"))
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
+    xs = (("grad_stable_rank_rel", "gradient stable rank / min(m, n)", "lowrank"),
+          ("grad_subspace_overlap", "gradient subspace overlap (stability)", "stability"))
+    ys = (("weight_reduction", "WeLore reduction ratio of the final weight", "reduction"),
+          ("update_stable_rank_rel", "stable rank of W_end - W_start / min(m, n)", "update"))
+    for row, (ykey, ylabel, ycorr) in enumerate(ys):
+        for col, (xkey, xlabel, xcorr) in enumerate(xs):
+            ax = axes[row, col]
+            for i, typ in enumerate(types):
+                rows = [r for r in summary if r["type"] == typ]
+                ax.scatter([r[xkey] for r in rows], [r[ykey] for r in rows], s=14, color=f"C{i}", label=typ)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"Spearman {corr['overall'][f'{xcorr}_vs_{ycorr}']:+.2f} (n={corr['overall']['n']})",
+                         fontsize=9)
+            if col == 0:
+                ax.set_xscale("log")
+            if ykey == "update_stable_rank_rel":
+                ax.set_yscale("log")
+    axes[0, 1].legend(fontsize=7)
+    paths.append(_save(fig, out / "grad_vs_reduction.png"))
+    return paths
+
+
+
+
+def gradients_markdown(rec, summary: list[dict], corr: dict, title: str, ratio: float) -> str:
+    """welore gradients' report.md: the run, the overall correlations, a table per matrix type, the PNGs."""
+    def mean(key, typ):
+        return float(np.nanmean([r[key] for r in summary if r["type"] == typ]))
+
+    by_type = [{"matrix type": k, "n": v["n"], "low-rank grad vs reduction": v["lowrank_vs_reduction"],
+                "stable grad vs reduction": v["stability_vs_reduction"],
+                "low-rank grad vs low-rank update": v["lowrank_vs_update"],
+                "stable grad vs low-rank update": v["stability_vs_update"],
+                "grad stable rank": mean("grad_stable_rank", k), "grad overlap": mean("grad_subspace_overlap", k),
+                "update stable rank / min dim": mean("update_stable_rank_rel", k),
+                "weight reduction": mean("weight_reduction", k)}
+               for k, v in corr["by_type"].items()]
+    o, i = corr["overall"], rec.info
+    overhead = (f"training {i['tokens_per_s_training']:.0f} tokens/s without records, "
+                f"{i['tokens_per_s_with_records']:.0f} tokens/s with them "
+                f"({i['record_seconds']:.1f} s of records in {i['train_seconds'] + i['record_seconds']:.1f} s)")
+    md = (f"# welore gradients: {title}\n\n{i['steps']} steps, a record every {i['every']} "
+          f"({'exact' if i['exact'] else 'randomized'} SVD, top-{i['top_k']}, subspaces of rank {i['rank']}); "
+          f"loss {rec.losses[0]:.3f} -> {rec.losses[-1]:.3f}; {overhead}.\n\n"
+          f"Spearman correlation across {o['n']} matrices with the final weight's WeLore reduction ratio "
+          f"(threshold at {ratio:.0%} effective rank reduction): gradient low-rankness (negative relative stable "
+          f"rank) **{o['lowrank_vs_reduction']:+.3f}**, gradient subspace stability **{o['stability_vs_reduction']:+.3f}**. "
+          f"With the low-rankness of the accumulated update W_end - W_start (negative relative stable rank): "
+          f"gradient low-rankness **{o['lowrank_vs_update']:+.3f}**, stability **{o['stability_vs_update']:+.3f}**."
+          f"\n\nPer matrix type (Spearman within the type, then means):\n\n{markdown_table(by_type)}\n\n![stable rank](grad_stable_rank.png)\n\n![overlap](grad_overlap.png)\n\n"
+          f"![weight spectra](weight_spectra.png)\n\n![scatter](grad_vs_reduction.png)\n")
+    return md
+
+
+def finetune_row(mode: str, rec: dict) -> dict:
+    """One row of `welore compare`'s table from a run's finetune.json."""
+    met, first, last = rec["metrics"], rec["evals"][0], rec["evals"][-1]
+    row = {"mode": mode, "trainable params": met["trainable_params"],
+           "trainable %": 100 * met["trainable_params"] / met["total_params"],
+           "peak memory GiB": met["peak_memory_gib"], "tokens/s": met["tokens_per_s"],
+           "train s": met["train_seconds"], "final loss": rec["log"][-1]["loss"]}
+    for k in last:
+        if k != "step":
+            row[f"{k} before"], row[f"{k} after"] = first[k], last[k]
+    return row
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

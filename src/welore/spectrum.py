@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -78,8 +79,6 @@ class Spectra:
             raise WeloreError(f"no such spectra file: {path}")
         try:
             values = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
             if meta.get("format") != SPECTRA_FORMAT:
@@ -118,8 +117,6 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_factors: bool = False,
             progress: bool = True) -> Spectra:
     """Singular values of every target of `model` (see module docstring)."""
-    import time
-
     targets = targets if targets is not None else find_targets(model)
     values, fps, factors = {}, {}, {}
     start = time.perf_counter()
@@ -138,3 +135,40 @@ def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_facto
         fps[t.name] = fingerprint(module.weight)
         del wf
     return Spectra(list(targets), values, fps, factors, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# measures of any matrix (the gradient view uses them on gradients)
+
+
+def stable_rank(g: torch.Tensor, top: float | None = None) -> float:
+    """||G||_F^2 / ||G||_2^2: 1 for a rank-1 matrix, min(m, n) for an orthogonal one."""
+    fro2 = g.double().pow(2).sum().item()
+    if top is None:
+        top = torch.linalg.matrix_norm(g.double(), ord=2).item()
+    return fro2 / top**2 if top > 0 else 0.0
+
+
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spans of orthonormal `a`, `b`:
+    ||a^T b||_F^2 / r. 1 for the same subspace, 0 for orthogonal ones."""
+    r = min(a.shape[1], b.shape[1])
+    return (a.double().T @ b.double()).pow(2).sum().item() / r if r else 0.0
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    d = a.norm() * b.norm()
+    return (a @ b).item() / d.item() if d > 0 else 0.0
+
+
+def top_svd(g: torch.Tensor, k: int, exact: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading k singular triplets: randomized (4 oversampling columns, 2 power iterations) or exact."""
+    g = g.float()
+    k = min(k, *g.shape)
+    if exact or k + 4 >= min(g.shape):
+        U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].T
+    torch.manual_seed(seed)  # svd_lowrank draws a random test matrix
+    U, S, V = torch.svd_lowrank(g, q=k + 4, niter=2)
+    return U[:, :k], S[:k], V[:, :k]

@@ -1,11 +1,17 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from welore import WeloreError, load_compressed
-from welore.finetune import Batches, FinetuneConfig, finetune, matched_lora_rank, prepare_mode
+from welore.config import FinetuneConfig
+from welore.train import finetune, matched_lora_rank, prepare_mode
+from welore.trainer import Batches, make_trainer, training_arguments
 
 FAST = dict(steps=12, lr=3e-3, batch_size=2, seqlen=64, warmup=2, eval_tokens=256, save_every=0)
 
@@ -25,9 +31,12 @@ def test_lrc_mode_changes_only_the_lrc_factors(compressed_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
-def test_each_mode_learns_a_memorisable_batch(compressed_dir, tokenizer, mode):
+def test_each_mode_learns_a_memorisable_batch(compressed_dir, tokenizer, mode, tmp_path):
     cfg = FinetuneConfig(mode=mode, lr=1e-2, galore_rank=4, galore_update_gap=10)
-    model, optimizer, _ = prepare_mode(load_compressed(compressed_dir).model, cfg)
+    model, optim, _ = prepare_mode(load_compressed(compressed_dir).model, cfg)
+    # the optimizer the run's Trainer builds (GaLore through Trainer's optim="galore_adamw")
+    optimizer = make_trainer(model, training_arguments(tmp_path, steps=1, lr=cfg.lr, batch_size=2, device="cpu",
+                                                       **optim)).create_optimizer()
     model.train()
     batch = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2)).get(0, 0)
     losses = []
@@ -121,3 +130,27 @@ def test_not_a_compressed_directory(model_dir, tmp_path):
         finetune(model_dir, tmp_path / "o", FinetuneConfig(**FAST), progress=False)
     with pytest.raises(WeloreError, match="no such directory"):
         finetune(tmp_path / "nope", tmp_path / "o", FinetuneConfig(**FAST), progress=False)
+
+
+def test_two_processes_match_one(compressed_dir, tmp_path):
+    """Two processes (DDP over gloo) end with the same weights on both ranks, and their losses and
+    weights match one process with the same global batch. `accelerate launch --cpu` would start one
+    process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU."""
+    steps = dict(steps=4, seqlen=32, lr=3e-3, warmup=1, eval_tokens=64, save_every=0)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in steps.items()]
+    welore_cli = Path(sys.executable).with_name("welore")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(welore_cli), "finetune",
+              str(compressed_dir), "-o", str(tmp_path / "two"), "--batch-size", "1", "--device", "cpu", "-q", *flags]
+    run = subprocess.run(launch, capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-4000:]
+    one = finetune(compressed_dir, tmp_path / "one", FinetuneConfig(batch_size=2, **steps), progress=False)
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    digests = two["metrics"]["weights_digest"]
+    assert two["metrics"]["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert one.metrics["processes"] == 1 and one.metrics["train_tokens"] == two["metrics"]["train_tokens"]
+    assert [e["loss"] for e in two["log"]] == pytest.approx([e["loss"] for e in one.log], rel=1e-4)
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

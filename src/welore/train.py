@@ -1,0 +1,296 @@
+"""Fine-tune a compressed model: only the LRC factors (WeLore), everything, LoRA, or GaLore.
+
+    welore.finetune("compressed/x", "tuned/x", FinetuneConfig(mode="lrc", data="c4", steps=200))
+
+The modes are setups of the same Trainer: `lrc` and `full` mark what trains (`set_trainable`),
+`lora` wraps the model with PEFT, `galore` is Trainer's own `optim="galore_adamw"` (galore-torch's
+GaLoreAdamW) on the block matrices whose smaller side exceeds the rank.
+
+The loop is `transformers.Trainer` (see welore.trainer): one code path for CPU, one GPU or many
+(`accelerate launch`): gradient accumulation, cosine schedule with warmup, gradient clipping, bf16
+autocast on GPU / fp32 on CPU, a progress bar with loss and tokens/s, periodic evaluation, and
+Trainer checkpoints that make a killed run resumable.
+
+Reproducibility: the batch of step s is a pure function of (seed, s), so a resumed run sees exactly
+the batches an uninterrupted one would, and with the optimizer, scheduler and RNG states restored it
+reproduces the same loss curve and the same parameters.
+
+Outputs: `OUT/` is a welore-compressed directory (loads with `load_compressed`, merges with
+`welore merge`; LoRA adapters are merged into the weights they adapt), plus `finetune.json` (config,
+per-step log, evaluations, measurements) and `loss.png`. Checkpoints live in `OUT.ckpt/` while the run
+is in flight and are removed when it completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from accelerate.utils import gather_object
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import TrainerCallback, set_seed
+
+from .compress import count_parameters, low_rank_modules, set_trainable
+from .config import MODES, FinetuneConfig
+from .device import PeakMemory
+from .errors import WeloreError
+from .evaluate import perplexity, task_accuracy
+from .io import atomic_dir, check_output, load_compressed, read_meta, save_compressed
+from .progress import set_enabled
+from .report import finetune_row, markdown_table, plot_loss_curves
+from .tasks import task_splits
+from .trainer import Batches, StepLog, make_trainer, training_arguments
+
+STATE = "welore_state.json"  # welore's part of a Trainer checkpoint: log, evaluations, model identity
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    config: FinetuneConfig
+    trainable: int
+    total: int
+    log: list[dict] = field(default_factory=list)  # one entry per optimizer step
+    evals: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# modes: what trains, and with which optimizer
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Every nn.Linear inside the blocks: dense N-LRCs and both factors of each LRC."""
+    index = re.compile(r"\.\d+\.")
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and index.search(f".{n}.")]
+
+
+def matched_lora_rank(model: nn.Module) -> int:
+    """The LoRA rank whose trainable parameter count is closest to the LRC factors' count."""
+    lrc = sum(m.down.weight.numel() + m.up.weight.numel() for m in low_rank_modules(model).values())
+    names = set(lora_targets(model))
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n in names)
+    return max(1, round(lrc / per_rank)) if per_rank else 1
+
+
+def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
+    """Mark what trains in `cfg.mode`. Returns (model, optimizer settings for TrainingArguments, info)."""
+    info: dict = {}
+    optim: dict = {"optim": "adamw_torch"}
+    if cfg.mode == "lora":
+        rank = cfg.lora_rank or matched_lora_rank(model)
+        info["lora_rank"] = rank
+        set_trainable(model, "none")
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank,
+                                                 target_modules=lora_targets(model), lora_dropout=0.0))
+    else:
+        set_trainable(model, "lrc" if cfg.mode == "lrc" else "full")
+    if cfg.mode == "galore":
+        projected = [n for n in lora_targets(model) if min(model.get_submodule(n).weight.shape) > cfg.galore_rank]
+        if not projected:
+            raise WeloreError(f"no block matrix has both sides above the GaLore rank {cfg.galore_rank}")
+        info.update(galore_rank=cfg.galore_rank, galore_matrices=len(projected))
+        optim = {"optim": "galore_adamw", "optim_target_modules": "|".join(re.escape(n) for n in projected),
+                 "optim_args": f"rank={cfg.galore_rank},update_proj_gap={cfg.galore_update_gap},"
+                               f"scale={cfg.galore_scale},proj_type=std"}
+    return model, optim, info
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    """Identity of the starting model: its welore.json plan and weight file size + head bytes."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps(read_meta(model_dir)["plan"], sort_keys=True).encode())
+    w = model_dir / "model.safetensors"
+    h.update(str(w.stat().st_size).encode())
+    with open(w, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """A hash of every trainable parameter's bytes."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -> dict:
+    was_training = model.training
+    if cfg.data == "c4":
+        out = {f"{corpus}_ppl": perplexity(model, tokenizer, corpus, seqlen=min(cfg.seqlen, cfg.eval_tokens),
+                                           max_tokens=cfg.eval_tokens, progress=False).ppl
+               for corpus in ("c4", "wikitext2")}
+    else:
+        out = {"accuracy": task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen,
+                                         progress=progress).accuracy}
+    model.train(was_training)
+    return out
+
+
+class _RunState(TrainerCallback):
+    """Evaluations every `eval_every` steps, the `stop_after` stop, and welore's state written into
+    each Trainer checkpoint, so that a resume can check it is the same model and settings."""
+
+    def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str):
+        self.cfg, self.evaluate, self.log, self.evals, self.fingerprint = cfg, evaluate, log, evals, fingerprint
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        done, cfg = state.global_step, self.cfg
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            self.evals.append({"step": done, **self.evaluate(model)})
+        if cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps:
+            control.should_save, control.should_training_stop = True, True
+        if done >= cfg.steps:
+            control.should_save = False  # the finished model is saved as the output, not as a checkpoint
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE).write_text(json.dumps({
+                "step": state.global_step, "log": self.log, "evals": self.evals,
+                "model_fingerprint": self.fingerprint, "config": self.cfg.to_dict()}))
+
+
+def _last_checkpoint(ckpt: Path) -> tuple[Path, dict]:
+    """The newest complete checkpoint in `ckpt` (one that has welore's state, written last)."""
+    done = sorted((p for p in ckpt.glob("checkpoint-*") if (p / STATE).is_file()),
+                  key=lambda p: int(p.name.split("-")[-1])) if ckpt.is_dir() else []
+    if not done:
+        raise WeloreError(f"nothing to resume: no checkpoint in {ckpt}")
+    return done[-1], json.loads((done[-1] / STATE).read_text())
+
+
+def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, resume: bool = False,
+             overwrite: bool = False, device=None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune the compressed model in `model_dir` and write the result to `output` (see module doc)."""
+    model_dir, output = Path(model_dir), Path(output)
+    if not model_dir.is_dir():
+        raise WeloreError(f"no such directory: {model_dir}")
+    meta = read_meta(model_dir)  # refuses anything that is not a welore-compressed directory
+    check_output(output, overwrite)
+    ckpt = output.with_name(output.name + ".ckpt")
+    fingerprint = _model_fingerprint(model_dir)
+    last, log, evals = None, [], []
+    if resume:
+        last, saved = _last_checkpoint(ckpt)
+        if saved["model_fingerprint"] != fingerprint:
+            raise WeloreError(f"checkpoint {ckpt} is from a different model than {model_dir}")
+        if saved["config"] != cfg.to_dict():
+            raise WeloreError(f"checkpoint {ckpt} was made with different settings; resume with the same ones")
+        log, evals = saved["log"], saved["evals"]
+    elif ckpt.exists():
+        shutil.rmtree(ckpt)  # a stale checkpoint of an earlier run with this output
+
+    set_seed(cfg.seed)
+    loaded = load_compressed(model_dir, device="cpu")
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise WeloreError(f"{model_dir} has no tokenizer; fine-tuning needs one")
+    total = count_parameters(loaded.model)  # before LoRA adds adapters: percentages are of the model
+    loaded.model.config.use_cache = False  # no KV cache while training; restored before saving
+    model, optim, info = prepare_mode(loaded.model, cfg)
+    args = training_arguments(ckpt, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                              grad_accum=cfg.grad_accum, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                              max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
+                              device=device, **optim)
+    batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
+    eval_set = None if cfg.data == "c4" else task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)[1]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    msg = f"[{cfg.mode}] trainable parameters: {trainable:,} / {total:,} ({trainable / total:.2%})"
+    print(msg + (f"  {info}" if info else ""), flush=True)
+
+    steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
+    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint)
+    trainer = make_trainer(model, args, batches.stream(), [steps, run])
+    if last is None:
+        evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+    with PeakMemory(args.device) as mem:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if trainer.state.global_step < cfg.steps:
+        raise WeloreError(f"stopped after step {trainer.state.global_step} as asked; continue with --resume")
+    evals.append({"step": cfg.steps, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+    digests = gather_object([_weights_digest(trainer.model)])  # one per process: data parallelism must agree
+    if len(set(digests)) > 1:
+        raise WeloreError(f"the {len(digests)} processes ended with different weights; nothing was written")
+
+    model = trainer.model
+    if cfg.mode == "lora":
+        model = model.merge_and_unload()  # the adapters fold into the (factor) weights they adapt
+    model.eval()
+    model.config.use_cache = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    metrics = {"trainable_params": trainable, "total_params": total, "train_tokens": steps.tokens,
+               "train_seconds": steps.seconds, "tokens_per_s": steps.tokens / steps.seconds if steps.seconds else None,
+               "device": str(args.device), "processes": args.world_size, "weights_digest": digests,
+               **mem.report(), **info}
+    record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "metrics": metrics, "evals": evals,
+              "log": log, "resumed_from_step": int(last.name.split("-")[-1]) if last else None}
+    settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}
+
+    def extra(tmp: Path) -> None:
+        (tmp / "finetune.json").write_text(json.dumps(record, indent=1))
+        plot_loss_curves({cfg.mode: log}, tmp / "loss.png", title=f"{cfg.data}: training loss")
+
+    if args.process_index == 0:
+        save_compressed(model, output, loaded.plan, tokenizer=tokenizer, base_model=meta.get("base_model"),
+                        settings=settings, overwrite=overwrite, extra=extra)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return FinetuneResult(output, cfg, trainable, total, log, evals, metrics)
+
+
+def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress: bool) -> None:
+    """compare's worker: a fresh process per mode, so each mode's peak memory is its own."""
+    logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")  # as the CLI does
+    set_enabled(progress)
+    try:
+        finetune(model_dir, output, cfg, device=device, progress=progress)
+    except WeloreError as e:
+        print(f"welore: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
+            overwrite: bool = False, device=None, progress: bool = True) -> list[dict]:
+    """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
+    (so peak memory is each mode's own), and write one table and one plot side by side."""
+    for m in modes:
+        if m not in MODES:
+            raise WeloreError(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
+    read_meta(Path(model_dir))
+    rows, logs = [], {}
+    spawn = multiprocessing.get_context("spawn")  # a clean interpreter: no memory or threads inherited
+    with atomic_dir(output, overwrite) as tmp:
+        for mode in modes:
+            child = spawn.Process(target=_finetune_in_child,
+                                  args=(str(model_dir), str(tmp / mode), replace(cfg, mode=mode), device, progress))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise WeloreError(f"the {mode} run failed (see its output above)")
+            rec = json.loads((tmp / mode / "finetune.json").read_text())
+            logs[mode] = rec["log"]
+            rows.append(finetune_row(mode, rec))
+        header = (f"data {cfg.data}, {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} sequences of <= {cfg.seqlen} "
+                  f"tokens, lr {cfg.lr}, seed {cfg.seed}, memory: {rec['metrics']['memory_kind']}")
+        (tmp / "compare.md").write_text(f"# welore compare: {model_dir}\n\n{header}\n\n{markdown_table(rows)}\n\n"
+                                        "![loss](compare.png)\n")
+        (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+        plot_loss_curves(logs, tmp / "compare.png", title=f"{cfg.data}: training loss by mode")
+    return rows

@@ -1,0 +1,175 @@
+"""`transformers.Trainer` as welore uses it: the one loop behind `welore finetune`, `compare` and
+`gradients`.
+
+What welore adds to Trainer, and why:
+
+* `StepStream`: the data is a pure function of the micro-step index (`batch(t)` returns the whole
+  global micro-batch), read in order. A resumed run sees exactly the batches an uninterrupted one
+  would (Trainer skips the trained indices), and with several processes process r takes rows
+  [r*b, (r+1)*b) of each global micro-batch, so the global batch, hence the loss, does not depend on
+  the number of processes.
+* `Batches`: fine-tuning data (C4 windows, or task examples with the loss on the answer only).
+* `StepLog`: one record per optimizer step (loss, learning rate, tokens/s of the step's own wall time,
+  so evaluations and checkpoints are not counted), and welore's progress bar instead of Trainer's.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .config import FinetuneConfig
+from .data import encode_corpus
+from .device import pick_device
+from .errors import WeloreError
+from .evaluate import encode_example
+from .progress import bar
+from .tasks import task_splits
+
+# deprecation notices raised inside the libraries' own code paths, not by anything welore calls:
+# Trainer asks models `is_gradient_checkpointing`, and galore-torch's AdamW announces its future
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="This implementation of AdamW is deprecated", category=FutureWarning)
+
+
+class StepStream(torch.utils.data.Dataset):
+    """Rows of a deterministic stream: micro-step t is `batch(t)` (a dict of tensors with `rows` rows);
+    item k is row k % rows of micro-step k // rows."""
+
+    def __init__(self, batch: Callable[[int], dict[str, torch.Tensor]], micro_steps: int, rows: int):
+        self.batch, self.micro_steps, self.rows = batch, micro_steps, rows
+        self._t, self._cached = -1, {}
+
+    def __len__(self) -> int:
+        return self.micro_steps * self.rows
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        t, r = divmod(k, self.rows)
+        if t != self._t:  # rows are read in order: one batch is drawn per micro-step
+            self._t, self._cached = t, self.batch(t)
+        return {key: v[r] for key, v in self._cached.items()}
+
+
+class Batches:
+    """Fine-tuning batches: token windows of the C4 training documents, or task examples with the loss
+    on the answer tokens only (labels -100 elsewhere). `get(step, micro)` is the global micro-batch
+    (`rows` sequences), a function of (seed, step, micro) only."""
+
+    def __init__(self, tokenizer, cfg: FinetuneConfig, rows: int | None = None):
+        self.cfg, self.rows = cfg, rows or cfg.batch_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        if cfg.data == "c4":
+            ids = encode_corpus(tokenizer, "c4-train")
+            n = ids.numel() // cfg.seqlen
+            if n == 0:
+                raise WeloreError("the training corpus is shorter than one sequence")
+            self.windows = ids[: n * cfg.seqlen].view(n, cfg.seqlen)
+            self.size = n
+        else:
+            train, _ = task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)
+            if not train:
+                raise WeloreError(f"task {cfg.data} has no training examples")
+            self.examples = [encode_example(tokenizer, ex.prompt, ex.target, cfg.seqlen) for ex in train]
+            self.size = len(self.examples)
+
+    def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        # the trailing 0 keeps the draws of the single-process runs made before the stream was global
+        idx = torch.from_numpy(np.random.default_rng([self.cfg.seed, step, micro, 0]).integers(0, self.size, self.rows))
+        if self.cfg.data == "c4":
+            x = self.windows[idx]
+            return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+        rows = [self.examples[i] for i in idx]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        mask = torch.zeros_like(input_ids)
+        for r, (ids, n_prompt) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+            mask[r, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def stream(self) -> StepStream:
+        accum = self.cfg.grad_accum
+        return StepStream(lambda t: self.get(*divmod(t, accum)), self.cfg.steps * accum, self.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+def training_arguments(output_dir, *, steps: int, lr: float, batch_size: int, grad_accum: int = 1,
+                       warmup: int = 0, schedule: str = "cosine", weight_decay: float = 0.0,
+                       max_grad_norm: float = 1.0, seed: int = 0, save_every: int = 0, device=None,
+                       **optim) -> TrainingArguments:
+    """Trainer settings for welore's runs: in-order data, a log record every step, no reporting
+    integrations, bf16 autocast on a GPU that has it and fp32 elsewhere."""
+    dev = pick_device(device)
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, warmup_steps=warmup, lr_scheduler_type=schedule,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, data_seed=seed,
+        use_cpu=dev.type == "cpu", bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+        train_sampling_strategy="sequential",
+        logging_steps=1, include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=True,
+        save_strategy="steps" if save_every else "no", save_steps=save_every or 500, save_total_limit=1,
+        dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"], **optim)
+
+
+class WeloreTrainer(Trainer):
+    """Trainer with GaLore's groups given the run's weight decay (Trainer builds them without it)."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if str(self.args.optim).startswith("galore"):
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.args.weight_decay
+        return optimizer
+
+
+class StepLog(TrainerCallback):
+    """A record per optimizer step in `log` (loss, lr, tokens/s) and a progress bar on process 0."""
+
+    def __init__(self, desc: str, progress: bool = True, log: list[dict] | None = None):
+        self.desc, self.progress, self.log = desc, progress, log if log is not None else []
+        self.tokens, self.seconds, self._t0, self._dt = 0, 0.0, 0.0, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._seen = state.num_input_tokens_seen
+        self.bar = bar(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                       progress=self.progress and state.is_world_process_zero)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._dt = time.perf_counter() - self._t0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        tokens, self._seen = state.num_input_tokens_seen - self._seen, state.num_input_tokens_seen
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + self._dt
+        self.log.append({"step": state.global_step, "loss": logs["loss"], "lr": logs["learning_rate"],
+                         "tokens_per_s": tokens / self._dt if self._dt else None})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{tokens / max(self._dt, 1e-9):.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream | None = None,
+                 callbacks: list[TrainerCallback] = ()) -> WeloreTrainer:
+    """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones."""
+    trainer = WeloreTrainer(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    return trainer
