@@ -18,8 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from welore import run_compress
-from welore import FinetuneConfig, compare
+from welore import FinetuneConfig, compare, run_compress
 
 
 def main() -> None:

@@ -74,8 +74,9 @@ def test_lora_rank_is_matched_to_lrc(compressed_dir):
     assert abs(lora - lrc) <= per_rank / 2 + 1
 
 
-def test_resume_reproduces_an_uninterrupted_run(compressed_dir, tmp_path):
-    cfg = dict(FAST, steps=10, save_every=3)
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+def test_resume_reproduces_an_uninterrupted_run(compressed_dir, tmp_path, mode):
+    cfg = dict(FAST, steps=10, save_every=3, mode=mode, galore_rank=4, galore_update_gap=4)
     full = finetune(compressed_dir, tmp_path / "a", FinetuneConfig(**cfg), progress=False)
     with pytest.raises(WeloreError, match="stopped after step 5"):
         finetune(compressed_dir, tmp_path / "b", FinetuneConfig(**cfg, stop_after=5), progress=False)

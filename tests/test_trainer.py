@@ -1,0 +1,41 @@
+import torch
+from torch.utils.data import DataLoader
+
+from welore.config import FinetuneConfig
+from welore.trainer import Batches, StepStream
+
+
+def test_step_stream_serves_each_micro_batch_row_by_row_and_draws_it_once():
+    calls = []
+
+    def batch(t):
+        calls.append(t)
+        return {"input_ids": torch.arange(3).view(3, 1) + 10 * t}
+
+    stream = StepStream(batch, micro_steps=4, rows=3)
+    assert len(stream) == 12
+    rows = [int(stream[k]["input_ids"]) for k in range(len(stream))]
+    assert rows == [0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32]
+    assert calls == [0, 1, 2, 3]
+
+
+def test_per_process_slices_make_up_the_global_batch(tokenizer):
+    """What two data-parallel processes read (accelerate hands process r every other batch of the
+    in-order loader) is, row for row, the global batch one process reads."""
+    cfg = FinetuneConfig(seqlen=32, batch_size=1, steps=3, grad_accum=2)
+    stream = Batches(tokenizer, cfg, rows=2).stream()
+    single = list(DataLoader(stream, batch_size=2))  # one process, batch 2
+    halves = list(DataLoader(stream, batch_size=1))  # batches 0, 2, 4.. to rank 0; 1, 3, 5.. to rank 1
+    assert len(single) == cfg.steps * cfg.grad_accum
+    for t, b in enumerate(single):
+        glued = torch.cat([halves[2 * t]["input_ids"], halves[2 * t + 1]["input_ids"]])
+        assert torch.equal(b["input_ids"], glued)
+
+
+def test_batches_are_a_function_of_seed_step_and_micro_step(tokenizer):
+    a = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2))
+    b = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2))
+    assert torch.equal(a.get(3, 1)["input_ids"], b.get(3, 1)["input_ids"])
+    assert not torch.equal(a.get(3, 1)["input_ids"], a.get(3, 0)["input_ids"])
+    other = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2, seed=1))
+    assert not torch.equal(a.get(3, 1)["input_ids"], other.get(3, 1)["input_ids"])
