@@ -240,6 +240,17 @@ def test_dtype_is_kept(capsys, model_dir, tmp_path):
     assert next(load_compressed(out).model.parameters()).dtype == torch.bfloat16
 
 
+def test_compress_stream(capsys, model_dir, tmp_path):
+    code, stdout, err = run(capsys, "compress", str(model_dir), "--stream", "-o", str(tmp_path / "s"), "--ratio", "0.4",
+                            "-q")
+    assert code == 0, err
+    assert "2 blocks" in stdout and "3 shards" in stdout and (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    code, _, err = run(capsys, "compress", str(model_dir), "--resume", "-o", str(tmp_path / "r"), "-q")
+    _assert_clean_error(code, err, "add --stream")
+    code, _, err = run(capsys, "compress", "--stream", "-o", str(tmp_path / "r"), "-q")
+    _assert_clean_error(code, err, "name one")
+
+
 def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     fast = ["--steps", "3", "--seqlen", "32", "--batch-size", "2", "--eval-tokens", "64", "-q"]
     code, stdout, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "ft"), *fast)

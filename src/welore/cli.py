@@ -24,16 +24,10 @@ from .evaluate import perplexity
 from .generate import generate, has_chat_template
 from .io import atomic_file, load_compressed, save_dense
 from .models import load_model
-from .pipeline import run_analyze, run_compress
+from .pipeline import default_output, run_analyze, run_compress
 from .progress import shown
 from .report import text_table
-
-
-def _ratio(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+from .stream import compress_streaming
 
 
 def _positive_int(s: str) -> int:
@@ -47,6 +41,7 @@ def _positive_int(s: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
+    """MODEL (optional: the embedded default; False: the command names its own) and where to run it."""
     if model_optional:
         p.add_argument("model", nargs="?", default=None,
                        help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
@@ -74,24 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
 
     ap.add_argument("--version", action="version", version=f"welore {__version__}")
-    # HfArgumentParser subparsers: a job's dataclass becomes its flags (`dataclass_types=`), once
-    sub = ap.add_subparsers(dest="command", required=True,
+    sub = ap.add_subparsers(dest="command", required=True,  # HfArgumentParser: a job's dataclass -> its flags
                             parser_class=functools.partial(HfArgumentParser, formatter_class=_Help))
 
     p = sub.add_parser("analyze", help="singular value spectra of every target matrix, with plots")
     _common(p)
     _targets(p)
     p.add_argument("-o", "--output", help="output directory (default: analysis/<model name>)")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="effective rank reduction for the illustrated plan")
-    p.add_argument("--min-ratio", type=_ratio, default=0.5, help="LRC if a matrix's reduction exceeds this")
+    p.add_argument("--ratio", type=float, default=0.5, help="effective rank reduction for the illustrated plan")
+    p.add_argument("--min-ratio", type=float, default=0.5, help="LRC if a matrix's reduction exceeds this")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("compress", help="WeLore compression (the main job); compares dense / uniform / WeLore",
                        dataclass_types=[CompressConfig])
     _common(p)
-    p.add_argument("--param-ratio", type=_ratio, default=None, help="parameter reduction of the targets to hit "
+    p.add_argument("--param-ratio", type=float, default=None, help="parameter reduction of the targets to hit "
                    "(short for --ratio R --target params)")
     p.set_defaults(ratio=None)  # unset, so that giving two of --ratio, --param-ratio, --threshold is caught
+    p.add_argument("--stream", action="store_true", help="block by block from the safetensors shards of MODEL (a "
+                   "directory), for models larger than memory; data-free; writes a sharded output, no comparison")
+    p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from its last block")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")
@@ -122,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _common(p, model_optional=False)
 
     for name, help_ in (("finetune", "fine-tune a compressed model (default: only the LRC factors)"),
                         ("compare", "fine-tune with several --train modes on the same data; one table + plot")):
@@ -153,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=8, help="gradient singular values kept per record")
     p.add_argument("--rank", type=_positive_int, default=4, help="rank of the subspaces compared across records")
     p.add_argument("--exact", action="store_true", help="exact SVDs instead of randomized ones")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="effective rank reduction defining the WeLore threshold")
+    p.add_argument("--ratio", type=float, default=0.5, help="effective rank reduction defining the WeLore threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -198,18 +193,27 @@ def cmd_compress(a) -> int:
         a.ratio, a.target = a.param_ratio, "params"
     a.ratio = 0.5 if a.ratio is None else a.ratio
     cfg = from_namespace(CompressConfig, a)
+    if a.stream or a.resume:
+        return _compress_streaming(a, cfg)
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
     res = run_compress(a.model, a.output, cfg, spectra_path=a.spectra, compare=not a.no_compare,
                        evaluate=not a.no_eval, corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen,
                        recipe=not a.no_recipe and not cfg.calibrated, device=a.device, dtype=a.dtype,
                        overwrite=a.overwrite, progress=not a.quiet)
-    print(res.plan.summary())
-    print()
-    print(res.table())
-    print()
-    print(res.explain())
+    print(f"{res.plan.summary()}\n\n{res.table()}\n\n{res.explain()}")
     print(f"\nwrote {res.output}/ (model.safetensors, welore.json, modeling_welore.py, report.md, spectra.png, "
           f"reduction.png)")
+    return 0
+
+
+def _compress_streaming(a, cfg: CompressConfig) -> int:  # welore compress --stream
+    if not a.stream:
+        raise WeloreError("--resume continues a --stream run; add --stream")
+    if a.model is None:
+        raise WeloreError("--stream reads a model directory with safetensors weights; name one")
+    out = a.output or default_output(Path(a.model).name, cfg.allocation, cfg.target, cfg.ratio, cfg.threshold)
+    res = compress_streaming(a.model, out, cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    print(res.summary())
     return 0
 
 
@@ -290,9 +294,7 @@ def cmd_gradients(a) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate, "generate": cmd_generate,
-            "merge": cmd_merge,
-            "finetune": cmd_finetune, "compare": cmd_compare, "gradients": cmd_gradients}
+COMMANDS = {name.removeprefix("cmd_"): f for name, f in list(globals().items()) if name.startswith("cmd_")}
 
 if __name__ == "__main__":
     sys.exit(main())

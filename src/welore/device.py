@@ -47,7 +47,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         proc = psutil.Process()
-        self.start_rss = proc.memory_info().rss
+        self.start_rss = self.peak = proc.memory_info().rss  # a block shorter than one sample still counts
 
         def sample() -> None:
             while not self._stop.wait(0.02):
@@ -63,6 +63,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)
 
     def report(self) -> dict:
         if self.device.type == "cuda":

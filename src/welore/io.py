@@ -35,7 +35,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +45,7 @@ from .allocate import RankPlan
 from .device import pick_device
 from .errors import WeloreError, one_line
 from .layers import column_major, low_rank_specs, swap_in_low_rank
+from .shards import ShardReader
 
 FORMAT = "welore/1"
 WEIGHTS = "model.safetensors"
@@ -155,6 +156,18 @@ def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, to
                     base_model: str | None = None, settings: dict | None = None, overwrite: bool = False,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write `model` (compressed by `plan`) as a self-describing directory; `extra(tmpdir)` may add files."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "welore": FORMAT})
+        write_metadata(model, tmp, plan, tokenizer=tokenizer, base_model=base_model, settings=settings)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def write_metadata(model: nn.Module, out: Path, plan: RankPlan, *, tokenizer=None, base_model: str | None = None,
+                   settings: dict | None = None) -> None:
+    """Everything of a compressed directory but its weights: welore.json, config.json + modeling file,
+    generation config, tokenizer. `model` may be a meta-device skeleton (streaming compression)."""
     meta = {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -165,21 +178,16 @@ def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, to
         "settings": settings or {},
         "plan": plan.to_dict(),
     }
-    with atomic_dir(out_dir, overwrite) as tmp:
-        _save_config_and_modeling(model, tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # an invalid generation config of the base model is not ours to fix
-                pass
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "welore": FORMAT})
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-    return Path(out_dir)
+    _save_config_and_modeling(model, out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(out)
+        except Exception:  # an invalid generation config of the base model is not ours to fix
+            pass
+    (out / META).write_text(json.dumps(meta, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
@@ -215,13 +223,13 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def build_skeleton(config, plan: RankPlan, dtype: torch.dtype | None = None) -> nn.Module:
-    """The compressed architecture with empty (meta) parameters; buffers are real."""
+def build_skeleton(config, plan: RankPlan | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The (compressed, with a plan) architecture with empty (meta) parameters; buffers are real."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else \
             AutoModelForCausalLM.from_config(config)
         specs = {}
-        for mp in plan.lrcs:
+        for mp in plan.lrcs if plan is not None else []:
             try:
                 old = model.get_submodule(mp.name)
             except AttributeError:
@@ -244,30 +252,25 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise WeloreError(f"{path}: cannot read config.json: {e}") from e
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except FileNotFoundError:
-        raise WeloreError(f"{path} has no {WEIGHTS}") from None
-    except (SafetensorError, OSError) as e:
-        raise WeloreError(f"{path / WEIGHTS} is corrupt: {e}") from e
+    state = ShardReader(path).all()  # one file, or the shards a streaming compression wrote
 
     model = build_skeleton(config, plan)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: unexpected tensor {unexpected[0]}")
+        raise WeloreError(f"{path} does not match its rank plan: unexpected tensor {unexpected[0]}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: {k} has shape "
+            raise WeloreError(f"{path} does not match its rank plan: {k} has shape "
                               f"{tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise WeloreError(f"{path / WEIGHTS}: tensor {k} contains NaN or Inf")
+            raise WeloreError(f"{path}: tensor {k} contains NaN or Inf")
     model.load_state_dict(state, strict=False, assign=True)
     column_major(model)  # assign took the row-major tensors as saved
     model.tie_weights()  # tied tensors were stored once
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise WeloreError(f"{path / WEIGHTS} does not match its rank plan: missing tensor {missing[0]}")
+        raise WeloreError(f"{path} does not match its rank plan: missing tensor {missing[0]}")
     model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
     tok = None
     if tokenizer:

@@ -36,15 +36,19 @@ class Target:
 
     @property
     def layer(self) -> int | None:
-        """Block index (the first numeric path component), if any."""
-        m = _INDEX.search(f".{self.name}.")
-        return int(m.group(1)) if m else None
+        return layer_of(self.name)
 
     @property
     def type(self) -> str:
         """Matrix type for grouping, the name with the block index removed: `self_attn.q_proj`."""
         m = _INDEX.search(f".{self.name}.")
         return self.name[m.end() - 1:] if m else self.name
+
+
+def layer_of(name: str) -> int | None:
+    """Block index of a module or tensor name (its first numeric path component), if any."""
+    m = _INDEX.search(f".{name}.")
+    return int(m.group(1)) if m else None
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -84,7 +88,7 @@ def find_targets(model: nn.Module, targets: Iterable[str] | None = None,
         if inc:
             if not any(p.search(name) for p in inc):
                 continue
-        elif module.weight.data_ptr() in excluded or not _INDEX.search(f".{name}."):
+        elif _identity(module.weight) in excluded or not _INDEX.search(f".{name}."):
             continue
         if any(p.search(name) for p in exc):
             continue
@@ -105,11 +109,17 @@ def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern]:
     return out
 
 
+def _identity(w: torch.Tensor) -> int:
+    """Storage identity of a weight (shared storage = tied); on the meta device, where every tensor's
+    data_ptr is 0, the tensor object's own."""
+    return id(w) if w.device.type == "meta" else w.data_ptr()
+
+
 def _embedding_weights(model: nn.Module) -> set[int]:
-    """data_ptrs of the input/output embedding weights (the head and anything tied to it)."""
+    """Identities of the input/output embedding weights (the head and anything tied to it)."""
     ptrs = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, getter, lambda: None)()
         if emb is not None and getattr(emb, "weight", None) is not None:
-            ptrs.add(emb.weight.data_ptr())
+            ptrs.add(_identity(emb.weight))
     return ptrs

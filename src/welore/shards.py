@@ -1,0 +1,90 @@
+"""A checkpoint's tensors in safetensors files, one (`model.safetensors`) or several with the index
+transformers reads (`model.safetensors.index.json`).
+
+`ShardReader` reads lazily: `safe_open` maps the files and a tensor is read only when asked for, so
+a block of a model larger than memory can be processed on its own. `write_shard` / `write_index`
+write a sharded checkpoint shard by shard (each file appears whole or not at all), which is what
+lets a streaming job resume from its last finished shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import WeloreError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def shard_name(i: int, total: int) -> str:
+    return f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+
+
+class ShardReader:
+    """Lazy read access to the safetensors weights of a model directory."""
+
+    def __init__(self, directory: str | Path):
+        self.dir, self._handles = Path(directory), {}
+        if (self.dir / INDEX).is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise WeloreError(f"{self.dir / INDEX} is corrupt: {e}") from e
+        elif (self.dir / SINGLE).is_file():
+            self.weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
+        else:
+            raise WeloreError(f"{self.dir} has no safetensors weights ({SINGLE} or {INDEX})")
+
+    def _open(self, file: str):
+        if file not in self._handles:  # mapped, not read: tensors are read one by one by `get`
+            try:
+                self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise WeloreError(f"{self.dir / file} is missing or corrupt: {e}") from e
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self.weight_map[key]).get_tensor(key)
+        except KeyError:
+            raise WeloreError(f"{self.dir} has no tensor {key}") from None
+
+    def all(self) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self.weight_map}
+
+    def files(self) -> list[Path]:
+        return [self.dir / f for f in dict.fromkeys(self.weight_map.values())]
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file so that it appears whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
+
+
+def write_index(directory: Path, total: int) -> None:
+    """The index of shards 1..total in `directory`, read back from the shards themselves (so a resumed
+    job indexes what is on disk); total_size is the shards' file size, headers included."""
+    weight_map, size = {}, 0
+    for i in range(total):
+        name = shard_name(i, total)
+        with safe_open(str(directory / name), framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = name
+        size += (directory / name).stat().st_size
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                              indent=1))

@@ -1,0 +1,199 @@
+"""Compression block by block, straight from a checkpoint's safetensors shards: for models larger
+than memory.
+
+    welore compress MODEL_DIR --stream [--resume]
+
+Nothing holds the whole model. WeLore's threshold is global, so the plan needs every spectrum
+before any factor is final; this path decides it in two passes over the blocks:
+
+1. **Spectra and spilled factors.** Per block (a transformer layer: the targets sharing a layer
+   index), read each target weight with `safe_open`, take its one fp32 SVD, keep its singular values
+   (kilobytes), and spill its factors to disk at the largest rank that could ever be an LRC
+   (k(m+n) < mn), already scaled and cast to the checkpoint's dtype, which is what
+   `LowRankLinear.from_svd` does for any rank: truncating the spilled factors later gives, bit for
+   bit, the factors the in-memory path builds. The spill is never larger than the weights.
+2. **Plan, then shards.** The rule allocates ranks from all the spectra (the same `allocate`). Per
+   block again, each LRC's spilled factors are cut to its rank, every other tensor is copied, and
+   the block is written as one output shard; then the non-block tensors (embeddings, final norm,
+   head) as the last shard, and the index.
+
+Memory: one block's weights in fp32, its SVD work and its factors, whatever the depth. Time: one SVD
+per matrix (the floor) plus reading and writing the checkpoint twice. Work happens in
+`.{output}.partial/`; a spill file or a shard appears whole or not at all, so `--resume` continues
+a killed job from its last finished block and gives the same bytes. Data-free only (`--method svd`,
+the `welore` / `uniform` rules): calibrated methods need activations flowing block to block.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from .allocate import RankPlan, allocate
+from .config import CompressConfig
+from .device import PeakMemory
+from .errors import WeloreError, one_line
+from .io import build_skeleton, check_output, versions, write_metadata
+from .layers import LowRankLinear
+from .progress import bar
+from .shards import ShardReader, shard_name, write_index, write_shard
+from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svd
+from .targets import Target, find_targets, layer_of
+
+
+@dataclass
+class StreamResult:
+    output: Path
+    plan: RankPlan
+    metrics: dict
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (f"{self.plan.summary()}\n\n{m['blocks']} blocks in {m['seconds']:.1f} s ({m['svd_seconds']:.1f} s "
+                f"of SVD); peak RSS {m['peak_memory_gib']:.2f} GiB; checkpoint {m['source_bytes'] / 2**30:.2f} GiB "
+                f"-> {m['output_bytes'] / 2**30:.2f} GiB in {m['shards']} shards\nwrote {self.output}/ "
+                "(model-*.safetensors + index, welore.json, modeling_welore.py, stream.json)")
+
+
+def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConfig, *, resume: bool = False,
+                       overwrite: bool = False, progress: bool = True) -> StreamResult:
+    """Compress the model directory `source` into `output` block by block (see module docstring)."""
+    if cfg.calibrated or not cfg.factorizer.is_weight_svd or cfg.calib_passes > 1:
+        raise WeloreError("streaming compression is data-free: --method svd with the welore or uniform allocation")
+    source, output = Path(source), Path(output)
+    if not source.is_dir():
+        raise WeloreError(f"streaming compression reads a model directory with safetensors weights; {source} is not one")
+    check_output(output, overwrite)
+    reader = ShardReader(source)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except Exception as e:
+        raise WeloreError(f"{source}: cannot read config.json: {one_line(e)}") from e
+    skeleton = build_skeleton(config)  # meta weights: the names and shapes of the targets
+    targets = find_targets(skeleton, cfg.targets, cfg.ignore)
+    for t in targets:
+        if f"{t.name}.weight" not in reader:
+            raise WeloreError(f"{source} has no tensor {t.name}.weight (checkpoint names must match the model's)")
+    blocks: dict[int | None, list[Target]] = defaultdict(list)
+    for t in targets:
+        blocks[t.layer].append(t)
+    order = sorted(k for k in blocks if k is not None) + ([None] if None in blocks else [])
+    keys: dict[int | None, list[str]] = defaultdict(list)
+    for k in reader.keys():
+        keys[layer_of(k) if layer_of(k) in blocks else None].append(k)
+    shards = order + ([] if None in blocks else [None])  # the non-block tensors go last
+
+    work = output.with_name(f".{output.name}.partial")
+    job = {"source": str(source.resolve()), "config": cfg.to_dict(), "versions": versions()}
+    _prepare(work, job, resume, overwrite)
+    t0 = time.perf_counter()
+    with PeakMemory(torch.device("cpu")) as mem:
+        values, fps, svd_s = _spectra_pass(reader, blocks, order, work, progress)
+        spectra = Spectra(targets, values, fps, {}, svd_s)
+        plan = allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
+                        min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+        _write_pass(reader, plan, blocks, keys, shards, work, progress)
+    write_index(work, len(shards))
+    tok = _tokenizer(source)
+    settings = {"source": str(source), "name": source.name, **cfg.to_dict(), "stream": True}
+    write_metadata(build_skeleton(config, plan), work, plan, tokenizer=tok, base_model=str(source), settings=settings)
+    if (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", work)
+    shutil.rmtree(work / "spill")
+    (work / "job.json").unlink()
+    out_bytes = sum(p.stat().st_size for p in work.glob("*.safetensors"))
+    metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(),
+               "source_bytes": sum(p.stat().st_size for p in reader.files()), "output_bytes": out_bytes,
+               "blocks": len(order), "shards": len(shards)}
+    metrics["memory_kind"] = "peak RSS during compression"
+    (work / "stream.json").write_text(json.dumps(metrics, indent=1))
+    if output.exists():
+        shutil.rmtree(output)  # check_output allowed it: --overwrite
+    work.rename(output)
+    return StreamResult(output, plan, metrics)
+
+
+def _prepare(work: Path, job: dict, resume: bool, overwrite: bool) -> None:
+    if work.exists():
+        saved = json.loads((work / "job.json").read_text()) if (work / "job.json").is_file() else None
+        if resume and saved != job:
+            raise WeloreError(f"{work} holds another job (other source, settings or versions); cannot resume it")
+        if not resume:
+            if not overwrite:
+                raise WeloreError(f"{work} holds an unfinished job: --resume to continue it, --overwrite to restart")
+            shutil.rmtree(work)
+    elif resume:
+        raise WeloreError(f"nothing to resume: no {work}")
+    (work / "spill").mkdir(parents=True, exist_ok=True)
+    (work / "job.json").write_text(json.dumps(job, indent=1))
+
+
+def _spectra_pass(reader: ShardReader, blocks, order, work: Path, progress: bool):
+    """Pass 1: singular values, fingerprints and spilled factors, one block at a time."""
+    values, fps, seconds = {}, {}, 0.0
+    for b in bar(order, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
+        path = work / "spill" / f"{b}.safetensors"
+        if not path.is_file():  # else finished by an earlier run (--resume)
+            tensors, fingerprints, block_s = {}, {}, 0.0
+            for t in blocks[b]:
+                stored = reader.get(f"{t.name}.weight")
+                w = stored.t() if t.kind == "conv1d" else stored
+                if not torch.isfinite(w).all():
+                    raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+                start = time.perf_counter()
+                U, S, Vh = truncated_svd(w, max_useful_rank(*t.shape))
+                block_s += time.perf_counter() - start
+                tensors[f"{t.name}.values"] = S
+                if U.shape[1]:  # scaled and cast as from_svd does, so any rank is a slice of these
+                    top = LowRankLinear.from_svd(U, S, Vh, U.shape[1], None, dtype=w.dtype)
+                    tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
+                fingerprints[t.name] = fingerprint(stored)
+            write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            values.update({t.name: f.get_tensor(f"{t.name}.values") for t in blocks[b]})
+        fps.update(json.loads(meta["fingerprints"]))
+        seconds += float(meta["svd_seconds"])
+    return values, fps, seconds
+
+
+def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, shards, work: Path, progress: bool) -> None:
+    """Pass 2: one output shard per block (LRCs cut from the spill, the rest copied), then the rest."""
+    lrc = {m.name: m for m in plan.lrcs}
+    for i, b in enumerate(bar(shards, desc="Pass 2/2: writing shards", unit="shard", progress=progress)):
+        path = work / shard_name(i, len(shards))
+        if path.is_file():
+            continue
+        spill = load_file(str(work / "spill" / f"{b}.safetensors")) if b in blocks else {}
+        out = {}
+        targets = {f"{t.name}.weight": t for t in blocks.get(b, [])}
+        for k in keys[b]:
+            t = targets.get(k)
+            if t is None or t.name not in lrc:
+                out[k] = reader.get(k)
+                continue
+            r = lrc[t.name].alloc_rank
+            out[f"{t.name}.down.weight"] = spill[f"{t.name}.down"][:r]
+            out[f"{t.name}.up.weight"] = spill[f"{t.name}.up"][:, :r]
+            if f"{t.name}.bias" in reader:
+                out[f"{t.name}.up.bias"] = reader.get(f"{t.name}.bias")
+        for t in blocks.get(b, []):  # the bias of an LRC moved to its up factor
+            if t.name in lrc:
+                out.pop(f"{t.name}.bias", None)
+        write_shard(path, out)  # metadata {"format": "pt"} only: safetensors orders several keys at random
+
+
+def _tokenizer(source: Path):
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:
+        return None  # a checkpoint without a tokenizer compresses all the same

@@ -1,0 +1,85 @@
+import json
+import multiprocessing
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from welore import CompressConfig, WeloreError, load_compressed, run_compress
+from welore.shards import INDEX, ShardReader
+from welore.stream import compress_streaming
+
+
+def _same_output(a, b):
+    """Same plan, same tensors (bit for bit), same logits."""
+    ma, mb = json.loads((a / "welore.json").read_text()), json.loads((b / "welore.json").read_text())
+    assert ma["plan"] == mb["plan"]
+    ta, tb = ShardReader(a).all(), ShardReader(b).all()
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    x = torch.randint(0, 100, (1, 12))
+    la, lb = load_compressed(a).model(x).logits, load_compressed(b).model(x).logits
+    assert torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_equals_in_memory(arch, dtype, tmp_path, tokenizer):
+    src = tmp_path / "src"
+    make_tiny(arch).to(dtype).save_pretrained(src, max_shard_size="100KB")  # several input shards
+    cfg = CompressConfig(ratio=0.4, min_ratio=0.0)
+    run_compress(src, tmp_path / "mem", cfg, compare=False, evaluate=False, progress=False)
+    res = compress_streaming(src, tmp_path / "stream", cfg, progress=False)
+    assert (tmp_path / "stream" / INDEX).is_file() and res.metrics["shards"] == res.metrics["blocks"] + 1
+    assert res.plan.lrcs and res.metrics["peak_memory_gib"] > 0
+    _same_output(tmp_path / "mem", tmp_path / "stream")
+    assert not (tmp_path / ".stream.partial").exists()
+
+
+def _killed_run(src, out, cfg):
+    """A run that dies (os._exit, as under SIGKILL) after writing its third file."""
+    import os
+
+    import welore.stream as stream
+
+    real, count = stream.write_shard, [0]
+
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        count[0] += 1
+        if count[0] == 3:
+            os._exit(9)
+
+    stream.write_shard = write_then_die
+    compress_streaming(src, out, cfg, progress=False)
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, tokenizer):
+    src = tmp_path / "src"
+    make_tiny("llama").save_pretrained(src)
+    cfg = CompressConfig(ratio=0.5, min_ratio=0.0)
+    compress_streaming(src, tmp_path / "whole", cfg, progress=False)
+    child = multiprocessing.get_context("spawn").Process(target=_killed_run, args=(src, tmp_path / "cut", cfg))
+    child.start()
+    child.join()
+    assert child.exitcode == 9 and not (tmp_path / "cut").exists()
+    partial = tmp_path / ".cut.partial"
+    # both blocks' spectra and the first output shard were finished when it died
+    assert len(list((partial / "spill").glob("*.safetensors"))) == 2 and len(list(partial.glob("model-*"))) == 1
+    with pytest.raises(WeloreError, match="unfinished job"):
+        compress_streaming(src, tmp_path / "cut", cfg, progress=False)
+    with pytest.raises(WeloreError, match="another job"):
+        compress_streaming(src, tmp_path / "cut", CompressConfig(ratio=0.3), resume=True, progress=False)
+    compress_streaming(src, tmp_path / "cut", cfg, resume=True, progress=False)
+    for name in ShardReader(tmp_path / "whole").files():
+        assert (tmp_path / "cut" / name.name).read_bytes() == name.read_bytes()
+
+
+def test_streaming_refuses_what_it_cannot_do(tmp_path, model_dir):
+    with pytest.raises(WeloreError, match="data-free"):
+        compress_streaming(model_dir, tmp_path / "o", CompressConfig(method="whiten"), progress=False)
+    with pytest.raises(WeloreError, match="nothing to resume"):
+        compress_streaming(model_dir, tmp_path / "o", CompressConfig(), resume=True, progress=False)
+    with pytest.raises(WeloreError, match="no safetensors weights"):
+        compress_streaming(tmp_path, tmp_path / "o", CompressConfig(), progress=False)
