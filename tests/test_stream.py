@@ -83,3 +83,13 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, model_dir):
         compress_streaming(model_dir, tmp_path / "o", CompressConfig(), resume=True, progress=False)
     with pytest.raises(WeloreError, match="no safetensors weights"):
         compress_streaming(tmp_path, tmp_path / "o", CompressConfig(), progress=False)
+
+
+def test_a_streamed_output_fine_tunes_like_any_other(model_dir, tmp_path):
+    from welore import FinetuneConfig, finetune
+
+    compress_streaming(model_dir, tmp_path / "s", CompressConfig(ratio=0.4), progress=False)
+    cfg = FinetuneConfig(steps=2, seqlen=32, batch_size=2, eval_tokens=64, save_every=0, warmup=0)
+    res = finetune(tmp_path / "s", tmp_path / "ft", cfg, progress=False)
+    assert res.log[-1]["loss"] > 0
+    assert load_compressed(tmp_path / "ft").plan.to_dict() == load_compressed(tmp_path / "s").plan.to_dict()

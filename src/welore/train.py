@@ -6,10 +6,8 @@ The modes are setups of the same Trainer: `lrc` and `full` mark what trains (`se
 `lora` wraps the model with PEFT, `galore` is Trainer's own `optim="galore_adamw"` (galore-torch's
 GaLoreAdamW) on the block matrices whose smaller side exceeds the rank.
 
-The loop is `transformers.Trainer` (see welore.trainer): one code path for CPU, one GPU or many
-(`accelerate launch`): gradient accumulation, cosine schedule with warmup, gradient clipping, bf16
-autocast on GPU / fp32 on CPU, a progress bar with loss and tokens/s, periodic evaluation, and
-Trainer checkpoints that make a killed run resumable.
+The loop is `transformers.Trainer` (see welore.trainer) for CPU, one GPU or many: accumulation,
+cosine schedule with warmup, clipping, bf16 autocast on GPU, periodic evaluation, resumable checkpoints.
 
 Reproducibility: the batch of step s is a pure function of (seed, s), so a resumed run sees exactly
 the batches an uninterrupted one would, and with the optimizer, scheduler and RNG states restored it
@@ -48,6 +46,7 @@ from .evaluate import perplexity, task_accuracy
 from .io import atomic_dir, check_output, load_compressed, read_meta, save_compressed
 from .progress import set_enabled
 from .report import finetune_row, markdown_table, plot_loss_curves
+from .shards import ShardReader
 from .tasks import task_splits
 from .trainer import Batches, StepLog, make_trainer, training_arguments
 
@@ -115,13 +114,13 @@ def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict
 
 
 def _model_fingerprint(model_dir: Path) -> str:
-    """Identity of the starting model: its welore.json plan and weight file size + head bytes."""
+    """Identity of the starting model: its welore.json plan and each weight file's size + head bytes."""
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps(read_meta(model_dir)["plan"], sort_keys=True).encode())
-    w = model_dir / "model.safetensors"
-    h.update(str(w.stat().st_size).encode())
-    with open(w, "rb") as f:
-        h.update(f.read(1 << 20))
+    for w in ShardReader(model_dir).files():  # one file, or the shards of a streamed compression
+        h.update(str(w.stat().st_size).encode())
+        with open(w, "rb") as f:
+            h.update(f.read(1 << 20))
     return h.hexdigest()
 
 
