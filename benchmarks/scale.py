@@ -1,0 +1,172 @@
+"""Bigger than memory: streaming compression (`welore compress --stream`) on synthetic checkpoints
+with the real shapes of TinyLlama-1.1B and LLaMA-2-7B, and in-memory vs streaming on SmolLM2.
+
+There is no model hub here, so each checkpoint is generated: a LLaMA config of the real shape, bf16
+safetensors shards written block by block (the generator never holds more than one block), and
+weights with heavy-tailed spectra like trained ones: W = A diag(s) B + noise with Gaussian A, B,
+s_i ~ i^-alpha (alpha drawn per matrix in [0.6, 1.4], so the plan is not degenerate) over rank
+min(m, n) / 4, and a Gaussian noise floor. Every compression runs in its own process (`welore
+compress --stream`), so its peak RSS is its own.
+
+Reported per size: peak RSS of the compressing process (sampled every 50 ms from outside), wall
+time, the thin-SVD floor (one `torch.linalg.svd(full_matrices=False)` in fp32 per distinct target
+shape, on a Gaussian matrix, measured in this run, times the number of matrices of that shape), the
+ratios of the process's wall time and of the compression alone (stream.json) to that floor, and the
+output size.
+
+    python benchmarks/scale.py --sizes smollm2 tinyllama-1.1b     # ~20 min on 2 CPU cores
+    python benchmarks/scale.py --sizes llama2-7b                   # ~1.5 h, ~40 GB of disk
+    python benchmarks/scale.py --sizes mini --work /tmp/scale      # a quick look (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+SHAPES = {  # the published configs' shapes, and a small one for a quick look
+    "mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def heavy_tailed(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    r = max(1, min(m, n) // 4)
+    alpha = 0.6 + 0.8 * torch.rand((), generator=gen).item()
+    s = torch.arange(1, r + 1, dtype=torch.float32) ** -alpha
+    a = torch.randn(m, r, generator=gen) / r**0.5
+    b = torch.randn(r, n, generator=gen) / n**0.5
+    w = (a * s) @ b
+    return w + 0.02 * w.std() * torch.randn(m, n, generator=gen)
+
+
+def synthesize(name: str, out: Path, seed: int = 0) -> Path:
+    """A LLaMA checkpoint of `name`'s shape: config, tokenizer, bf16 shards (one per block + the rest)."""
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(tmp)
+    h, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    total, weight_map = layers + 1, {}
+    for i in range(layers):
+        t0 = time.perf_counter()
+        block = {f"model.layers.{i}.{k}.weight": heavy_tailed(*s, gen).bfloat16() for k, s in shapes.items()}
+        block[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        block[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        file = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        save_file(block, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(block, file))
+        print(f"  {name}: block {i + 1}/{layers} in {time.perf_counter() - t0:.1f} s", flush=True)
+    rest = {"model.embed_tokens.weight": (0.02 * torch.randn(cfg.vocab_size, h, generator=gen)).bfloat16(),
+            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+            "lm_head.weight": (0.02 * torch.randn(cfg.vocab_size, h, generator=gen)).bfloat16()}
+    file = f"model-{total:05d}-of-{total:05d}.safetensors"
+    save_file(rest, str(tmp / file), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, file))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def svd_floor(config: dict, repeats: int = 1) -> tuple[float, dict]:
+    """Seconds of one fp32 thin SVD per target matrix: each distinct shape timed here, times its count."""
+    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    counts: dict[tuple[int, int], int] = {}
+    for s in [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]:
+        counts[s] = counts.get(s, 0) + layers
+    per_shape = {}
+    for s in counts:
+        w = torch.randn(*s)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.linalg.svd(w, full_matrices=False)
+            best = min(best, time.perf_counter() - t)
+        per_shape[f"{s[0]}x{s[1]}"] = best
+    return sum(per_shape[f"{s[0]}x{s[1]}"] * c for s, c in counts.items()), per_shape
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB sampled every 50 ms) of `welore ARGS` in a fresh process."""
+    t = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "welore", *args])
+    proc, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    if child.wait() != 0:
+        raise SystemExit(f"welore {' '.join(args)} failed")
+    return time.perf_counter() - t, peak / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["smollm2", "tinyllama-1.1b"],
+                    choices=["smollm2", *SHAPES])
+    ap.add_argument("--ratio", type=float, default=0.5, help="effective rank reduction")
+    ap.add_argument("--work", default="bench-out/scale", help="where checkpoints and outputs go (large)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
+    for size in a.sizes:
+        if size == "smollm2":
+            results[size] = smollm2(work, a.ratio)
+        else:
+            src = synthesize(size, work / f"{size}-synthetic")
+            out = work / f"{size}-compressed"
+            wall, rss = run(["compress", str(src), "--stream", "-o", str(out), "--ratio", str(a.ratio), "--overwrite",
+                             "-q"])
+            stream = json.loads((out / "stream.json").read_text())
+            floor, per_shape = svd_floor(json.loads((src / "config.json").read_text()))
+            results[size] = {"wall_s": wall, "peak_rss_gib": rss, **stream, "svd_floor_s": floor, "svd_floor_per_shape_s": per_shape,
+                             "wall_over_floor": wall / floor, "compress_over_floor": stream["seconds"] / floor,
+                             "checkpoint_gib": stream["source_bytes"] / 2**30}
+        print(json.dumps({size: results[size]}, indent=1), flush=True)
+        (work / "scale.json").write_text(json.dumps(results, indent=1))  # after each size: partial results survive
+
+
+def smollm2(work: Path, ratio: float) -> dict:
+    """The embedded default as a safetensors directory, compressed in memory and streamed."""
+    src = work / "smollm2-dense"
+    if not src.is_dir():
+        from welore import load_model, save_dense
+
+        loaded = load_model(None)
+        save_dense(loaded.model, src, tokenizer=loaded.tokenizer)
+    common = [str(src), "--ratio", str(ratio), "--overwrite", "-q"]
+    mem_s, mem_rss = run(["compress", *common, "-o", str(work / "smollm2-mem"), "--no-compare", "--no-eval"])
+    stream_s, stream_rss = run(["compress", *common, "-o", str(work / "smollm2-stream"), "--stream"])
+    return {"in_memory": {"wall_s": mem_s, "peak_rss_gib": mem_rss},
+            "stream": {"wall_s": stream_s, "peak_rss_gib": stream_rss,
+                       **json.loads((work / "smollm2-stream" / "stream.json").read_text())}}
+
+
+if __name__ == "__main__":
+    main()
