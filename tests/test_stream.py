@@ -93,3 +93,29 @@ def test_a_streamed_output_fine_tunes_like_any_other(model_dir, tmp_path):
     res = finetune(tmp_path / "s", tmp_path / "ft", cfg, progress=False)
     assert res.log[-1]["loss"] > 0
     assert load_compressed(tmp_path / "ft").plan.to_dict() == load_compressed(tmp_path / "s").plan.to_dict()
+
+
+def test_two_processes_write_the_same_output(tmp_path, model_dir):
+    """Blocks split over 2 CPU processes (gloo, launched by accelerate's torchrun launcher, one thread
+    each) give the bytes one process with one thread gives: LAPACK's rounding depends on the thread
+    count, not on how the blocks are shared out."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    welore_cli = str(Path(sys.executable).with_name("welore"))
+    args = ["compress", str(model_dir), "--stream", "--ratio", "0.4", "-q", "-o"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([welore_cli, *args, str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", welore_cli, *args,
+              str(tmp_path / "two")]
+    two = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "stream.json").read_text())["processes"] == 2
+    for f in ShardReader(tmp_path / "one").files():
+        assert (tmp_path / "two" / f.name).read_bytes() == f.read_bytes()
+    assert (json.loads((tmp_path / "two" / "welore.json").read_text())["plan"]
+            == json.loads((tmp_path / "one" / "welore.json").read_text())["plan"])

@@ -40,8 +40,7 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
-    """MODEL (optional: the embedded default; False: the command names its own) and where to run it."""
+def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:  # MODEL, where and how to run
     if model_optional:
         p.add_argument("model", nargs="?", default=None,
                        help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
@@ -213,7 +212,8 @@ def _compress_streaming(a, cfg: CompressConfig) -> int:  # welore compress --str
         raise WeloreError("--stream reads a model directory with safetensors weights; name one")
     out = a.output or default_output(Path(a.model).name, cfg.allocation, cfg.target, cfg.ratio, cfg.threshold)
     res = compress_streaming(a.model, out, cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
-    print(res.summary())
+    if res.rank == 0:
+        print(res.summary())
     return 0
 
 

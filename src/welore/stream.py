@@ -20,8 +20,11 @@ before any factor is final; this path decides it in two passes over the blocks:
 Memory: one block's weights in fp32, its SVD work and its factors, whatever the depth. Time: one SVD
 per matrix (the floor) plus reading and writing the checkpoint twice. Work happens in
 `.{output}.partial/`; a spill file or a shard appears whole or not at all, so `--resume` continues
-a killed job from its last finished block and gives the same bytes. Data-free only (`--method svd`,
-the `welore` / `uniform` rules): calibrated methods need activations flowing block to block.
+a killed job from its last finished block and gives the same bytes. Under `torchrun` or
+`accelerate launch` with N processes, process r takes blocks r, r+N, ... in both passes (the spill and
+shard files are the handoff) and process 0 writes the index and the metadata: the same output.
+Data-free only (`--method svd`, the `welore` / `uniform` rules): calibrated methods need activations
+flowing block to block.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
@@ -55,6 +59,7 @@ class StreamResult:
     output: Path
     plan: RankPlan
     metrics: dict
+    rank: int = 0  # this process' index when several share the job
 
     def summary(self) -> str:
         m = self.metrics
@@ -94,15 +99,39 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
 
     work = output.with_name(f".{output.name}.partial")
     job = {"source": str(source.resolve()), "config": cfg.to_dict(), "versions": versions()}
-    _prepare(work, job, resume, overwrite)
+    # under torchrun / accelerate launch, process r takes blocks r, r+N, ...; the files are the handoff
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    _check(work, job, resume, overwrite)
+    state.wait_for_everyone()
+    if rank == 0:
+        _prepare(work, job, resume)
+    state.wait_for_everyone()
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        values, fps, svd_s = _spectra_pass(reader, blocks, order, work, progress)
+        _spill_blocks(reader, blocks, order[rank::world], work, progress and rank == 0)
+        state.wait_for_everyone()
+        values, fps, svd_s = _read_spectra(blocks, order, work)
         spectra = Spectra(targets, values, fps, {}, svd_s)
         plan = allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
                         min_ratio=cfg.min_ratio, threshold=cfg.threshold)
-        _write_pass(reader, plan, blocks, keys, shards, work, progress)
-    write_index(work, len(shards))
+        mine = [(i, b) for i, b in enumerate(shards) if i % world == rank]
+        _write_pass(reader, plan, blocks, keys, mine, len(shards), work, progress and rank == 0)
+        state.wait_for_everyone()
+    metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(), "processes": world,
+               "source_bytes": sum(p.stat().st_size for p in reader.files()), "blocks": len(order),
+               "shards": len(shards), "memory_kind": "peak RSS during compression (process 0)"}
+    if rank == 0:
+        _finish(source, output, work, config, plan, cfg, len(shards), metrics)
+    state.wait_for_everyone()
+    metrics["output_bytes"] = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    return StreamResult(output, plan, metrics, rank)
+
+
+def _finish(source: Path, output: Path, work: Path, config, plan: RankPlan, cfg: CompressConfig, total: int,
+            metrics: dict) -> None:
+    """The index, the metadata, and the rename that makes the output appear."""
+    write_index(work, total)
     tok = _tokenizer(source)
     settings = {"source": str(source), "name": source.name, **cfg.to_dict(), "stream": True}
     write_metadata(build_skeleton(config, plan), work, plan, tokenizer=tok, base_model=str(source), settings=settings)
@@ -110,55 +139,59 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
         shutil.copy(source / "generation_config.json", work)
     shutil.rmtree(work / "spill")
     (work / "job.json").unlink()
-    out_bytes = sum(p.stat().st_size for p in work.glob("*.safetensors"))
-    metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(),
-               "source_bytes": sum(p.stat().st_size for p in reader.files()), "output_bytes": out_bytes,
-               "blocks": len(order), "shards": len(shards)}
-    metrics["memory_kind"] = "peak RSS during compression"
+    metrics = {**metrics, "output_bytes": sum(p.stat().st_size for p in work.glob("*.safetensors"))}
     (work / "stream.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():
         shutil.rmtree(output)  # check_output allowed it: --overwrite
     work.rename(output)
-    return StreamResult(output, plan, metrics)
 
 
-def _prepare(work: Path, job: dict, resume: bool, overwrite: bool) -> None:
+def _check(work: Path, job: dict, resume: bool, overwrite: bool) -> None:
     if work.exists():
         saved = json.loads((work / "job.json").read_text()) if (work / "job.json").is_file() else None
         if resume and saved != job:
             raise WeloreError(f"{work} holds another job (other source, settings or versions); cannot resume it")
-        if not resume:
-            if not overwrite:
-                raise WeloreError(f"{work} holds an unfinished job: --resume to continue it, --overwrite to restart")
-            shutil.rmtree(work)
+        if not resume and not overwrite:
+            raise WeloreError(f"{work} holds an unfinished job: --resume to continue it, --overwrite to restart")
     elif resume:
         raise WeloreError(f"nothing to resume: no {work}")
+
+
+def _prepare(work: Path, job: dict, resume: bool) -> None:
+    if work.exists() and not resume:
+        shutil.rmtree(work)  # --overwrite
     (work / "spill").mkdir(parents=True, exist_ok=True)
     (work / "job.json").write_text(json.dumps(job, indent=1))
 
 
-def _spectra_pass(reader: ShardReader, blocks, order, work: Path, progress: bool):
-    """Pass 1: singular values, fingerprints and spilled factors, one block at a time."""
-    values, fps, seconds = {}, {}, 0.0
-    for b in bar(order, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
+def _spill_blocks(reader: ShardReader, blocks, mine, work: Path, progress: bool) -> None:
+    """Pass 1: singular values, fingerprints and spilled factors of this process' blocks."""
+    for b in bar(mine, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
         path = work / "spill" / f"{b}.safetensors"
-        if not path.is_file():  # else finished by an earlier run (--resume)
-            tensors, fingerprints, block_s = {}, {}, 0.0
-            for t in blocks[b]:
-                stored = reader.get(f"{t.name}.weight")
-                w = stored.t() if t.kind == "conv1d" else stored
-                if not torch.isfinite(w).all():
-                    raise WeloreError(f"weights of {t.name} contain NaN or Inf")
-                start = time.perf_counter()
-                U, S, Vh = truncated_svd(w, max_useful_rank(*t.shape))
-                block_s += time.perf_counter() - start
-                tensors[f"{t.name}.values"] = S
-                if U.shape[1]:  # scaled and cast as from_svd does, so any rank is a slice of these
-                    top = LowRankLinear.from_svd(U, S, Vh, U.shape[1], None, dtype=w.dtype)
-                    tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
-                fingerprints[t.name] = fingerprint(stored)
-            write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
-        with safe_open(str(path), framework="pt") as f:
+        if path.is_file():
+            continue  # finished by an earlier run (--resume)
+        tensors, fingerprints, block_s = {}, {}, 0.0
+        for t in blocks[b]:
+            stored = reader.get(f"{t.name}.weight")
+            w = stored.t() if t.kind == "conv1d" else stored
+            if not torch.isfinite(w).all():
+                raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+            start = time.perf_counter()
+            U, S, Vh = truncated_svd(w, max_useful_rank(*t.shape))
+            block_s += time.perf_counter() - start
+            tensors[f"{t.name}.values"] = S
+            if U.shape[1]:  # scaled and cast as from_svd does, so any rank is a slice of these
+                top = LowRankLinear.from_svd(U, S, Vh, U.shape[1], None, dtype=w.dtype)
+                tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
+            fingerprints[t.name] = fingerprint(stored)
+        write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
+
+
+def _read_spectra(blocks, order, work: Path):
+    """Every block's singular values and fingerprints, and the SVD seconds summed over blocks."""
+    values, fps, seconds = {}, {}, 0.0
+    for b in order:
+        with safe_open(str(work / "spill" / f"{b}.safetensors"), framework="pt") as f:
             meta = f.metadata()
             values.update({t.name: f.get_tensor(f"{t.name}.values") for t in blocks[b]})
         fps.update(json.loads(meta["fingerprints"]))
@@ -166,11 +199,12 @@ def _spectra_pass(reader: ShardReader, blocks, order, work: Path, progress: bool
     return values, fps, seconds
 
 
-def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, shards, work: Path, progress: bool) -> None:
+def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, mine, total: int, work: Path,
+                progress: bool) -> None:
     """Pass 2: one output shard per block (LRCs cut from the spill, the rest copied), then the rest."""
     lrc = {m.name: m for m in plan.lrcs}
-    for i, b in enumerate(bar(shards, desc="Pass 2/2: writing shards", unit="shard", progress=progress)):
-        path = work / shard_name(i, len(shards))
+    for i, b in bar(mine, desc="Pass 2/2: writing shards", unit="shard", progress=progress):
+        path = work / shard_name(i, total)
         if path.is_file():
             continue
         spill = load_file(str(work / "spill" / f"{b}.safetensors")) if b in blocks else {}
