@@ -32,7 +32,9 @@ def test_compress_evaluate_merge(capsys, model_dir, tmp_path):
     assert all(word in stdout for word in ("dense", "uniform", "WeLore", "wikitext2 ppl"))
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["model"] for r in rows][:3] == ["dense", "uniform", "WeLore"]
-    assert (out / "report.md").is_file()
+    assert (out / "report.md").is_file() and "Memory: peak_rss_gib" in (out / "report.md").read_text()
+    memory = json.loads((out / "results.json").read_text())["memory"]
+    assert memory["peak_rss_gib"] > 0 and memory["model_bytes"] == (out / "model.safetensors").stat().st_size
     # the calibrated recipe at the WeLore row's parameter count, and every row's continuation
     assert rows[3]["model"].startswith("loss + whiten-fisher")
     assert abs(rows[3]["params"] - rows[2]["params"]) <= 0.02 * rows[2]["params"]

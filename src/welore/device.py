@@ -71,3 +71,11 @@ class PeakMemory:
         return {"peak_memory_gib": self.peak / 2**30, "memory_kind": "peak RSS during training",
                 "rss_at_start_gib": self.start_rss / 2**30,
                 "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def process_memory() -> dict:
+    """This process' memory high-water marks so far: RSS, and CUDA's peak allocation when CUDA is used."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

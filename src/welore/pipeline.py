@@ -20,6 +20,7 @@ from .allocate import RankPlan, allocate, check_allocation_args
 from .calibrate import calibration_batches, collect_stats
 from .compress import Compressed, apply_plan, compress, count_parameters
 from .config import CompressConfig
+from .device import process_memory
 from .errors import WeloreError
 from .evaluate import perplexity
 from .factorize import analyze_data_aware, attach_loss_tails
@@ -188,11 +189,15 @@ def run_compress(source=None, output=None, config: CompressConfig | None = None,
     rows = [ours] if dense is None else _baseline_rows(dense, tok, cfg, done, ours, recipe, recipe_samples, row,
                                                        progress)
     result = CompressResult(output, plan, rows, settings)
+    memory = {**process_memory(), "model_bytes": (output / "model.safetensors").stat().st_size}
     with atomic_file(output / "results.json") as f:
-        f.write_text(json.dumps({"rows": rows, "load_seconds": load_s}, indent=1))
+        f.write_text(json.dumps({"rows": rows, "load_seconds": load_s, "memory": memory}, indent=1))
     with atomic_file(output / "report.md") as f:
         f.write_text(f"# welore compress: {loaded.name}\n\n{plan.summary()}\n\n"
                      f"Settings: `{json.dumps(settings)}`\n\n{markdown_table(rows)}\n\n"
+                     f"Memory: {', '.join(f'{k} {v:.2f}' for k, v in memory.items() if k.endswith('gib'))} "
+                     f"(the whole job, comparison included); the compressed model takes "
+                     f"{memory['model_bytes'] / 2**30:.2f} GiB on disk.\n\n"
                      f"{result.explain()}\n\n![spectra](spectra.png)\n\n![reduction](reduction.png)\n\n"
                      f"{_type_summary(spectra, plan, loaded.name).split(chr(10), 2)[2]}")
     return result
