@@ -43,7 +43,11 @@ class ShardReader:
             raise WeloreError(f"{self.dir} has no safetensors weights ({SINGLE} or {INDEX})")
 
     def _open(self, file: str):
-        if file not in self._handles:  # mapped, not read: tensors are read one by one by `get`
+        # One file open at a time: a file stays mapped while open, and the pages read through the map
+        # count in the process' RSS until it is closed, so keeping every shard open would grow the
+        # RSS with the depth of the model. Blocks live in consecutive shards, so this rarely reopens.
+        if file not in self._handles:
+            self._handles.clear()
             try:
                 self._handles[file] = safe_open(str(self.dir / file), framework="pt")
             except (SafetensorError, OSError) as e:
