@@ -119,3 +119,20 @@ def test_two_processes_write_the_same_output(tmp_path, model_dir):
         assert (tmp_path / "two" / f.name).read_bytes() == f.read_bytes()
     assert (json.loads((tmp_path / "two" / "welore.json").read_text())["plan"]
             == json.loads((tmp_path / "one" / "welore.json").read_text())["plan"])
+
+
+def test_plain_transformers_loads_a_streamed_output(tmp_path, model_dir):
+    """The sharded output loads with stock from_pretrained (index + modeling_welore.py), no welore."""
+    import os
+    import subprocess
+    import sys
+
+    from test_io import BLOCK_WELORE, _logits
+
+    out = tmp_path / "s"
+    compress_streaming(model_dir, out, CompressConfig(ratio=0.4), progress=False)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(load_compressed(out, device="cpu").model))
