@@ -70,7 +70,7 @@ def main() -> None:
         attach_loss_tails(model, sp, stats, m)
         tails_s[m] = time.perf_counter() - t
     how = {}
-    for h in getattr(factors["whiten"], "how", {}).values():
+    for h in factors["whiten"].how.values():
         how[h] = how.get(h, 0) + 1
     print(f"calibration {calib_s:.1f} s ({a.calib_samples} x {a.calib_seqlen} tokens of C4 train), "
           f"{grad_calib_s:.1f} s with loss gradients; "
