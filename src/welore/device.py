@@ -70,7 +70,7 @@ class PeakMemory:
             return {"peak_memory_gib": self.peak / 2**30, "memory_kind": "cuda peak allocated"}
         return {"peak_memory_gib": self.peak / 2**30, "memory_kind": "peak RSS during training",
                 "rss_at_start_gib": self.start_rss / 2**30,
-                "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                "process_peak_rss_gib": process_memory()["peak_rss_gib"]}
 
 
 def process_memory() -> dict:

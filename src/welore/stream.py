@@ -118,13 +118,14 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
         mine = [(i, b) for i, b in enumerate(shards) if i % world == rank]
         _write_pass(reader, plan, blocks, keys, mine, len(shards), work, progress and rank == 0)
         state.wait_for_everyone()
+    written = [work / shard_name(i, len(shards)) for i in range(len(shards))]
     metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(), "processes": world,
-               "source_bytes": sum(p.stat().st_size for p in reader.files()), "blocks": len(order),
+               "source_bytes": sum(p.stat().st_size for p in reader.files()),
+               "output_bytes": sum(p.stat().st_size for p in written), "blocks": len(order),
                "shards": len(shards), "memory_kind": "peak RSS during compression (process 0)"}
     if rank == 0:
         _finish(source, output, work, config, plan, cfg, len(shards), metrics)
     state.wait_for_everyone()
-    metrics["output_bytes"] = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     return StreamResult(output, plan, metrics, rank)
 
 
@@ -139,7 +140,6 @@ def _finish(source: Path, output: Path, work: Path, config, plan: RankPlan, cfg:
         shutil.copy(source / "generation_config.json", work)
     shutil.rmtree(work / "spill")
     (work / "job.json").unlink()
-    metrics = {**metrics, "output_bytes": sum(p.stat().st_size for p in work.glob("*.safetensors"))}
     (work / "stream.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():
         shutil.rmtree(output)  # check_output allowed it: --overwrite
@@ -209,20 +209,17 @@ def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, mine, total: 
             continue
         spill = load_file(str(work / "spill" / f"{b}.safetensors")) if b in blocks else {}
         out = {}
-        targets = {f"{t.name}.weight": t for t in blocks.get(b, [])}
+        factored = {t.name for t in blocks.get(b, []) if t.name in lrc}
         for k in keys[b]:
-            t = targets.get(k)
-            if t is None or t.name not in lrc:
+            name, _, what = k.rpartition(".")
+            if name not in factored:
                 out[k] = reader.get(k)
-                continue
-            r = lrc[t.name].alloc_rank
-            out[f"{t.name}.down.weight"] = spill[f"{t.name}.down"][:r]
-            out[f"{t.name}.up.weight"] = spill[f"{t.name}.up"][:, :r]
-            if f"{t.name}.bias" in reader:
-                out[f"{t.name}.up.bias"] = reader.get(f"{t.name}.bias")
-        for t in blocks.get(b, []):  # the bias of an LRC moved to its up factor
-            if t.name in lrc:
-                out.pop(f"{t.name}.bias", None)
+            elif what == "weight":
+                r = lrc[name].alloc_rank
+                out[f"{name}.down.weight"] = spill[f"{name}.down"][:r]
+                out[f"{name}.up.weight"] = spill[f"{name}.up"][:, :r]
+            else:  # an LRC's bias lives on its up factor
+                out[f"{name}.up.{what}"] = reader.get(k)
         write_shard(path, out)  # metadata {"format": "pt"} only: safetensors orders several keys at random
 
 

@@ -47,6 +47,7 @@ from .io import atomic_dir, check_output, load_compressed, read_meta, save_compr
 from .progress import set_enabled
 from .report import finetune_row, markdown_table, plot_loss_curves
 from .shards import ShardReader
+from .targets import layer_of
 from .tasks import task_splits
 from .trainer import Batches, StepLog, make_trainer, training_arguments
 
@@ -70,8 +71,7 @@ class FinetuneResult:
 
 def lora_targets(model: nn.Module) -> list[str]:
     """Every nn.Linear inside the blocks: dense N-LRCs and both factors of each LRC."""
-    index = re.compile(r"\.\d+\.")
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and index.search(f".{n}.")]
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and layer_of(n) is not None]
 
 
 def matched_lora_rank(model: nn.Module) -> int:
@@ -106,7 +106,6 @@ def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict
                  "optim_args": f"rank={cfg.galore_rank},update_proj_gap={cfg.galore_update_gap},"
                                f"scale={cfg.galore_scale},proj_type=std"}
     return model, optim, info
-
 
 
 # ---------------------------------------------------------------------------------------------
