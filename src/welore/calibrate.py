@@ -86,42 +86,7 @@ def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor
 
 def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor, device, pbar,
                    gradients: bool) -> dict[str, InputStats]:
-    owner: dict[str, str] = {}  # module -> the module whose identical input tensor it shares
-    first_pass: list[tuple[torch.Tensor, str]] = []  # references keep addresses from being reused
-    acc: dict[str, list] = {}
-    grad_acc: dict[str, torch.Tensor] = {}
-
-    def grad_hook(name):
-        def fn(module, args, output):
-            def on_grad(g):
-                g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)
-                grad_acc[name] = grad_acc[name] + g2 if name in grad_acc else g2
-            if output.requires_grad:
-                output.register_hook(on_grad)
-        return fn
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            if name not in owner:
-                owner[name] = next((o for t, o in first_pass if t is x), name)
-                first_pass.append((x, name))
-            if owner[name] != name:
-                return
-            # fp32 product per sequence (fast), fp64 running sum (no drift over many sequences)
-            xf = x.detach().reshape(-1, x.shape[-1]).float()
-            gram, abs_sum = (xf.T @ xf).double(), xf.abs().sum(0).double()
-            if name in acc:
-                acc[name][0] += gram
-                acc[name][1] += abs_sum
-                acc[name][2] += xf.shape[0]
-            else:
-                acc[name] = [gram, abs_sum, xf.shape[0]]
-        return fn
-
-    handles = [model.get_submodule(t.name).register_forward_pre_hook(hook(t.name)) for t in group]
-    if gradients:
-        handles += [model.get_submodule(t.name).register_forward_hook(grad_hook(t.name)) for t in group]
+    hooks = StatsHooks({t.name: model.get_submodule(t.name) for t in group}, gradients)
     try:
         for seq in batches:
             ids = seq[None].to(device)
@@ -134,16 +99,70 @@ def _collect_group(model: nn.Module, group: list[Target], batches: torch.Tensor,
             else:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
-            first_pass.clear()
+            hooks.next_sequence()
             pbar.update(1)
     finally:
-        for h in handles:
+        hooks.remove()
+    return hooks.stats()
+
+
+class StatsHooks:
+    """Hooks on `modules` ({name: module}) that accumulate their InputStats over the sequences run
+    through them (and, with `gradients`, the squared loss gradients of their outputs). Whatever drives
+    the sequences (the whole model here, one block at a time in welore.sequential) gets the same sums.
+    Call `next_sequence` after each sequence, `remove` at the end, then `stats`."""
+
+    def __init__(self, modules: dict[str, nn.Module], gradients: bool):
+        self.names, self.gradients = list(modules), gradients
+        self.owner: dict[str, str] = {}  # module -> the module whose identical input tensor it shares
+        self.first_pass: list[tuple[torch.Tensor, str]] = []  # references keep addresses from being reused
+        self.acc: dict[str, list] = {}
+        self.grad_acc: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_pre_hook(self._input_hook(n)) for n, m in modules.items()]
+        if gradients:
+            self.handles += [m.register_forward_hook(self._grad_hook(n)) for n, m in modules.items()]
+
+    def _grad_hook(self, name):
+        def fn(module, args, output):
+            def on_grad(g):
+                g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+                self.grad_acc[name] = self.grad_acc[name] + g2 if name in self.grad_acc else g2
+            if output.requires_grad:
+                output.register_hook(on_grad)
+        return fn
+
+    def _input_hook(self, name):
+        def fn(module, args):
+            x = args[0]
+            if name not in self.owner:
+                self.owner[name] = next((o for t, o in self.first_pass if t is x), name)
+                self.first_pass.append((x, name))
+            if self.owner[name] != name:
+                return
+            # fp32 product per sequence (fast), fp64 running sum (no drift over many sequences)
+            xf = x.detach().reshape(-1, x.shape[-1]).float()
+            gram, abs_sum = (xf.T @ xf).double(), xf.abs().sum(0).double()
+            if name in self.acc:
+                self.acc[name][0] += gram
+                self.acc[name][1] += abs_sum
+                self.acc[name][2] += xf.shape[0]
+            else:
+                self.acc[name] = [gram, abs_sum, xf.shape[0]]
+        return fn
+
+    def next_sequence(self) -> None:
+        self.first_pass.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
             h.remove()
-    out = {}
-    for t in group:
-        gram, abs_sum, n = acc[owner[t.name]]
-        g2 = grad_acc[t.name] / n if t.name in grad_acc else None
-        if gradients and g2 is None:
-            raise WeloreError(f"no loss gradient reached {t.name}: is it used by the forward pass?")
-        out[t.name] = InputStats(gram, abs_sum / n, n, g2)
-    return out
+
+    def stats(self) -> dict[str, InputStats]:
+        out = {}
+        for name in self.names:
+            gram, abs_sum, n = self.acc[self.owner[name]]
+            g2 = self.grad_acc[name] / n if name in self.grad_acc else None
+            if self.gradients and g2 is None:
+                raise WeloreError(f"no loss gradient reached {name}: is it used by the forward pass?")
+            out[name] = InputStats(gram, abs_sum / n, n, g2)
+        return out

@@ -39,6 +39,31 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
                batch_size: int = 1, text_field: str = "text", progress: bool = True) -> Perplexity:
     """Perplexity of `model` on `corpus`: a name (wikitext2, c4) or a .txt / .jsonl / .json / .parquet
     file whose `text_field` holds the documents (see module docstring)."""
+    windows = perplexity_windows(tokenizer, corpus, seqlen, max_tokens, text_field)
+    n_windows = windows.shape[0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll, count = 0.0, 0
+    start = time.perf_counter()
+    pbar = bar(total=n_windows * seqlen, desc=f"Perplexity on {corpus}", unit="tok", progress=progress)
+    for i in range(0, n_windows, batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        total_nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        count += batch[:, 1:].numel()
+        pbar.update(batch.numel())
+        pbar.set_postfix(ppl=f"{math.exp(min(total_nll / count, 700)):.2f}")
+    pbar.close()
+    model.train(was_training)
+    nll = total_nll / count
+    ppl = math.exp(nll) if nll < 700 else float("inf")
+    return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start,
+                      corpus_info(corpus, text_field)["sha256"])
+
+
+def perplexity_windows(tokenizer, corpus: str, seqlen: int, max_tokens: int | None = None,
+                       text_field: str = "text") -> torch.Tensor:
+    """The evaluation windows (n x seqlen token ids) of the protocol in the module docstring."""
     if tokenizer is None:
         raise WeloreError("evaluation needs a tokenizer, and this model has none")
     if seqlen < 2:
@@ -51,29 +76,14 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
         n_windows = min(n_windows, max_tokens // seqlen)
     if n_windows == 0:
         raise WeloreError(f"corpus {corpus} has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll, count = 0.0, 0
-    start = time.perf_counter()
-    pbar = bar(total=n_windows * seqlen, desc=f"Perplexity on {corpus}", unit="tok", progress=progress)
-    for i in range(0, n_windows, batch_size):
-        batch = windows[i: i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        # fp32 log-softmax: half-precision logits lose digits in the NLL
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                              batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        count += batch[:, 1:].numel()
-        pbar.update(batch.numel())
-        pbar.set_postfix(ppl=f"{math.exp(min(total_nll / count, 700)):.2f}")
-    pbar.close()
-    model.train(was_training)
-    nll = total_nll / count
-    ppl = math.exp(nll) if nll < 700 else float("inf")
-    return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start,
-                      corpus_info(corpus, text_field)["sha256"])
+    return ids[: n_windows * seqlen].view(n_windows, seqlen)
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of `batch` (b x seqlen) under `logits`; fp32 log-softmax, since
+    half-precision logits lose digits in the NLL."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                           reduction="sum").item()
 
 
 @dataclass

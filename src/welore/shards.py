@@ -41,6 +41,19 @@ class ShardReader:
             self.weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
         else:
             raise WeloreError(f"{self.dir} has no safetensors weights ({SINGLE} or {INDEX})")
+        self.stored = {k: k for k in self.weight_map}  # the model's name -> the name in the files
+
+    def name_as(self, model) -> ShardReader:
+        """Use `model`'s tensor names: transformers renames some checkpoint keys on load (GPT-NeoX's
+        `embed_out` is its `lm_head`); its own renaming rules are applied here."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming, rename_source_key
+            renames = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
+            self.stored = {rename_source_key(k, renames, [])[0]: k for k in self.weight_map}
+        except ImportError:  # a transformers without renaming rules stores the model's own names
+            pass
+        return self
 
     def _open(self, file: str):
         # One file open at a time: a file stays mapped while open, and the pages read through the map
@@ -55,19 +68,20 @@ class ShardReader:
         return self._handles[file]
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.stored)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return key in self.stored
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._open(self.weight_map[key]).get_tensor(key)
+            stored = self.stored[key]
+            return self._open(self.weight_map[stored]).get_tensor(stored)
         except KeyError:
             raise WeloreError(f"{self.dir} has no tensor {key}") from None
 
     def all(self) -> dict[str, torch.Tensor]:
-        return {k: self.get(k) for k in self.weight_map}
+        return {k: self.get(k) for k in self.stored}
 
     def files(self) -> list[Path]:
         return [self.dir / f for f in dict.fromkeys(self.weight_map.values())]

@@ -84,6 +84,7 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     except Exception as e:
         raise WeloreError(f"{source}: cannot read config.json: {one_line(e)}") from e
     skeleton = build_skeleton(config)  # meta weights: the names and shapes of the targets
+    reader.name_as(skeleton)
     targets = find_targets(skeleton, cfg.targets, cfg.ignore)
     for t in targets:
         if f"{t.name}.weight" not in reader:

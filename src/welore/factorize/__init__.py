@@ -41,7 +41,8 @@ METHODS: dict[str, Factorizer] = {
 }
 
 __all__ = ["METHODS", "Factorizer", "register", "get_method", "analyze_data_aware", "attach_loss_tails",
-           "scaling", "whitening_factor", "output_weights", "output_error", "refit_up"]
+           "scaling", "whitening_factor", "output_weights", "output_error", "refit_up", "refit_terms",
+           "refit_solve", "loss_tail"]
 
 
 def register(name: str, method: Factorizer) -> Factorizer:
@@ -99,14 +100,17 @@ def attach_loss_tails(model: nn.Module, spectra: Spectra, stats: dict, method: s
     if any(t.name not in spectra.factors for t in spectra.targets):
         raise WeloreError("the loss allocation needs the SVD factors (spectra loaded from a file have none)")
     fac = get_method(method)
-    tails = {}
-    for t in spectra.targets:
-        w = weight_matrix(model.get_submodule(t.name)).detach()
-        drop, total = fac.loss_tails(w, spectra.factors[t.name], spectra.values[t.name], stats[t.name])
-        kept = torch.cat([torch.zeros(1, dtype=drop.dtype), drop.cpu().cumsum(0)])
-        tails[t.name] = (total.cpu() - kept).clamp_min(0).numpy()
-    spectra.tails = tails
+    spectra.tails = {t.name: loss_tail(fac, weight_matrix(model.get_submodule(t.name)).detach(),
+                                       spectra.factors[t.name], spectra.values[t.name], stats[t.name])
+                     for t in spectra.targets}
     return spectra
+
+
+def loss_tail(fac: Factorizer, w: torch.Tensor, factors, values: torch.Tensor, st):
+    """Estimated loss increase (numpy, k = 0..r) of keeping only the leading k of `factors`."""
+    drop, total = fac.loss_tails(w, factors, values, st)
+    kept = torch.cat([torch.zeros(1, dtype=drop.dtype), drop.cpu().cumsum(0)])
+    return (total.cpu() - kept).clamp_min(0).numpy()
 
 
 def output_error(w: torch.Tensor, w_approx: torch.Tensor, gram: torch.Tensor) -> float:
@@ -120,8 +124,19 @@ def output_error(w: torch.Tensor, w_approx: torch.Tensor, gram: torch.Tensor) ->
 def refit_up(w: torch.Tensor, down: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Closed-form least-squares `up` for a fixed `down`: argmin_B ||W X^T - B A X^T||_F
     = W G A^T (A G A^T)^-1, with G the input Gram matrix."""
+    return refit_solve(*refit_terms(w, down, gram), ridge)
+
+
+def refit_terms(w: torch.Tensor, down: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W G A^T, A G A^T) in float64. For the leading k rows of A they are the leading k columns /
+    k x k block, so terms taken once at the largest rank serve every rank (the streaming path keeps
+    them instead of the Gram matrix, which can be larger)."""
     W, A, G = w.double(), down.double(), gram.double()
     AG = A @ G
-    M = AG @ A.T
-    M = M + ridge * M.diagonal().mean().clamp_min(1e-12) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    return torch.linalg.solve(M, (W @ G @ A.T).T).T
+    return (W @ G @ A.T), AG @ A.T
+
+
+def refit_solve(wgat: torch.Tensor, agat: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    M = agat + ridge * agat.diagonal().mean().clamp_min(1e-12) * torch.eye(agat.shape[0], dtype=agat.dtype,
+                                                                           device=agat.device)
+    return torch.linalg.solve(M, wgat.T).T
