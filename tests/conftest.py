@@ -135,3 +135,21 @@ def stats(outlier_llama, tokenizer):
 
     return collect_stats(outlier_llama, find_targets(outlier_llama), calibration_batches(tokenizer, 8, 64),
                          gradients=True, progress=False)
+
+
+def same_output(a: Path, b: Path) -> None:
+    """Two compressed directories hold the same plan, the same tensors (bit for bit), the same logits."""
+    import json
+
+    from welore import load_compressed
+    from welore.shards import ShardReader
+
+    ma, mb = json.loads((a / "welore.json").read_text()), json.loads((b / "welore.json").read_text())
+    assert ma["plan"] == mb["plan"]
+    ta, tb = ShardReader(a).all(), ShardReader(b).all()
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    x = torch.randint(0, 100, (1, 12))
+    la, lb = load_compressed(a).model(x).logits, load_compressed(b).model(x).logits
+    assert torch.equal(la, lb)

@@ -37,7 +37,7 @@ from .data import corpus_info
 from .device import pick_device
 from .errors import WeloreError, one_line
 from .evaluate import Perplexity, perplexity_windows, window_nll
-from .io import build_skeleton, read_meta
+from .io import build_skeleton, read_meta, read_tokenizer
 from .layers import column_major
 from .progress import bar
 from .shards import ShardReader
@@ -210,18 +210,21 @@ def _keep(seen: list, extra):
 
 
 @torch.no_grad()
-def perplexity_streaming(path: str | Path, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512,
-                         max_tokens: int | None = None, device=None, progress: bool = True) -> Perplexity:
+def perplexity_streaming(path: str | Path, tokenizer=None, corpus: str = "wikitext2", *, seqlen: int = 512,
+                         max_tokens: int | None = None, text_field: str = "text", device=None,
+                         progress: bool = True) -> Perplexity:
     """`welore.perplexity` of the model directory `path` (dense or welore-compressed, safetensors),
     one block at a time: memory holds one block, the embeddings and head, and the windows' hidden
-    states. Same windows, same NLL as the in-memory evaluation."""
+    states. Same windows, same NLL as the in-memory evaluation. `tokenizer`: the directory's own
+    when None."""
     path = Path(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise WeloreError(f"{path}: cannot read config.json: {one_line(e)}") from e
     plan = RankPlan.from_dict(read_meta(path)["plan"]) if (path / "welore.json").is_file() else None
-    windows = perplexity_windows(tokenizer, corpus, seqlen, max_tokens)
+    windows = perplexity_windows(tokenizer if tokenizer is not None else read_tokenizer(path), corpus, seqlen,
+                                 max_tokens, text_field)
     skeleton = build_skeleton(config, plan)
     reader = ShardReader(path).name_as(skeleton)
     start = time.perf_counter()
@@ -233,4 +236,4 @@ def perplexity_streaming(path: str | Path, tokenizer, corpus: str = "wikitext2",
     nll = sum(window_nll(bw.head(h, w).logits, w[None].to(bw.device)) for h, w in zip(hidden, windows))
     nll /= windows.shape[0] * (seqlen - 1)
     return Perplexity(corpus, math.exp(nll) if nll < 700 else float("inf"), nll, windows.numel(), seqlen,
-                      time.perf_counter() - start, corpus_info(corpus)["sha256"])
+                      time.perf_counter() - start, corpus_info(corpus, text_field)["sha256"])

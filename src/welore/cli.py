@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ._version import __version__
+from .blockwise import perplexity_streaming
 from .compress import merge_to_dense
 from .config import MODES, CompressConfig, FinetuneConfig, from_namespace
 from .data import corpus_info
@@ -31,13 +32,9 @@ from .stream import compress_streaming
 
 
 def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+    if not s.strip().isdigit() or int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
 
 
 def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:  # MODEL, where and how to run
@@ -66,7 +63,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="welore", description="WeLore: data-free non-uniform low-rank compression of causal LMs.")
-
     ap.add_argument("--version", action="version", version=f"welore {__version__}")
     sub = ap.add_subparsers(dest="command", required=True,  # HfArgumentParser: a job's dataclass -> its flags
                             parser_class=functools.partial(HfArgumentParser, formatter_class=_Help))
@@ -86,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(short for --ratio R --target params)")
     p.set_defaults(ratio=None)  # unset, so that giving two of --ratio, --param-ratio, --threshold is caught
     p.add_argument("--stream", action="store_true", help="block by block from the safetensors shards of MODEL (a "
-                   "directory), for models larger than memory; data-free; writes a sharded output, no comparison")
+                   "directory), for models larger than memory; writes a sharded output, no comparison")
     p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from its last block")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
@@ -108,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_positive_int, default=512)
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="bound the tokens evaluated")
     p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--stream", action="store_true", help="block by block from the shards of MODEL (a directory)")
     p.add_argument("-o", "--output", help="also write the results (with each corpus' sha256) to this JSON file")
 
     p = sub.add_parser("generate", help="continue or answer a prompt with any model welore loads (streams tokens)")
@@ -220,17 +217,20 @@ def _compress_streaming(a, cfg: CompressConfig) -> int:  # welore compress --str
 def cmd_evaluate(a) -> int:
     for corpus in a.corpus:  # a missing or unknown corpus fails before the model loads
         corpus_info(corpus, a.text_field)
-    loaded = load_model(a.model, device=a.device, dtype=a.dtype)
+    if a.stream and (a.dtype != "auto" or a.model is None):
+        raise WeloreError("--stream evaluates a model directory (name one) in its own dtype (no --dtype)")
+    loaded = None if a.stream else load_model(a.model, device=a.device, dtype=a.dtype)
     rows = []
     for corpus in a.corpus:
-        r = perplexity(loaded.model, loaded.tokenizer, corpus, seqlen=a.seqlen, max_tokens=a.max_tokens,
-                       batch_size=a.batch_size, text_field=a.text_field, progress=not a.quiet)
-        rows.append({"model": loaded.name, "corpus": corpus, "ppl": r.ppl, "tokens": r.tokens,
+        kw = dict(seqlen=a.seqlen, max_tokens=a.max_tokens, text_field=a.text_field, progress=not a.quiet)
+        r = perplexity_streaming(a.model, None, corpus, device=a.device, **kw) if a.stream else \
+            perplexity(loaded.model, loaded.tokenizer, corpus, batch_size=a.batch_size, **kw)
+        rows.append({"model": Path(a.model).name if a.stream else loaded.name, "corpus": corpus, "ppl": r.ppl, "tokens": r.tokens,
                      "seqlen": r.seqlen, "seconds": r.seconds, "sha256": r.sha256})
     print(text_table([{**r, "sha256": r["sha256"][:12]} for r in rows]))
     if a.output:
         with atomic_file(a.output) as tmp:
-            tmp.write_text(json.dumps({"model": loaded.source, "results": rows}, indent=1))
+            tmp.write_text(json.dumps({"model": a.model if a.stream else loaded.source, "results": rows}, indent=1))
         print(f"wrote {a.output}")
     return 0
 
@@ -265,7 +265,7 @@ def cmd_finetune(a) -> int:
 
     res = finetune(a.model, a.output, from_namespace(FinetuneConfig, a), resume=a.resume, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)
-    print(text_table([{k: v for k, v in e.items()} for e in res.evals]))
+    print(text_table(res.evals))
     m = res.metrics
     print(f"trainable {m['trainable_params']:,} / {m['total_params']:,}; {m['tokens_per_s']:.0f} tokens/s; "
           f"peak memory {m['peak_memory_gib']:.2f} GiB ({m['memory_kind']}); wrote {res.output}/")

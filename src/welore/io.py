@@ -272,13 +272,16 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
     if missing:
         raise WeloreError(f"{path} does not match its rank plan: missing tensor {missing[0]}")
     model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception:
-            tok = None  # compressed without a tokenizer: fine for everything but evaluation
+    tok = read_tokenizer(path) if tokenizer else None  # none: fine for everything but evaluation
     return LoadedModel(model, tok, str(path), path.name, meta)
+
+
+def read_tokenizer(path: str | Path):
+    """The tokenizer saved in a model directory, or None when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        return None
 
 
 def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:

@@ -40,15 +40,17 @@ import torch
 from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from .allocate import RankPlan, allocate
 from .config import CompressConfig
 from .device import PeakMemory
 from .errors import WeloreError, one_line
-from .io import build_skeleton, check_output, versions, write_metadata
+from .factorize import refit_solve
+from .io import build_skeleton, check_output, read_tokenizer, versions, write_metadata
 from .layers import LowRankLinear
 from .progress import bar
+from .sequential import spill_calibrated
 from .shards import ShardReader, shard_name, write_index, write_shard
 from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svd
 from .targets import Target, find_targets, layer_of
@@ -72,12 +74,13 @@ class StreamResult:
 def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConfig, *, resume: bool = False,
                        overwrite: bool = False, progress: bool = True) -> StreamResult:
     """Compress the model directory `source` into `output` block by block (see module docstring)."""
-    if cfg.calibrated or not cfg.factorizer.is_weight_svd or cfg.calib_passes > 1:
-        raise WeloreError("streaming compression is data-free: --method svd with the welore or uniform allocation")
     source, output = Path(source), Path(output)
     if not source.is_dir():
         raise WeloreError(f"streaming compression reads a model directory with safetensors weights; {source} is not one")
     check_output(output, overwrite)
+    tokenizer = read_tokenizer(source) if cfg.calibrated else None
+    if cfg.calibrated and tokenizer is None:
+        raise WeloreError(f"calibration needs a tokenizer, and {source} has none")
     reader = ShardReader(source)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -103,6 +106,8 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     # under torchrun / accelerate launch, process r takes blocks r, r+N, ...; the files are the handoff
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
+    if cfg.calibrated and world > 1:
+        raise WeloreError("calibrated streaming runs in one process: activations flow from block to block")
     _check(work, job, resume, overwrite)
     state.wait_for_everyone()
     if rank == 0:
@@ -110,14 +115,22 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     state.wait_for_everyone()
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        _spill_blocks(reader, blocks, order[rank::world], work, progress and rank == 0)
+        def plan_of(spill: Path) -> RankPlan:
+            spectra = _read_spectra(targets, blocks, order, spill)
+            return allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
+                            min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+
+        if cfg.calibrated:
+            spill = spill_calibrated(reader, config, blocks, keys, cfg, work, tokenizer, plan_of,
+                                     block_state, progress)
+        else:
+            spill = work / "spill"
+            _spill_blocks(reader, blocks, order[rank::world], spill, progress and rank == 0)
         state.wait_for_everyone()
-        values, fps, svd_s = _read_spectra(blocks, order, work)
-        spectra = Spectra(targets, values, fps, {}, svd_s)
-        plan = allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
-                        min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+        plan = plan_of(spill)
+        svd_s = _read_spectra(targets, blocks, order, spill).seconds
         mine = [(i, b) for i, b in enumerate(shards) if i % world == rank]
-        _write_pass(reader, plan, blocks, keys, mine, len(shards), work, progress and rank == 0)
+        _write_pass(reader, plan, blocks, keys, mine, len(shards), spill, work, progress and rank == 0)
         state.wait_for_everyone()
     written = [work / shard_name(i, len(shards)) for i in range(len(shards))]
     metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(), "processes": world,
@@ -134,12 +147,14 @@ def _finish(source: Path, output: Path, work: Path, config, plan: RankPlan, cfg:
             metrics: dict) -> None:
     """The index, the metadata, and the rename that makes the output appear."""
     write_index(work, total)
-    tok = _tokenizer(source)
+    tok = read_tokenizer(source)
     settings = {"source": str(source), "name": source.name, **cfg.to_dict(), "stream": True}
     write_metadata(build_skeleton(config, plan), work, plan, tokenizer=tok, base_model=str(source), settings=settings)
     if (source / "generation_config.json").is_file():
         shutil.copy(source / "generation_config.json", work)
-    shutil.rmtree(work / "spill")
+    for scratch in work.iterdir():
+        if scratch.is_dir():
+            shutil.rmtree(scratch)  # spills, activations, gradients
     (work / "job.json").unlink()
     (work / "stream.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():
@@ -161,14 +176,15 @@ def _check(work: Path, job: dict, resume: bool, overwrite: bool) -> None:
 def _prepare(work: Path, job: dict, resume: bool) -> None:
     if work.exists() and not resume:
         shutil.rmtree(work)  # --overwrite
-    (work / "spill").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "job.json").write_text(json.dumps(job, indent=1))
 
 
-def _spill_blocks(reader: ShardReader, blocks, mine, work: Path, progress: bool) -> None:
+def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool) -> None:
     """Pass 1: singular values, fingerprints and spilled factors of this process' blocks."""
+    spill.mkdir(exist_ok=True)
     for b in bar(mine, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
-        path = work / "spill" / f"{b}.safetensors"
+        path = spill / f"{b}.safetensors"
         if path.is_file():
             continue  # finished by an earlier run (--resume)
         tensors, fingerprints, block_s = {}, {}, 0.0
@@ -188,44 +204,48 @@ def _spill_blocks(reader: ShardReader, blocks, mine, work: Path, progress: bool)
         write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
 
 
-def _read_spectra(blocks, order, work: Path):
-    """Every block's singular values and fingerprints, and the SVD seconds summed over blocks."""
-    values, fps, seconds = {}, {}, 0.0
+def _read_spectra(targets: list[Target], blocks, order, spill: Path) -> Spectra:
+    """Every block's spilled spectra (with loss tails when spilled) and fingerprints; the seconds are
+    the SVD time summed over blocks."""
+    values, fps, tails, seconds = {}, {}, {}, 0.0
     for b in order:
-        with safe_open(str(work / "spill" / f"{b}.safetensors"), framework="pt") as f:
-            meta = f.metadata()
-            values.update({t.name: f.get_tensor(f"{t.name}.values") for t in blocks[b]})
+        with safe_open(str(spill / f"{b}.safetensors"), framework="pt") as f:
+            meta, names = f.metadata(), set(f.keys())
+            for t in blocks[b]:
+                values[t.name] = f.get_tensor(f"{t.name}.values")
+                if f"{t.name}.tails" in names:
+                    tails[t.name] = f.get_tensor(f"{t.name}.tails").numpy()
         fps.update(json.loads(meta["fingerprints"]))
         seconds += float(meta["svd_seconds"])
-    return values, fps, seconds
+    return Spectra(targets, values, fps, {}, seconds, tails=tails)
 
 
-def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, mine, total: int, work: Path,
+def _write_pass(reader: ShardReader, plan: RankPlan, blocks, keys, mine, total: int, spill: Path, work: Path,
                 progress: bool) -> None:
     """Pass 2: one output shard per block (LRCs cut from the spill, the rest copied), then the rest."""
     lrc = {m.name: m for m in plan.lrcs}
     for i, b in bar(mine, desc="Pass 2/2: writing shards", unit="shard", progress=progress):
         path = work / shard_name(i, total)
-        if path.is_file():
-            continue
-        spill = load_file(str(work / "spill" / f"{b}.safetensors")) if b in blocks else {}
-        out = {}
-        factored = {t.name for t in blocks.get(b, []) if t.name in lrc}
-        for k in keys[b]:
-            name, _, what = k.rpartition(".")
-            if name not in factored:
-                out[k] = reader.get(k)
-            elif what == "weight":
-                r = lrc[name].alloc_rank
-                out[f"{name}.down.weight"] = spill[f"{name}.down"][:r]
-                out[f"{name}.up.weight"] = spill[f"{name}.up"][:, :r]
-            else:  # an LRC's bias lives on its up factor
-                out[f"{name}.up.{what}"] = reader.get(k)
-        write_shard(path, out)  # metadata {"format": "pt"} only: safetensors orders several keys at random
+        if not path.is_file():  # else written by an earlier run (--resume)
+            state = load_file(str(spill / f"{b}.safetensors")) if b in blocks else {}
+            # metadata {"format": "pt"} only: safetensors orders several keys at random
+            write_shard(path, block_state(reader, lrc, blocks.get(b, []), keys[b], state))
 
 
-def _tokenizer(source: Path):
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception:
-        return None  # a checkpoint without a tokenizer compresses all the same
+def block_state(reader: ShardReader, lrc: dict, targets: list[Target], keys: list[str], spill: dict) -> dict:
+    """The compressed tensors of one block: each LRC's factors cut from its spill to the planned rank
+    (`up` refitted when the spill has refit terms), every other tensor as stored."""
+    out = {}
+    factored = {t.name for t in targets if t.name in lrc}
+    for k in keys:
+        name, _, what = k.rpartition(".")
+        if name not in factored:
+            out[k] = reader.get(k)
+        elif what == "weight":
+            r = lrc[name].alloc_rank
+            out[f"{name}.down.weight"] = down = spill[f"{name}.down"][:r]
+            out[f"{name}.up.weight"] = spill[f"{name}.up"][:, :r] if f"{name}.wgat" not in spill else \
+                refit_solve(spill[f"{name}.wgat"][:, :r], spill[f"{name}.agat"][:r, :r]).to(down.dtype)
+        else:  # an LRC's bias lives on its up factor
+            out[f"{name}.up.{what}"] = reader.get(k)
+    return out

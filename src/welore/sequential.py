@@ -1,0 +1,204 @@
+"""Sequential calibration: the data-aware methods, refit and the loss allocation, block by block.
+
+`welore compress MODEL_DIR --stream --method whiten-fisher --allocation loss` computes what the
+in-memory `compress` computes, without the model in memory (welore.blockwise runs it):
+
+* **Forward sweep.** The calibration sequences enter block 0; each block in turn is read from the
+  shards, its targets' input statistics (Gram matrices, mean |x|) are summed by the same hooks as
+  `collect_stats`, and its outputs, the next block's inputs, are stored in the checkpoint's dtype
+  (`acts/{i}`), which is the dtype the whole model would carry them in.
+* **Backward sweep** (whiten-fisher and the loss allocation need loss gradients): the LM loss at
+  the head gives the gradient of the last hidden states; from the top block down, each block is
+  recomputed from its stored inputs, the gradient is pushed through it (`grads/{i}`), and its
+  targets' squared output gradients are summed on the way. Blockwise chain rule, same sums.
+* Once a block's statistics are complete, its targets are factorised at once (the method's SVD up
+  to the largest useful rank) and spilled as `stream` spills the plain SVD: singular values, loss
+  tails, factors in the checkpoint's dtype, and for refit the two small products that replace the
+  Gram matrix (`refit_terms`). So memory holds one block's statistics, never the model's.
+* With `calib_passes` = 2, the plan of pass 1 compresses each block as it is read in pass 2, so
+  statistics flow through the *compressed* blocks: each block is factorised for the inputs (and
+  gradients) it will really see. This is the in-memory second pass, block by block.
+
+Resume: a block is done when its spill and its output activations (or input gradients) are on
+disk, a pass when its `done` marker is; a resumed job reads them back and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .allocate import RankPlan
+from .blockwise import Blockwise
+from .calibrate import StatsHooks, calibration_batches
+from .config import CompressConfig
+from .errors import WeloreError
+from .factorize import loss_tail, refit_terms
+from .io import build_skeleton
+from .layers import LowRankLinear
+from .progress import bar
+from .shards import ShardReader, write_shard
+from .spectrum import fingerprint, max_useful_rank, truncated_svd
+from .targets import Target
+
+
+def spill_calibrated(reader: ShardReader, config, blocks: dict, keys: dict, cfg: CompressConfig, work: Path,
+                     tokenizer, plan_of, block_state, progress: bool = True) -> Path:
+    """Run every calibration pass; returns the spill directory of the last one. `plan_of(spill_dir)`
+    allocates from a pass' spill, `block_state(...)` builds a compressed block's tensors (both from
+    welore.stream, which writes the output the same way)."""
+    if None in blocks:
+        raise WeloreError("calibrated streaming compresses targets inside the transformer blocks only; "
+                          "narrow --targets to block layers")
+    ids = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.seed)
+    plan: RankPlan | None = None
+    prev: Path | None = None
+    for p in range(1, cfg.calib_passes + 1):
+        d = work / f"pass{p}"
+        if not (d / "done").is_file():
+            for sub in ("acts", "grads", "spill"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+            bw = Blockwise(build_skeleton(config, plan), reader)
+            if any(b >= bw.depth for b in blocks):
+                raise WeloreError(f"target block indices go beyond the model's {bw.depth} blocks")
+
+            def tensors_of(i: int, bw=bw, plan=plan, prev=prev) -> dict[str, torch.Tensor]:
+                full = {k: reader.get(k) for k in keys.get(i, [])} if plan is None else \
+                    block_state(reader, {m.name: m for m in plan.lrcs}, blocks.get(i, []), keys.get(i, []),
+                                load_file(str(prev / f"{i}.safetensors")) if i in blocks else {})
+                cut = len(bw.prefix) + len(str(i)) + 2
+                return {k[cut:]: v for k, v in full.items()}
+
+            sweep = _Sweep(bw, tensors_of, reader, blocks, cfg, d, ids, f"pass {p}/{cfg.calib_passes}", progress)
+            sweep.forward()
+            if cfg.gradients:
+                sweep.backward()
+            (d / "done").write_text("")
+        for sub in ("acts", "grads"):
+            shutil.rmtree(d / sub, ignore_errors=True)
+        if prev is not None:
+            shutil.rmtree(prev.parent, ignore_errors=True)  # the previous pass' spill served its purpose
+        plan, prev = plan_of(d / "spill"), d / "spill"
+    return prev
+
+
+class _Sweep:
+    """One calibration pass over the blocks (see module docstring)."""
+
+    def __init__(self, bw: Blockwise, tensors_of, reader: ShardReader, blocks: dict, cfg: CompressConfig,
+                 d: Path, ids: torch.Tensor, what: str, progress: bool):
+        self.bw, self.tensors_of, self.reader, self.blocks, self.cfg = bw, tensors_of, reader, blocks, cfg
+        self.d, self.ids, self.what, self.progress = d, ids, what, progress
+        self.hidden, self.extras = bw.capture(ids)
+
+    def _file(self, kind: str, i: int) -> Path:
+        return self.d / kind / f"{i}.safetensors"
+
+    def _done(self, kind: str, i: int) -> bool:
+        return self._file(kind, i).is_file() and (i not in self.blocks or self._file("spill", i).is_file())
+
+    def _hooks(self, block, i: int, gradients: bool) -> StatsHooks | None:
+        if i not in self.blocks:
+            return None
+        cut = len(self.bw.prefix) + len(str(i)) + 2
+        return StatsHooks({t.name: block.get_submodule(t.name[cut:]) for t in self.blocks[i]}, gradients)
+
+    def forward(self) -> None:
+        """acts/{i}: the inputs of block i; without gradients, the statistics and the spill too."""
+        if not self._file("acts", 0).is_file():
+            _save(self._file("acts", 0), self.hidden)
+        grads = self.cfg.gradients
+        for i in bar(range(self.bw.depth), desc=f"Calibration {self.what}: forward", unit="block",
+                     progress=self.progress):
+            if self._file("acts", i + 1).is_file() and (grads or self._done("acts", i + 1)):
+                continue
+            hidden = _load(self._file("acts", i))
+            with self.bw.block(i, self.tensors_of(i)) as block, torch.no_grad():
+                hooks = None if grads else self._hooks(block, i, False)
+                out = []
+                for s, h in enumerate(hidden):
+                    out.append(self.bw.run(block, h, self.extras[i][s]))
+                    if hooks:
+                        hooks.next_sequence()
+            if hooks:
+                hooks.remove()
+                spill_block(self.reader, self.blocks[i], hooks.stats(), self.cfg, self._file("spill", i))
+            _save(self._file("acts", i + 1), out)
+
+    def backward(self) -> None:
+        """grads/{i}: the loss gradient of block i's inputs; the statistics (with gradients) and the spill."""
+        top = self.bw.depth
+        if not self._file("grads", top).is_file():
+            grads = []
+            for s, h in enumerate(_load(self._file("acts", top))):
+                with torch.enable_grad():
+                    h = h.requires_grad_()
+                    grads.append(torch.autograd.grad(self.bw.head(h, self.ids[s], labels=True).loss, h)[0])
+            _save(self._file("grads", top), grads)
+        for i in bar(reversed(range(top)), total=top, desc=f"Calibration {self.what}: backward", unit="block",
+                     progress=self.progress):
+            if self._done("grads", i):
+                continue
+            hidden, g_out = _load(self._file("acts", i)), _load(self._file("grads", i + 1))
+            g_in = []
+            with self.bw.block(i, self.tensors_of(i)) as block:
+                hooks = self._hooks(block, i, True)
+                for s, h in enumerate(hidden):
+                    with torch.enable_grad():
+                        h = h.requires_grad_()
+                        g_in.append(torch.autograd.grad(self.bw.run(block, h, self.extras[i][s]), h, g_out[s])[0])
+                    if hooks:
+                        hooks.next_sequence()
+            if hooks:
+                hooks.remove()
+                spill_block(self.reader, self.blocks[i], hooks.stats(), self.cfg, self._file("spill", i))
+            _save(self._file("grads", i), g_in)
+
+
+def _save(path: Path, tensors: list[torch.Tensor]) -> None:
+    write_shard(path, {str(s): t.detach().cpu() for s, t in enumerate(tensors)})
+
+
+def _load(path: Path) -> list[torch.Tensor]:
+    d = load_file(str(path))
+    return [d[str(s)] for s in range(len(d))]
+
+
+@torch.no_grad()
+def spill_block(reader: ShardReader, targets: list[Target], stats: dict, cfg: CompressConfig, path: Path) -> None:
+    """Factorise one block's targets with `cfg.method` and write what the plan and the output need:
+    `.values` (the spectrum the rule reads), `.tails` (the loss allocation), `.down` / `.up` (the
+    factors at the largest useful rank, as `LowRankLinear.from_svd` builds them, so any rank is a
+    slice) and, for refit, `.wgat` / `.agat` (`refit_terms` at that rank)."""
+    fac, tensors, fps, seconds = cfg.factorizer, {}, {}, 0.0
+    for t in targets:
+        stored = reader.get(f"{t.name}.weight")
+        w = stored.t() if t.kind == "conv1d" else stored
+        if not torch.isfinite(w).all():
+            raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+        st, rank = stats[t.name], max_useful_rank(*t.shape)
+        start = time.perf_counter()
+        if fac.is_weight_svd:  # as `analyze(keep_factors=True)`
+            U, values, Vh = truncated_svd(w, rank)
+            factors = (U, values[: U.shape[1]], Vh)
+        else:  # as `analyze_data_aware`
+            U, s, Vh, _ = fac.decompose(w, st, rank)
+            factors, values = (U.float().cpu(), s[: U.shape[1]].float().cpu(), Vh.float().cpu()), s.float().cpu()
+        # the rule reads the data-aware spectrum when asked to, and always with loss tails (as `compress`)
+        own = fac.is_weight_svd or cfg.alloc_spectrum == "data" or cfg.rule.needs_tails
+        tensors[f"{t.name}.values"] = values if own else torch.linalg.svdvals(w.float())
+        seconds += time.perf_counter() - start
+        if cfg.rule.needs_tails:
+            tensors[f"{t.name}.tails"] = torch.from_numpy(loss_tail(fac, w, factors, values, st))
+        if U.shape[1]:
+            top = LowRankLinear.from_svd(*factors, U.shape[1], None, dtype=w.dtype)
+            tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
+            if cfg.refit:
+                tensors[f"{t.name}.wgat"], tensors[f"{t.name}.agat"] = refit_terms(w, top.down.weight, st.gram)
+        fps[t.name] = fingerprint(stored)
+    write_shard(path, tensors, {"fingerprints": json.dumps(fps), "svd_seconds": str(seconds)})
