@@ -17,6 +17,8 @@ output size.
     python benchmarks/scale.py --sizes smollm2 tinyllama-1.1b     # ~20 min on 2 CPU cores
     python benchmarks/scale.py --sizes llama2-7b                   # ~1.5 h, ~40 GB of disk
     python benchmarks/scale.py --sizes mini --work /tmp/scale      # a quick look (seconds)
+    python benchmarks/scale.py --sizes smollm2-calibrated          # sequential calibration (~30 min)
+    python benchmarks/scale.py --sizes llama2-7b --eval-dense --eval-tokens 2048   # evaluate --stream
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import psutil
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 SHAPES = {  # the published configs' shapes, and a small one for a quick look
     "mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -90,6 +94,31 @@ def synthesize(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def add_tokenizer(out: Path, vocab: int = 4096) -> None:
+    """A byte-level BPE trained on WikiText-2 text: synthetic weights, but real text to evaluate on
+    (any vocabulary no larger than the model's will do)."""
+    if (out / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (DATA / "text" / "wikitext2_test.raw").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+
+
+def evaluate_streaming(model: Path, tokens: int) -> dict:
+    """Perplexity of `model` block by block (`welore evaluate --stream`): peak RSS and wall time."""
+    out = model.with_name(model.name + "-ppl.json")
+    wall, rss = run(["evaluate", str(model), "--stream", "--seqlen", "512", "--max-tokens", str(tokens), "-q",
+                     "-o", str(out)])
+    return {"wall_s": wall, "peak_rss_gib": rss, "tokens": tokens, "ppl": json.loads(out.read_text())["results"][0]["ppl"]}
+
+
 def svd_floor(config: dict, repeats: int = 1) -> tuple[float, dict]:
     """Seconds of one fp32 thin SVD per target matrix: each distinct shape timed here, times its count."""
     h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -128,7 +157,10 @@ def run(args: list[str]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["smollm2", "tinyllama-1.1b"],
-                    choices=["smollm2", *SHAPES])
+                    choices=["smollm2", "smollm2-calibrated", *SHAPES])
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (smollm2-calibrated)")
+    ap.add_argument("--eval-dense", action="store_true", help="only evaluate the synthetic dense checkpoints "
+                    "block by block (welore evaluate --stream), --eval-tokens tokens")
     ap.add_argument("--ratio", type=float, default=0.5, help="effective rank reduction")
     ap.add_argument("--work", default="bench-out/scale", help="where checkpoints and outputs go (large)")
     a = ap.parse_args()
@@ -138,8 +170,16 @@ def main() -> None:
     for size in a.sizes:
         if size == "smollm2":
             results[size] = smollm2(work, a.ratio)
+        elif size == "smollm2-calibrated":
+            results[size] = smollm2_calibrated(work, a.eval_tokens)
         else:
             src = synthesize(size, work / f"{size}-synthetic")
+            add_tokenizer(src)
+            if a.eval_dense:  # the dense checkpoint evaluated block by block: no compression needed
+                results[f"{size}-dense-eval"] = evaluate_streaming(src, a.eval_tokens)
+                print(json.dumps({size: results[f"{size}-dense-eval"]}), flush=True)
+                (work / "scale.json").write_text(json.dumps(results, indent=1))
+                continue
             out = work / f"{size}-compressed"
             wall, rss = run(["compress", str(src), "--stream", "-o", str(out), "--ratio", str(a.ratio), "--overwrite",
                              "-q"])
@@ -147,25 +187,69 @@ def main() -> None:
             floor, per_shape = svd_floor(json.loads((src / "config.json").read_text()))
             results[size] = {"wall_s": wall, "peak_rss_gib": rss, **stream, "svd_floor_s": floor, "svd_floor_per_shape_s": per_shape,
                              "wall_over_floor": wall / floor, "compress_over_floor": stream["seconds"] / floor,
-                             "checkpoint_gib": stream["source_bytes"] / 2**30}
+                             "checkpoint_gib": stream["source_bytes"] / 2**30,
+                             "eval_stream": evaluate_streaming(out, 2048)}
         print(json.dumps({size: results[size]}, indent=1), flush=True)
         (work / "scale.json").write_text(json.dumps(results, indent=1))  # after each size: partial results survive
 
 
-def smollm2(work: Path, ratio: float) -> dict:
-    """The embedded default as a safetensors directory, compressed in memory and streamed."""
+def smollm2_dir(work: Path) -> Path:
+    """The embedded default as a safetensors directory (what --stream reads)."""
     src = work / "smollm2-dense"
     if not src.is_dir():
         from welore import load_model, save_dense
 
         loaded = load_model(None)
         save_dense(loaded.model, src, tokenizer=loaded.tokenizer)
+    return src
+
+
+def smollm2(work: Path, ratio: float) -> dict:
+    """The embedded default compressed in memory and streamed."""
+    src = smollm2_dir(work)
     common = [str(src), "--ratio", str(ratio), "--overwrite", "-q"]
     mem_s, mem_rss = run(["compress", *common, "-o", str(work / "smollm2-mem"), "--no-compare", "--no-eval"])
     stream_s, stream_rss = run(["compress", *common, "-o", str(work / "smollm2-stream"), "--stream"])
     return {"in_memory": {"wall_s": mem_s, "peak_rss_gib": mem_rss},
             "stream": {"wall_s": stream_s, "peak_rss_gib": stream_rss,
                        **json.loads((work / "smollm2-stream" / "stream.json").read_text())}}
+
+
+def smollm2_calibrated(work: Path, tokens: int) -> dict:
+    """The calibrated recipe (loss allocation + whiten-fisher) at 20% and 40% parameter reduction,
+    1 and 2 calibration passes, in memory and streamed (sequential calibration): are the outputs the
+    same bytes, what do the runs cost, and what WikiText-2 / C4 perplexity do they reach (the
+    in-memory output evaluated in memory, the streamed one block by block)?"""
+    from welore.shards import ShardReader
+
+    src = smollm2_dir(work)
+    corpora = ["wikitext2", "c4"]
+
+    def ppl(model: Path, stream: bool) -> dict:
+        out = work / f"{model.name}-ppl{'-stream' if stream else ''}.json"
+        wall, rss = run(["evaluate", str(model), "--corpus", *corpora, "--max-tokens", str(tokens), "-q",
+                         "-o", str(out), *(["--stream"] if stream else [])])
+        return {"wall_s": wall, "peak_rss_gib": rss,
+                **{r["corpus"]: r["ppl"] for r in json.loads(out.read_text())["results"]}}
+
+    rows = {"dense": ppl(src, stream=False), "dense_stream": ppl(src, stream=True)}
+    for ratio in (0.2, 0.4):
+        for passes in (1, 2):
+            name = f"smollm2-params{ratio}-passes{passes}"
+            common = [str(src), "--param-ratio", str(ratio), "--allocation", "loss", "--method", "whiten-fisher",
+                      "--calib-passes", str(passes), "--overwrite", "-q"]
+            mem, st = work / f"{name}-mem", work / f"{name}-stream"
+            mem_s, mem_rss = run(["compress", *common, "-o", str(mem), "--no-compare", "--no-eval"])
+            st_s, st_rss = run(["compress", *common, "-o", str(st), "--stream"])
+            a, b = ShardReader(mem).all(), ShardReader(st).all()
+            rows[name] = {
+                "in_memory": {"wall_s": mem_s, "peak_rss_gib": mem_rss, **ppl(mem, stream=False)},
+                "stream": {"wall_s": st_s, "peak_rss_gib": st_rss, **ppl(st, stream=True)},
+                "same_plan": json.loads((mem / "welore.json").read_text())["plan"]
+                == json.loads((st / "welore.json").read_text())["plan"],
+                "tensors": len(a), "bitwise_equal_tensors": sum(k in b and torch.equal(a[k], b[k]) for k in a)}
+            print(json.dumps({name: rows[name]}), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # The training stack (transformers.Trainer, PEFT) costs ~1.3 s to import; load it on first use only.
-_LAZY = {"compare": "train", "finetune": "train", "record_gradients": "gradients", "run_gradients": "gradients"}
+_LAZY = {"compare": "compare", "finetune": "train", "record_gradients": "gradients", "run_gradients": "gradients"}
 
 
 def __getattr__(name: str):

@@ -273,7 +273,7 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .train import compare  # the training stack: see cmd_finetune
+    from .compare import compare  # the training stack: see cmd_finetune
 
     rows = compare(a.model, a.output, from_namespace(FinetuneConfig, a), a.modes, overwrite=a.overwrite,
                    device=a.device, progress=not a.quiet)

@@ -138,6 +138,14 @@ class FinetuneConfig:
     galore_rank: int = field(default=64, metadata=_help("rank of GaLore's gradient projection"))
     galore_update_gap: int = field(default=50, metadata=_help("steps between GaLore projection updates"))
     galore_scale: float = field(default=0.25, metadata=_help("GaLore's update scale"))
+    teacher: str | None = field(default=None, metadata=_help(
+        "distil from this dense model (the flag alone: the base model recorded in welore.json)", nargs="?",
+        const="base"))
+    kd_weight: float = field(default=1.0, metadata=_help("with --teacher: weight of the distillation loss; "
+                                                          "the LM loss gets 1 - it"))
+    kd_temperature: float = field(default=2.0, metadata=_help("with --teacher: softmax temperature"))
+    keep_best: bool = field(default=True, metadata=_help(
+        "return the weights of the best held-out evaluation (start included), never a worse model"))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
@@ -158,6 +166,10 @@ class FinetuneConfig:
             raise WeloreError("weight decay and max grad norm must be >= 0")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise WeloreError(f"lora rank must be > 0, got {self.lora_rank}")
+        if not 0 <= self.kd_weight <= 1:
+            raise WeloreError(f"kd weight must be in [0, 1], got {self.kd_weight}")
+        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
+            raise WeloreError(f"kd temperature must be > 0, got {self.kd_temperature}")
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
 

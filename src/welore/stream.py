@@ -23,8 +23,11 @@ per matrix (the floor) plus reading and writing the checkpoint twice. Work happe
 a killed job from its last finished block and gives the same bytes. Under `torchrun` or
 `accelerate launch` with N processes, process r takes blocks r, r+N, ... in both passes (the spill and
 shard files are the handoff) and process 0 writes the index and the metadata: the same output.
-Data-free only (`--method svd`, the `welore` / `uniform` rules): calibrated methods need activations
-flowing block to block.
+
+Calibrated settings (asvd, whiten, whiten-fisher, refit, the loss allocation, several passes) replace
+pass 1 by welore.sequential: the calibration sequences flow through the blocks one at a time and
+each block is factorised from its own statistics, then spilled the same way; pass 2 is unchanged.
+They run in one process, since activations flow from block to block.
 """
 
 from __future__ import annotations

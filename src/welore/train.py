@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import multiprocessing
 import re
 import shutil
-import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,13 +36,13 @@ from torch import nn
 from transformers import TrainerCallback, set_seed
 
 from .compress import count_parameters, low_rank_modules, set_trainable
-from .config import MODES, FinetuneConfig
+from .config import FinetuneConfig
 from .device import PeakMemory
+from .distill import KeepBest, load_teacher
 from .errors import WeloreError
 from .evaluate import perplexity, task_accuracy
-from .io import atomic_dir, check_output, load_compressed, read_meta, save_compressed
-from .progress import set_enabled
-from .report import finetune_row, markdown_table, plot_loss_curves
+from .io import check_output, load_compressed, read_meta, save_compressed
+from .report import plot_loss_curves
 from .shards import ShardReader
 from .targets import layer_of
 from .tasks import task_splits
@@ -150,13 +147,16 @@ class _RunState(TrainerCallback):
     """Evaluations every `eval_every` steps, the `stop_after` stop, and welore's state written into
     each Trainer checkpoint, so that a resume can check it is the same model and settings."""
 
-    def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str):
+    def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str, keep: KeepBest | None):
         self.cfg, self.evaluate, self.log, self.evals, self.fingerprint = cfg, evaluate, log, evals, fingerprint
+        self.keep = keep
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         done, cfg = state.global_step, self.cfg
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             self.evals.append({"step": done, **self.evaluate(model)})
+            if self.keep:
+                self.keep.seen(model, done, self.evals[-1])
         if cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps:
             control.should_save, control.should_training_stop = True, True
         if done >= cfg.steps:
@@ -167,6 +167,8 @@ class _RunState(TrainerCallback):
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE).write_text(json.dumps({
                 "step": state.global_step, "log": self.log, "evals": self.evals,
                 "model_fingerprint": self.fingerprint, "config": self.cfg.to_dict()}))
+            if self.keep:
+                self.keep.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def _last_checkpoint(ckpt: Path) -> tuple[Path, dict]:
@@ -218,15 +220,26 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     print(msg + (f"  {info}" if info else ""), flush=True)
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
-    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint)
-    trainer = make_trainer(model, args, batches.stream(), [steps, run])
+    keep = KeepBest("c4_ppl" if cfg.data == "c4" else "accuracy") if cfg.keep_best else None
+    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint, keep)
+    teacher = load_teacher(cfg, meta, tokenizer, args.device)
+    trainer = make_trainer(model, args, batches.stream(), [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
+                           temperature=cfg.kd_temperature)
     if last is None:
         evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+        if keep:
+            keep.seen(trainer.model, 0, evals[0])
+    elif keep:
+        keep.load(last, trainer.model)
     with PeakMemory(args.device) as mem:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     if trainer.state.global_step < cfg.steps:
         raise WeloreError(f"stopped after step {trainer.state.global_step} as asked; continue with --resume")
     evals.append({"step": cfg.steps, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+    returned = cfg.steps
+    if keep:  # never a model worse than the best evaluated, the start included
+        keep.seen(trainer.model, cfg.steps, evals[-1])
+        returned = keep.restore(trainer.model, cfg.steps)
     digests = gather_object([_weights_digest(trainer.model)])  # one per process: data parallelism must agree
     if len(set(digests)) > 1:
         raise WeloreError(f"the {len(digests)} processes ended with different weights; nothing was written")
@@ -241,7 +254,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     metrics = {"trainable_params": trainable, "total_params": total, "train_tokens": steps.tokens,
                "train_seconds": steps.seconds, "tokens_per_s": steps.tokens / steps.seconds if steps.seconds else None,
                "device": str(args.device), "processes": args.world_size, "weights_digest": digests,
-               **mem.report(), **info}
+               **mem.report(), **info, "returned_step": returned,
+               **({"teacher": teacher.source, "teacher_memory_gib": teacher.memory_bytes / 2**30} if teacher else {})}
     record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "metrics": metrics, "evals": evals,
               "log": log, "resumed_from_step": int(last.name.split("-")[-1]) if last else None}
     settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}
@@ -256,44 +270,3 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return FinetuneResult(output, cfg, trainable, total, log, evals, metrics)
-
-
-def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress: bool) -> None:
-    """compare's worker: a fresh process per mode, so each mode's peak memory is its own."""
-    logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")  # as the CLI does
-    set_enabled(progress)
-    try:
-        finetune(model_dir, output, cfg, device=device, progress=progress)
-    except WeloreError as e:
-        print(f"welore: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
-            overwrite: bool = False, device=None, progress: bool = True) -> list[dict]:
-    """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
-    (so peak memory is each mode's own), and write one table and one plot side by side."""
-    for m in modes:
-        if m not in MODES:
-            raise WeloreError(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
-    read_meta(Path(model_dir))
-    rows, logs = [], {}
-    spawn = multiprocessing.get_context("spawn")  # a clean interpreter: no memory or threads inherited
-    with atomic_dir(output, overwrite) as tmp:
-        for mode in modes:
-            child = spawn.Process(target=_finetune_in_child,
-                                  args=(str(model_dir), str(tmp / mode), replace(cfg, mode=mode), device, progress))
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                raise WeloreError(f"the {mode} run failed (see its output above)")
-            rec = json.loads((tmp / mode / "finetune.json").read_text())
-            logs[mode] = rec["log"]
-            rows.append(finetune_row(mode, rec))
-        header = (f"data {cfg.data}, {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} sequences of <= {cfg.seqlen} "
-                  f"tokens, lr {cfg.lr}, seed {cfg.seed}, memory: {rec['metrics']['memory_kind']}")
-        (tmp / "compare.md").write_text(f"# welore compare: {model_dir}\n\n{header}\n\n{markdown_table(rows)}\n\n"
-                                        "![loss](compare.png)\n")
-        (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
-        plot_loss_curves(logs, tmp / "compare.png", title=f"{cfg.data}: training loss by mode")
-    return rows

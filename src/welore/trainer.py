@@ -167,9 +167,16 @@ class StepLog(TrainerCallback):
 
 
 def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream | None = None,
-                 callbacks: list[TrainerCallback] = ()) -> WeloreTrainer:
-    """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones."""
-    trainer = WeloreTrainer(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
+                 callbacks: list[TrainerCallback] = (), teacher=None, **distill) -> WeloreTrainer:
+    """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones; with a
+    `teacher` (welore.distill.Teacher), its loss is distillation (`distill`: kd_weight, temperature)."""
+    kwargs = dict(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
+    if teacher is None:
+        trainer = WeloreTrainer(**kwargs)
+    else:
+        from .distill import DistillTrainer  # it subclasses WeloreTrainer
+
+        trainer = DistillTrainer(**kwargs, teacher=teacher, **distill)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return trainer

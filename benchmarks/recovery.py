@@ -1,0 +1,162 @@
+"""Recovery after compression: does training only the LRC factors, with or without distillation from
+the dense teacher, make the compressed default usable again, and how do the modes rank?
+
+Two compressed SmolLM2-135M models (the embedded default), each written once:
+  paper50   WeLore as published: svd, 50% effective rank reduction, min_ratio 0.5
+  recipe30  the calibrated recipe: loss allocation + whiten-fisher at 30% parameter reduction
+Runs, each `welore finetune` in its own process, nothing else on the CPU, on the same C4 training
+tokens (the batch of step s depends on (seed, s) only), with the same schedule:
+  (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
+      the LM loss and with distillation (`--teacher`, KL at temperature 2)
+  (b) recipe30: lrc with distillation and without
+Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
+`--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
+run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
+
+    python benchmarks/recovery.py --sweep                    # lr x warmup on a short budget (~15 min)
+    python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
+    python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+MODELS = {
+    "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
+    "recipe30": ["--param-ratio", "0.3", "--allocation", "loss", "--method", "whiten-fisher"],
+}
+RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, loss == "kd")
+        for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
+RUNS.update({"recipe30-lrc-lm": ("recipe30", "lrc", False), "recipe30-lrc-kd": ("recipe30", "lrc", True)})
+
+
+def welore(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB sampled every 50 ms) of `welore ARGS` in a fresh process."""
+    t = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "welore", *args])
+    proc, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    if child.wait() != 0:
+        raise SystemExit(f"welore {' '.join(args)} failed")
+    return time.perf_counter() - t, peak / 2**30
+
+
+def compressed(work: Path, name: str) -> Path:
+    out = work / name
+    if not (out / "welore.json").is_file():
+        welore(["compress", *MODELS[name], "-o", str(out), "--no-compare", "--no-eval", "--overwrite", "-q"])
+    return out
+
+
+def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
+    out = work / f"dense-ppl-{seqlen}-{tokens}.json"
+    if not out.is_file():
+        welore(["evaluate", "--corpus", "wikitext2", "c4", "--seqlen", str(seqlen), "--max-tokens", str(tokens),
+                "-q", "-o", str(out)])
+    return {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
+
+
+def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: float, warmup: int, steps: int) -> dict:
+    out = work / "runs" / name
+    args = ["finetune", str(compressed(work, model)), "-o", str(out), "--train", mode, "--steps", str(steps),
+            "--batch-size", str(a.batch_size), "--seqlen", str(a.seqlen), "--lr", str(lr), "--warmup", str(warmup),
+            "--eval-every", str(a.eval_every), "--eval-tokens", str(a.eval_tokens), "--save-every", "0",
+            "--overwrite", "-q", *(["--teacher"] if kd else [])]
+    wall, rss = welore(args)
+    rec = json.loads((out / "finetune.json").read_text())
+    m = rec["metrics"]
+    return {"run": name, "model": model, "mode": mode, "loss": "kd" if kd else "lm", "lr": lr, "warmup": warmup,
+            "steps": steps, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
+            "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
+            "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
+            "evals": rec["evals"], "final": rec["evals"][-1],
+            "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
+
+
+def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("wikitext2_ppl", "c4_ppl")):
+        for r in rows:
+            ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
+                    ls="-" if r["loss"] == "kd" else "--", label=r["run"])
+        ax.axhline(dense[key], color="k", lw=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key.replace("_ppl", " perplexity"))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="bench-out/recovery")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=None, help="default: the sweep's choice (recovery.json)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--sweep", action="store_true", help="lr x warmup for recipe30-lrc-kd on a short budget")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dense = dense_ppl(work, a.seqlen, a.eval_tokens)
+    results = json.loads((work / "recovery.json").read_text()) if (work / "recovery.json").is_file() else {}
+    results["dense"] = dense
+    if a.sweep:
+        rows = []
+        for lr in (3e-5, 1e-4, 3e-4, 1e-3):
+            for warmup in (0, 10):
+                r = finetune(work, f"sweep-lr{lr}-w{warmup}", "recipe30", "lrc", True, a, lr, warmup, 50)
+                rows.append(r)
+                print(json.dumps({k: r[k] for k in ("run", "final", "best", "returned_step")}), flush=True)
+        best = min(rows, key=lambda r: r["final"]["c4_ppl"])  # held-out C4, never WikiText-2 (the test text)
+        results["sweep"] = {"rows": rows, "choice": {"lr": best["lr"], "warmup": best["warmup"]}}
+        plot(rows, dense, work / "sweep.png", "recipe30, lrc + distillation, 50 steps: lr x warmup")
+    else:
+        choice = results.get("sweep", {}).get("choice", {"lr": 1e-4, "warmup": 10})
+        lr = a.lr if a.lr is not None else choice["lr"]
+        warmup = a.warmup if a.warmup is not None else choice["warmup"]
+        runs = results.setdefault("runs", {})
+        for name in a.runs:
+            runs[name] = finetune(work, name, *RUNS[name], a, lr, warmup, a.steps)
+            print(json.dumps({k: runs[name][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
+                  flush=True)
+            (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive
+        rows = list(runs.values())
+        plot(rows, dense, work / "recovery.png", f"recovery of the compressed SmolLM2-135M: {a.steps} steps x "
+             f"{a.batch_size} x {a.seqlen} tokens of C4 train")
+        for r in rows:
+            f = r["final"]
+            print(f"{r['run']:20s} wt2 {f['wikitext2_ppl']:9.2f} ({f['wikitext2_ppl'] / dense['wikitext2_ppl']:.2f}x) "
+                  f"c4 {f['c4_ppl']:9.2f} trainable {r['trainable']:>11,} tok/s {r['tokens_per_s']:6.0f} "
+                  f"RSS {r['peak_rss_gib']:.2f} GiB wall {r['wall_s']:.0f} s")
+    (work / "recovery.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`welore compare`: one fine-tuning run per mode on the same data, steps and seed, each in a fresh
+process (so each mode's peak memory is its own), then one table and one plot side by side."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import MODES, FinetuneConfig
+from .errors import WeloreError
+from .io import atomic_dir, read_meta
+from .progress import set_enabled
+from .report import finetune_row, markdown_table, plot_loss_curves
+from .train import finetune
+
+
+def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress: bool) -> None:
+    """compare's worker: a fresh process per mode, so each mode's peak memory is its own."""
+    logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")  # as the CLI does
+    set_enabled(progress)
+    try:
+        finetune(model_dir, output, cfg, device=device, progress=progress)
+    except WeloreError as e:
+        print(f"welore: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
+            overwrite: bool = False, device=None, progress: bool = True) -> list[dict]:
+    """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
+    (so peak memory is each mode's own), and write one table and one plot side by side."""
+    for m in modes:
+        if m not in MODES:
+            raise WeloreError(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
+    read_meta(Path(model_dir))
+    rows, logs = [], {}
+    spawn = multiprocessing.get_context("spawn")  # a clean interpreter: no memory or threads inherited
+    with atomic_dir(output, overwrite) as tmp:
+        for mode in modes:
+            child = spawn.Process(target=_finetune_in_child,
+                                  args=(str(model_dir), str(tmp / mode), replace(cfg, mode=mode), device, progress))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise WeloreError(f"the {mode} run failed (see its output above)")
+            rec = json.loads((tmp / mode / "finetune.json").read_text())
+            logs[mode] = rec["log"]
+            rows.append(finetune_row(mode, rec))
+        header = (f"data {cfg.data}, {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} sequences of <= {cfg.seqlen} "
+                  f"tokens, lr {cfg.lr}, seed {cfg.seed}, memory: {rec['metrics']['memory_kind']}")
+        (tmp / "compare.md").write_text(f"# welore compare: {model_dir}\n\n{header}\n\n{markdown_table(rows)}\n\n"
+                                        "![loss](compare.png)\n")
+        (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+        plot_loss_curves(logs, tmp / "compare.png", title=f"{cfg.data}: training loss by mode")
+    return rows

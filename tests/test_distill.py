@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny
+
+from welore import WeloreError, load_compressed
+from welore.config import FinetuneConfig
+from welore.distill import KeepBest, Teacher, kd_loss
+from welore.train import finetune
+from welore.trainer import Batches
+
+FAST = dict(steps=4, lr=3e-3, batch_size=2, seqlen=64, warmup=0, eval_tokens=256, save_every=0)
+
+
+def test_kd_loss_is_the_tempered_kl_on_labelled_positions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, -100, -100, 4, 5]])
+    T = 2.0
+    want, n = 0.0, 0
+    for b in range(2):
+        for i in range(4):  # position i predicts label i + 1
+            if labels[b, i + 1] != -100:
+                p, q = F.softmax(t[b, i] / T, -1), F.softmax(s[b, i] / T, -1)
+                want += (p * (p.log() - q.log())).sum().item()
+                n += 1
+    assert kd_loss(s, t, labels, T).item() == pytest.approx(T**2 * want / n, rel=1e-5)
+    assert kd_loss(t, t, labels, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_of_the_first_step(compressed_dir, model_dir, tmp_path):
+    """The logged loss of step 1 is kd_weight * KL(teacher || student) + (1 - kd_weight) * LM on its batch."""
+    cfg = FinetuneConfig(teacher=str(model_dir), kd_weight=0.7, kd_temperature=1.5, **{**FAST, "steps": 1})
+    res = finetune(compressed_dir, tmp_path / "out", cfg, progress=False)
+    student, teacher = load_compressed(compressed_dir), Teacher(str(model_dir), load_compressed(compressed_dir).tokenizer, "cpu")
+    batch = Batches(student.tokenizer, cfg).get(0, 0)
+    with torch.no_grad():
+        out = student.model(**batch)
+        want = 0.7 * kd_loss(out.logits, teacher.logits(batch), batch["labels"], 1.5) + 0.3 * out.loss
+    assert res.log[0]["loss"] == pytest.approx(want.item(), rel=1e-3)
+    assert res.metrics["teacher"] == str(model_dir) and res.metrics["teacher_memory_gib"] > 0
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]["teacher"] == str(model_dir)
+
+
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+def test_every_mode_distils(compressed_dir, model_dir, tmp_path, mode):
+    cfg = FinetuneConfig(mode=mode, teacher=str(model_dir), galore_rank=4, keep_best=False, **FAST)
+    res = finetune(compressed_dir, tmp_path / mode, cfg, progress=False)
+    assert len(res.log) == 4 and all(r["loss"] > 0 for r in res.log)
+
+
+def test_bad_teachers(compressed_dir, tmp_path, tokenizer):
+    with pytest.raises(WeloreError):  # the fixture's base model "tiny" is not a model anywhere
+        finetune(compressed_dir, tmp_path / "a", FinetuneConfig(teacher="base", **FAST), progress=False)
+    with pytest.raises(WeloreError):
+        finetune(compressed_dir, tmp_path / "b", FinetuneConfig(teacher=str(tmp_path / "nowhere"), **FAST),
+                 progress=False)
+    other = tmp_path / "other"  # same architecture, another tokenizer (a vocabulary with one token renamed)
+    make_tiny("llama").save_pretrained(other)
+    vocab = tokenizer.get_vocab()
+    tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
+        tokenizer.backend_tokenizer.to_str().replace(json.dumps(min(vocab, key=vocab.get))[1:-1] + '":', 'QQ":', 1)))
+    tok.save_pretrained(other)
+    with pytest.raises(WeloreError, match="tokenizer"):
+        finetune(compressed_dir, tmp_path / "c", FinetuneConfig(teacher=str(other), **FAST), progress=False)
+    for kw, msg in [({"kd_weight": 1.5}, "kd weight"), ({"kd_temperature": 0.0}, "temperature")]:
+        with pytest.raises(WeloreError, match=msg):
+            FinetuneConfig(**kw)
+    assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
+
+
+def test_keep_best_returns_the_start_when_training_wrecks_the_model(compressed_dir, tmp_path):
+    before = load_compressed(compressed_dir).model.state_dict()
+    cfg = FinetuneConfig(**{**FAST, "lr": 50.0})  # diverges
+    res = finetune(compressed_dir, tmp_path / "out", cfg, progress=False)
+    assert res.evals[-1]["c4_ppl"] > res.evals[0]["c4_ppl"] and res.metrics["returned_step"] == 0
+    after = load_compressed(tmp_path / "out").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    res = finetune(compressed_dir, tmp_path / "raw", FinetuneConfig(keep_best=False, **{**FAST, "lr": 50.0}),
+                   progress=False)
+    assert res.metrics["returned_step"] == 4
+
+
+def test_keep_best_remembers_the_lowest_perplexity():
+    model = torch.nn.Linear(2, 2)
+    keep = KeepBest("c4_ppl")
+    keep.seen(model, 0, {"c4_ppl": 10.0})
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1)
+    keep.seen(model, 5, {"c4_ppl": 12.0})
+    assert keep.restore(model, 5) == 0 and torch.equal(model.weight, start)
+    acc = KeepBest("accuracy")
+    acc.seen(model, 0, {"accuracy": 0.5})
+    acc.seen(model, 5, {"accuracy": 0.7})
+    assert acc.restore(model, 5) == 5
+
+
+def test_the_teacher_flag_alone_names_the_base_model():
+    from welore.cli import build_parser
+    from welore.config import from_namespace
+
+    def parsed(*flags):
+        return from_namespace(FinetuneConfig, build_parser().parse_args(["finetune", "m", "-o", "o", *flags]))
+
+    assert parsed("--teacher").teacher == "base" and parsed().teacher is None
+    assert parsed("--teacher", "some/dir", "--kd-weight", "0.5").teacher == "some/dir"
+    assert parsed("--no-keep-best").keep_best is False
