@@ -24,6 +24,23 @@ def test_sqrt_s_balances_the_two_factors():
     assert torch.allclose(layer.up.weight.norm(), layer.down.weight.norm(), rtol=1e-4)
 
 
+def test_unbalanced_data_aware_factors_are_rebalanced_per_component():
+    """(U/D, V^T S^-1) of a data-aware method: each component's two vectors end up with equal norms,
+    the product is unchanged, and plain SVD factors keep their exact bits."""
+    torch.manual_seed(0)
+    W = torch.randn(48, 32)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    d = torch.logspace(-4, 2, 48)[:, None]  # an output weighting spanning six orders of magnitude
+    layer = LowRankLinear.from_svd(U / d, S, Vh * 3e3, 10, bias=None)
+    up, down = layer.up.weight.detach(), layer.down.weight.detach()
+    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-4, atol=0)
+    want = (U[:, :10] / d) @ torch.diag(S[:10]) @ (Vh[:10] * 3e3)
+    torch.testing.assert_close(up @ down, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    plain = LowRankLinear.from_svd(U, S, Vh, 10, bias=None)
+    root = S[:10].sqrt()
+    assert torch.equal(plain.down.weight, root[:, None] * Vh[:10]) and torch.equal(plain.up.weight, U[:, :10] * root)
+
+
 def test_forward_matches_dense_and_keeps_bias():
     torch.manual_seed(0)
     dense = torch.nn.Linear(16, 20)

@@ -99,8 +99,9 @@ class _Sweep:
     def _file(self, kind: str, i: int) -> Path:
         return self.d / kind / f"{i}.safetensors"
 
-    def _done(self, kind: str, i: int) -> bool:
-        return self._file(kind, i).is_file() and (i not in self.blocks or self._file("spill", i).is_file())
+    def _done(self, kind: str, i: int, block: int) -> bool:
+        """Whether `block` is finished: its output `kind`/{i} is on disk, and its spill (if it has targets)."""
+        return self._file(kind, i).is_file() and (block not in self.blocks or self._file("spill", block).is_file())
 
     def _hooks(self, block, i: int, gradients: bool) -> StatsHooks | None:
         if i not in self.blocks:
@@ -115,8 +116,8 @@ class _Sweep:
         grads = self.cfg.gradients
         for i in bar(range(self.bw.depth), desc=f"Calibration {self.what}: forward", unit="block",
                      progress=self.progress):
-            if self._file("acts", i + 1).is_file() and (grads or self._done("acts", i + 1)):
-                continue
+            if self._file("acts", i + 1).is_file() if grads else self._done("acts", i + 1, i):
+                continue  # finished by an earlier run (--resume)
             hidden = _load(self._file("acts", i))
             with self.bw.block(i, self.tensors_of(i)) as block, torch.no_grad():
                 hooks = None if grads else self._hooks(block, i, False)
@@ -142,7 +143,7 @@ class _Sweep:
             _save(self._file("grads", top), grads)
         for i in bar(reversed(range(top)), total=top, desc=f"Calibration {self.what}: backward", unit="block",
                      progress=self.progress):
-            if self._done("grads", i):
+            if self._done("grads", i, i):
                 continue
             hidden, g_out = _load(self._file("acts", i)), _load(self._file("grads", i + 1))
             g_in = []
