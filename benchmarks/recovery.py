@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
+from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
 
 MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
@@ -36,22 +33,6 @@ MODELS = {
 RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, loss == "kd")
         for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
 RUNS.update({"recipe30-lrc-lm": ("recipe30", "lrc", False), "recipe30-lrc-kd": ("recipe30", "lrc", True)})
-
-
-def welore(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB sampled every 50 ms) of `welore ARGS` in a fresh process."""
-    t = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "welore", *args])
-    proc, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    if child.wait() != 0:
-        raise SystemExit(f"welore {' '.join(args)} failed")
-    return time.perf_counter() - t, peak / 2**30
 
 
 def compressed(work: Path, name: str) -> Path:

@@ -103,9 +103,13 @@ class Blockwise:
     def depth(self) -> int:
         return len(self.templates)
 
+    def block_prefix(self, i: int) -> str:
+        """What the names of block i's modules and tensors start with."""
+        return f"{self.prefix}.{i}."
+
     def block_tensors(self, tensors: ShardReader | dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         """Block i's tensors in `tensors`, named relative to the block."""
-        p = f"{self.prefix}.{i}."
+        p = self.block_prefix(i)
         return {k[len(p):]: tensors.get(k) for k in tensors.keys() if k.startswith(p)}
 
     @torch.no_grad()

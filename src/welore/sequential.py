@@ -68,11 +68,11 @@ def spill_calibrated(reader: ShardReader, config, blocks: dict, keys: dict, cfg:
                 raise WeloreError(f"target block indices go beyond the model's {bw.depth} blocks")
 
             def tensors_of(i: int, bw=bw, plan=plan, prev=prev) -> dict[str, torch.Tensor]:
-                full = {k: reader.get(k) for k in keys.get(i, [])} if plan is None else \
-                    block_state(reader, {m.name: m for m in plan.lrcs}, blocks.get(i, []), keys.get(i, []),
-                                load_file(str(prev / f"{i}.safetensors")) if i in blocks else {})
-                cut = len(bw.prefix) + len(str(i)) + 2
-                return {k[cut:]: v for k, v in full.items()}
+                if plan is None:
+                    return bw.block_tensors(reader, i)
+                full = block_state(reader, {m.name: m for m in plan.lrcs}, blocks.get(i, []), keys.get(i, []),
+                                   load_file(str(prev / f"{i}.safetensors")) if i in blocks else {})
+                return bw.block_tensors(full, i)
 
             sweep = _Sweep(bw, tensors_of, reader, blocks, cfg, d, ids, f"pass {p}/{cfg.calib_passes}", progress)
             sweep.forward()
@@ -106,7 +106,7 @@ class _Sweep:
     def _hooks(self, block, i: int, gradients: bool) -> StatsHooks | None:
         if i not in self.blocks:
             return None
-        cut = len(self.bw.prefix) + len(str(i)) + 2
+        cut = len(self.bw.block_prefix(i))
         return StatsHooks({t.name: block.get_submodule(t.name[cut:]) for t in self.blocks[i]}, gradients)
 
     def forward(self) -> None:

@@ -118,10 +118,12 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     state.wait_for_everyone()
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        def plan_of(spill: Path) -> RankPlan:
-            spectra = _read_spectra(targets, blocks, order, spill)
+        def allocate_from(spectra: Spectra) -> RankPlan:
             return allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
                             min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+
+        def plan_of(spill: Path) -> RankPlan:
+            return allocate_from(_read_spectra(targets, blocks, order, spill))
 
         if cfg.calibrated:
             spill = spill_calibrated(reader, config, blocks, keys, cfg, work, tokenizer, plan_of,
@@ -130,8 +132,8 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
             spill = work / "spill"
             _spill_blocks(reader, blocks, order[rank::world], spill, progress and rank == 0)
         state.wait_for_everyone()
-        plan = plan_of(spill)
-        svd_s = _read_spectra(targets, blocks, order, spill).seconds
+        spectra = _read_spectra(targets, blocks, order, spill)
+        plan, svd_s = allocate_from(spectra), spectra.seconds
         mine = [(i, b) for i, b in enumerate(shards) if i % world == rank]
         _write_pass(reader, plan, blocks, keys, mine, len(shards), spill, work, progress and rank == 0)
         state.wait_for_everyone()
