@@ -222,6 +222,8 @@ def perplexity_streaming(path: str | Path, tokenizer=None, corpus: str = "wikite
     states. Same windows, same NLL as the in-memory evaluation. `tokenizer`: the directory's own
     when None."""
     path = Path(path)
+    if not path.is_dir():
+        raise WeloreError(f"--stream evaluates a model directory; {path} is not one")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
