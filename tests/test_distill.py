@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny
+from safetensors.torch import save_file
 
 from welore import WeloreError, load_compressed
 from welore.config import FinetuneConfig
-from welore.distill import KeepBest, Teacher, kd_loss
+from welore.distill import KeepBest, Teacher, kd_loss, kd_loss_topk
 from welore.train import finetune
 from welore.trainer import Batches
 
@@ -108,3 +109,60 @@ def test_the_teacher_flag_alone_names_the_base_model():
     assert parsed("--teacher").teacher == "base" and parsed().teacher is None
     assert parsed("--teacher", "some/dir", "--kd-weight", "0.5").teacher == "some/dir"
     assert parsed("--no-keep-best").keep_best is False
+
+
+def test_topk_kd_loss_is_the_full_kl_at_full_k_and_a_lower_bound_below():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 11, generator=g) * 3, torch.randn(2, 6, 11, generator=g) * 3
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6], [1, -100, -100, 4, 5, 6]])
+    T = 2.0
+    full = kd_loss(s, t, labels, T).item()
+    for k in (11, 5, 1):
+        logp, ids = F.log_softmax(t[:, :-1] / T, -1).topk(k, -1)
+        got = kd_loss_topk(s, ids, logp, labels, T).item()
+        assert got == pytest.approx(full, rel=1e-5) if k == 11 else 0 <= got < full
+    logp, ids = F.log_softmax(t[:, :-1] / T, -1).topk(5, -1)
+    assert kd_loss_topk(t, ids, logp, labels, T).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_teacher_cache_is_built_once_and_gives_the_in_process_loss(compressed_dir, model_dir, tmp_path, tokenizer):
+    """With k = the whole vocabulary the cached loss is the in-process one (up to fp16 log-probs);
+    a second run reuses the file without loading the teacher and trains identically."""
+    cache = tmp_path / "teacher.safetensors"
+    base = dict(teacher=str(model_dir), keep_best=False, **FAST)
+    live = finetune(compressed_dir, tmp_path / "live", FinetuneConfig(**base), progress=False)
+    cfg = FinetuneConfig(**base, teacher_cache=str(cache), teacher_top_k=len(tokenizer))
+    first = finetune(compressed_dir, tmp_path / "a", cfg, progress=False)
+    assert cache.is_file() and first.metrics["teacher_cache_build_s"] > 0
+    for a, b in zip(live.log, first.log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    again = finetune(compressed_dir, tmp_path / "b", cfg, progress=False)
+    assert "teacher_cache_build_s" not in again.metrics and "teacher_memory_gib" not in again.metrics
+    assert [r["loss"] for r in again.log] == [r["loss"] for r in first.log]
+    shorter = finetune(compressed_dir, tmp_path / "c", FinetuneConfig(**{**base, "steps": 2}, teacher_cache=str(cache),
+                                                                      teacher_top_k=len(tokenizer)), progress=False)
+    assert [r["loss"] for r in shorter.log] == [r["loss"] for r in first.log[:2]]  # a prefix of the batches
+
+
+def test_teacher_cache_refuses_other_runs(compressed_dir, model_dir, tmp_path, tokenizer):
+    cache = tmp_path / "teacher.safetensors"
+    base = dict(teacher=str(model_dir), teacher_cache=str(cache), teacher_top_k=8, **FAST)
+    finetune(compressed_dir, tmp_path / "built", FinetuneConfig(**base), progress=False)
+    other_teacher = tmp_path / "other-teacher"
+    make_tiny("llama", seed=1).save_pretrained(other_teacher)
+    tokenizer.save_pretrained(other_teacher)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    cases = [({"seed": 1}, "other batches"), ({"seqlen": 32}, "other batches"), ({"batch_size": 1}, "other batches"),
+             ({"data": "coinflip"}, "other batches"), ({"steps": 8}, "holds 8 sequences"),
+             ({"kd_temperature": 1.0}, "temperature"), ({"teacher_top_k": 4}, "top_k"),
+             ({"teacher": str(other_teacher)}, "another teacher"), ({"teacher": str(tmp_path / "none")}, "no such teacher"),
+             ({"teacher_cache": str(truncated)}, "cannot read"), ({"teacher_cache": str(foreign)}, "not a welore")]
+    for i, (kw, msg) in enumerate(cases):
+        with pytest.raises(WeloreError, match=msg):
+            finetune(compressed_dir, tmp_path / f"out{i}", FinetuneConfig(**{**base, **kw}), progress=False)
+    with pytest.raises(WeloreError, match="needs --teacher"):
+        FinetuneConfig(teacher_cache=str(cache))
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())

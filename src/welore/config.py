@@ -144,6 +144,10 @@ class FinetuneConfig:
     kd_weight: float = field(default=1.0, metadata=_help("with --teacher: weight of the distillation loss; "
                                                           "the LM loss gets 1 - it"))
     kd_temperature: float = field(default=2.0, metadata=_help("with --teacher: softmax temperature"))
+    teacher_cache: str | None = field(default=None, metadata=_help(
+        "with --teacher: a file of the teacher's top-k answers for this run's batches, built if missing and "
+        "reused by every run on the same batches (no teacher in memory or in the loop)"))
+    teacher_top_k: int = field(default=64, metadata=_help("with --teacher-cache: tokens kept per position"))
     keep_best: bool = field(default=True, metadata=_help(
         "return the weights of the best held-out evaluation (start included), never a worse model"))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
@@ -170,6 +174,10 @@ class FinetuneConfig:
             raise WeloreError(f"kd weight must be in [0, 1], got {self.kd_weight}")
         if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
             raise WeloreError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        if self.teacher_cache is not None and self.teacher is None:
+            raise WeloreError("--teacher-cache needs --teacher")
+        if self.teacher_top_k <= 0:
+            raise WeloreError(f"teacher top-k must be > 0, got {self.teacher_top_k}")
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
 

@@ -13,6 +13,15 @@ The teacher runs in the same process, without gradients, on the student's device
 forward per micro-batch (the student pays a forward and a backward). It works with every training
 mode (lrc, full, lora, galore) since it only changes the loss.
 
+Or its answers are computed once and cached (`--teacher-cache FILE`): the top-k log-probabilities at
+the temperature for every position of every batch of the run, which is a pure function of (seed,
+step). Runs on the same batches (every mode of a comparison, a resumed run, a sweep) then train
+without the teacher in memory or in the loop. The cached loss is the KL between the teacher's and
+the student's distributions over k + 1 outcomes (the k tokens, and "any other token"): exact when
+the teacher puts no mass outside its top k, a lower bound of the full KL otherwise. The file records
+the teacher (its weight files' fingerprint), the tokenizer, the temperature, k and every input token
+it was computed on, and a run whose batches, teacher or settings differ is refused.
+
 `KeepBest` is the guard every recovery run needs: a compressed model is fragile, a too-high
 learning rate wrecks it in a few steps, and so the weights with the best held-out score seen at an
 evaluation (step 0 included) are what a run returns, never a model worse than its start.
@@ -20,6 +29,9 @@ evaluation (step 0 included) are what a run returns, never a model worse than it
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +40,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import WeloreError
-from .trainer import WeloreTrainer
+from .errors import WeloreError, one_line
+from .io import atomic_file
+from .models import load_model, looks_like_path
+from .progress import bar
+from .trainer import StepStream, WeloreTrainer
 
 BEST = "welore_best.safetensors"  # in a Trainer checkpoint: KeepBest's weights
+CACHE_FORMAT = "welore-teacher-topk/1"
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,12 +63,27 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     return kl * temperature**2
 
 
+def kd_loss_topk(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, labels: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """kd_loss against a cached teacher: T^2 KL over k + 1 outcomes (the teacher's top k tokens, whose
+    tempered log-probabilities are `top_logp` [b, L-1, k] at ids `top_ids`, and the rest)."""
+    mask = labels[:, 1:] != -100
+    if not mask.any():
+        return student.sum() * 0.0
+    log_q = F.log_softmax(student[:, :-1][mask].float() / temperature, dim=-1)
+    log_p = top_logp[mask].float()
+    log_q_top = log_q.gather(1, top_ids[mask].long())
+    p_rest = (1 - log_p.exp().sum(1)).clamp_min(0)
+    # log(1 - sum q_top), kept finite when the student's top k hold (almost) all its mass
+    log_q_rest = torch.log1p(-log_q_top.logsumexp(1).exp().clamp_max(1 - 1e-7))
+    kl = (log_p.exp() * (log_p - log_q_top)).sum(1) + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+    return kl.mean() * temperature**2
+
+
 class Teacher:
     """The frozen dense model, checked to speak the student's vocabulary."""
 
     def __init__(self, source: str, student_tokenizer, device):
-        from .models import load_model  # models imports the training stack's users: only here
-
         loaded = load_model(source, device=device)
         self.model, self.source = loaded.model.eval(), loaded.source
         # what the teacher holds for the whole run (its forward's activations come and go each step)
@@ -70,22 +101,124 @@ class Teacher:
 
 
 class DistillTrainer(WeloreTrainer):
-    """WeloreTrainer whose loss is the distillation mix (see module docstring)."""
+    """WeloreTrainer whose loss is the distillation mix (see module docstring); the teacher is a
+    `Teacher` run on each batch, or a `TeacherCache` looked up by the batch's rows."""
 
-    def __init__(self, *args, teacher: Teacher, kd_weight: float = 1.0, temperature: float = 2.0, **kwargs):
+    def __init__(self, *args, teacher, kd_weight: float = 1.0, temperature: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher, self.kd_weight, self.temperature = teacher, kd_weight, temperature
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the accumulation
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        rows = inputs.pop(StepStream.INDEX, None)  # present when the stream is indexed for a cache
         outputs = model(**inputs)  # with labels: the LM loss, a mean over this micro-batch's tokens
-        teacher = self.teacher.logits(inputs)
-        if teacher.shape[-1] != outputs.logits.shape[-1]:
-            raise WeloreError(f"the teacher has {teacher.shape[-1]} logits per token, the student "
-                              f"{outputs.logits.shape[-1]}: they do not share a vocabulary")
-        kd = kd_loss(outputs.logits, teacher, inputs["labels"], self.temperature)
+        if isinstance(self.teacher, TeacherCache):
+            ids, logp = self.teacher.rows(rows, inputs["input_ids"].shape[1], outputs.logits.device)
+            kd = kd_loss_topk(outputs.logits, ids, logp, inputs["labels"], self.temperature)
+        else:
+            teacher = self.teacher.logits(inputs)
+            if teacher.shape[-1] != outputs.logits.shape[-1]:
+                raise WeloreError(f"the teacher has {teacher.shape[-1]} logits per token, the student "
+                                  f"{outputs.logits.shape[-1]}: they do not share a vocabulary")
+            kd = kd_loss(outputs.logits, teacher, inputs["labels"], self.temperature)
         loss = self.kd_weight * kd + (1 - self.kd_weight) * outputs.loss if self.kd_weight < 1 else kd
         return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher's answers, computed once
+
+
+def source_fingerprint(source: str) -> str:
+    """Identity of a model without loading it: name, size and first MiB of each weight file and of
+    config.json (a hub id: the id itself)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")
+                       or p.name == "config.json")
+    else:
+        files = []
+    h = hashlib.blake2b(str(source if not files else "").encode(), digest_size=12)
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    return hashlib.blake2b(json.dumps(sorted(tokenizer.get_vocab().items())).encode(), digest_size=12).hexdigest()
+
+
+def build_teacher_cache(path: Path, teacher: Teacher, stream: StepStream, seqlen: int, top_k: int,
+                        temperature: float, identity: dict, progress: bool = True) -> float:
+    """Run `teacher` over every micro-batch of `stream` and write its tempered top-k log-probabilities
+    (fp16: a log-probability's rounding error is < 0.1% of its probability) with the input tokens and
+    `identity`, to `path` in one rename. Returns the seconds it took."""
+    n = len(stream)
+    size = n * (seqlen * 4 + (seqlen - 1) * top_k * 6)
+    print(f"teacher cache: {n:,} sequences x {seqlen - 1} positions x top {top_k} -> {path} "
+          f"({size / 2**20:,.1f} MiB)", flush=True)
+    start = time.perf_counter()
+    input_ids = torch.full((n, seqlen), -1, dtype=torch.int32)  # -1: beyond a short batch's width
+    top_ids = torch.zeros((n, seqlen - 1, top_k), dtype=torch.int32)
+    top_logp = torch.full((n, seqlen - 1, top_k), float("-inf"), dtype=torch.float16)
+    device = next(teacher.model.parameters()).device
+    for t in bar(range(stream.micro_steps), desc="teacher cache", unit="batch", progress=progress):
+        batch = stream.batch(t)
+        rows, width = t * stream.rows, batch["input_ids"].shape[1]
+        logits = teacher.logits({k: v.to(device) for k, v in batch.items()})
+        if top_k > logits.shape[-1]:
+            raise WeloreError(f"teacher top-k {top_k} exceeds its vocabulary ({logits.shape[-1]} tokens)")
+        logp, ids = F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(top_k, dim=-1)
+        input_ids[rows: rows + stream.rows, :width] = batch["input_ids"]
+        top_ids[rows: rows + stream.rows, : width - 1] = ids.int().cpu()
+        top_logp[rows: rows + stream.rows, : width - 1] = logp.half().cpu()
+    meta = {"format": CACHE_FORMAT, **{k: str(v) for k, v in identity.items()}}
+    with atomic_file(path) as tmp:
+        save_file({"input_ids": input_ids, "top_ids": top_ids, "top_logp": top_logp}, str(tmp), metadata=meta)
+    return time.perf_counter() - start
+
+
+class TeacherCache:
+    """A cache file checked against this run: same teacher and settings (`identity`), and the same
+    input tokens in every row `stream` will produce."""
+
+    def __init__(self, path: Path, stream: StepStream, identity: dict):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CACHE_FORMAT:
+                    raise WeloreError(f"{path} is not a welore teacher cache")
+                tensors = {k: f.get_tensor(k) for k in ("input_ids", "top_ids", "top_logp")}
+        except WeloreError:
+            raise
+        except Exception as e:  # safetensors raises several types for a truncated or foreign file
+            raise WeloreError(f"cannot read teacher cache {path}: {one_line(e)}") from e
+        for key, want in identity.items():
+            if meta.get(key) != str(want):
+                raise WeloreError(f"teacher cache {path} was built with another {key} "
+                                  f"({meta.get(key)}, this run: {want}); use another file or delete it")
+        self.input_ids, self.top_ids, self.top_logp = tensors["input_ids"], tensors["top_ids"], tensors["top_logp"]
+        self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if len(self.input_ids) < len(stream):
+            raise WeloreError(f"teacher cache {path} holds {len(self.input_ids):,} sequences, this run needs "
+                              f"{len(stream):,}; use another file or delete it")
+        for t in range(stream.micro_steps):  # cheap: the batches are token windows, no model runs
+            x = stream.batch(t)["input_ids"]
+            got = self.input_ids[t * stream.rows: (t + 1) * stream.rows]
+            if x.shape[1] > got.shape[1] or not (torch.equal(got[:, : x.shape[1]], x.int())
+                                                  and (got[:, x.shape[1]:] == -1).all()):
+                raise WeloreError(f"teacher cache {path} was built on other batches (another corpus, seed, "
+                                  f"seqlen, batch size or tokenizer): first difference at micro-batch {t}")
+
+    def rows(self, index: torch.Tensor, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top ids, top log-probs) of the stream rows `index`, cut to a batch `width` tokens wide."""
+        i = index.cpu()
+        return (self.top_ids[i, : width - 1].to(device, non_blocking=True),
+                self.top_logp[i, : width - 1].to(device, non_blocking=True))
 
 
 class KeepBest:
@@ -128,11 +261,30 @@ class KeepBest:
         return self.best[1]
 
 
-def load_teacher(cfg, meta: dict, student_tokenizer, device) -> Teacher | None:
-    """The teacher `cfg.teacher` names ("base": the base model in welore.json), or None."""
+def load_teacher(cfg, meta: dict, student_tokenizer, device, stream: StepStream, world_size: int = 1,
+                 progress: bool = True) -> tuple[Teacher | TeacherCache | None, dict]:
+    """The teacher `cfg.teacher` names ("base": the base model in welore.json), or its cache
+    (`cfg.teacher_cache`, built first if missing), or None; and what to report about it."""
     if cfg.teacher is None:
-        return None
+        return None, {}
     source = meta.get("base_model") if cfg.teacher == "base" else cfg.teacher
     if not source:
         raise WeloreError("this model records no base model to distil from; name one: --teacher MODEL")
-    return Teacher(source, student_tokenizer, device)
+    if cfg.teacher_cache is None:
+        teacher = Teacher(source, student_tokenizer, device)
+        return teacher, {"teacher": teacher.source, "teacher_memory_gib": teacher.memory_bytes / 2**30}
+    path = Path(cfg.teacher_cache)
+    if looks_like_path(source) and not Path(source).expanduser().exists():
+        raise WeloreError(f"no such teacher: {source}")
+    identity = {"teacher": source_fingerprint(source), "vocab": vocab_fingerprint(student_tokenizer),
+                "temperature": repr(float(cfg.kd_temperature)), "top_k": cfg.teacher_top_k}
+    info = {"teacher": source, "teacher_cache": str(path)}
+    if not path.exists():
+        if world_size > 1:
+            raise WeloreError("build the teacher cache in one process first (the same command without a launcher)")
+        teacher = Teacher(source, student_tokenizer, device)
+        info.update(teacher_memory_gib=teacher.memory_bytes / 2**30, teacher_cache_build_s=build_teacher_cache(
+            path, teacher, stream, cfg.seqlen, cfg.teacher_top_k, cfg.kd_temperature, identity, progress))
+        del teacher  # training runs from the cache alone
+    cache = TeacherCache(path, stream, identity)
+    return cache, {**info, "teacher_cache_gib": cache.memory_bytes / 2**30}

@@ -70,12 +70,12 @@ def load_model(source: str | os.PathLike | None = None, device: str | torch.devi
         return _load_hf(str(path), dev, torch_dtype, tokenizer, name=path.name, local=True)
     if path.exists():
         raise WeloreError(f"{path} is not a model: expected a model directory or a .gguf file")
-    if _looks_like_path(str(source)):
+    if looks_like_path(str(source)):
         raise WeloreError(f"no such file or directory: {source}")
     return _load_hf(str(source), dev, torch_dtype, tokenizer, name=str(source).split("/")[-1], local=False)
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     # A hub id is "name" or "org/name"; anything with path syntax is meant as a local path.
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".gguf", ".safetensors", ".bin"))
 

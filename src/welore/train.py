@@ -222,8 +222,9 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
     keep = KeepBest("c4_ppl" if cfg.data == "c4" else "accuracy") if cfg.keep_best else None
     run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint, keep)
-    teacher = load_teacher(cfg, meta, tokenizer, args.device)
-    trainer = make_trainer(model, args, batches.stream(), [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
+    stream = batches.stream(index=cfg.teacher_cache is not None)
+    teacher, teacher_info = load_teacher(cfg, meta, tokenizer, args.device, stream, args.world_size, progress)
+    trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
                            temperature=cfg.kd_temperature)
     if last is None:
         evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
@@ -254,8 +255,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     metrics = {"trainable_params": trainable, "total_params": total, "train_tokens": steps.tokens,
                "train_seconds": steps.seconds, "tokens_per_s": steps.tokens / steps.seconds if steps.seconds else None,
                "device": str(args.device), "processes": args.world_size, "weights_digest": digests,
-               **mem.report(), **info, "returned_step": returned,
-               **({"teacher": teacher.source, "teacher_memory_gib": teacher.memory_bytes / 2**30} if teacher else {})}
+               **mem.report(), **info, "returned_step": returned, **teacher_info}
     record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "metrics": metrics, "evals": evals,
               "log": log, "resumed_from_step": int(last.name.split("-")[-1]) if last else None}
     settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}

@@ -41,10 +41,14 @@ warnings.filterwarnings("ignore", message="This implementation of AdamW is depre
 
 class StepStream(torch.utils.data.Dataset):
     """Rows of a deterministic stream: micro-step t is `batch(t)` (a dict of tensors with `rows` rows);
-    item k is row k % rows of micro-step k // rows."""
+    item k is row k % rows of micro-step k // rows. With `index`, each item also carries k (under
+    `INDEX`), so a loss can look up what was precomputed for that row (welore.distill.TeacherCache)."""
 
-    def __init__(self, batch: Callable[[int], dict[str, torch.Tensor]], micro_steps: int, rows: int):
-        self.batch, self.micro_steps, self.rows = batch, micro_steps, rows
+    INDEX = "welore_row"
+
+    def __init__(self, batch: Callable[[int], dict[str, torch.Tensor]], micro_steps: int, rows: int,
+                 index: bool = False):
+        self.batch, self.micro_steps, self.rows, self.index = batch, micro_steps, rows, index
         self._t, self._cached = -1, {}
 
     def __len__(self) -> int:
@@ -54,7 +58,8 @@ class StepStream(torch.utils.data.Dataset):
         t, r = divmod(k, self.rows)
         if t != self._t:  # rows are read in order: one batch is drawn per micro-step
             self._t, self._cached = t, self.batch(t)
-        return {key: v[r] for key, v in self._cached.items()}
+        item = {key: v[r] for key, v in self._cached.items()}
+        return {**item, self.INDEX: torch.tensor(k)} if self.index else item
 
 
 class Batches:
@@ -96,9 +101,9 @@ class Batches:
             mask[r, : len(ids)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
-    def stream(self) -> StepStream:
+    def stream(self, index: bool = False) -> StepStream:
         accum = self.cfg.grad_accum
-        return StepStream(lambda t: self.get(*divmod(t, accum)), self.cfg.steps * accum, self.rows)
+        return StepStream(lambda t: self.get(*divmod(t, accum)), self.cfg.steps * accum, self.rows, index)
 
 
 # ---------------------------------------------------------------------------------------------
