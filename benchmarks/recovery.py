@@ -13,7 +13,12 @@ Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the
 `--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
 run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
 
+Distillation runs share one teacher cache (`--teacher-cache`, built by the first of them) unless
+`--no-cache`: every run trains on the same batches, so the teacher's answers are computed once.
+
     python benchmarks/recovery.py --sweep                    # lr x warmup on a short budget (~15 min)
+    python benchmarks/recovery.py --speed                    # tokens/s and peak RSS per mode, teacher in the
+                                                             # loop vs cached (30 steps each, ~15 min)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
 """
@@ -50,12 +55,13 @@ def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
     return {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
 
 
-def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: float, warmup: int, steps: int) -> dict:
+def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: float, warmup: int, steps: int,
+             cache: Path | None = None) -> dict:
     out = work / "runs" / name
     args = ["finetune", str(compressed(work, model)), "-o", str(out), "--train", mode, "--steps", str(steps),
             "--batch-size", str(a.batch_size), "--seqlen", str(a.seqlen), "--lr", str(lr), "--warmup", str(warmup),
             "--eval-every", str(a.eval_every), "--eval-tokens", str(a.eval_tokens), "--save-every", "0",
-            "--overwrite", "-q", *(["--teacher"] if kd else [])]
+            "--overwrite", "-q", *(["--teacher"] if kd else []), *(["--teacher-cache", str(cache)] if cache else [])]
     wall, rss = welore(args)
     rec = json.loads((out / "finetune.json").read_text())
     m = rec["metrics"]
@@ -63,31 +69,59 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: floa
             "steps": steps, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
             "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
+            "cache": m.get("teacher_cache"), "cache_build_s": m.get("teacher_cache_build_s"),
             "evals": rec["evals"], "final": rec["evals"][-1],
             "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
 
 
 def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
+    """Held-out perplexity curves: one row of panels per compressed model, WikiText-2 and C4."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key in zip(axes, ("wikitext2_ppl", "c4_ppl")):
-        for r in rows:
-            ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                    ls="-" if r["loss"] == "kd" else "--", label=r["run"])
-        ax.axhline(dense[key], color="k", lw=0.8, label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key.replace("_ppl", " perplexity"))
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    for model, panel in zip(models, axes):
+        for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
+            for r in (r for r in rows if r["model"] == model):
+                ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
+                        ls="-" if r["loss"] == "kd" else "--", label=r["run"])
+            ax.axhline(dense[key], color="k", lw=0.8, label="dense")
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(key.replace("_ppl", " perplexity"))
+            ax.set_title(model, fontsize=9)
+            ax.grid(alpha=0.3)
+        panel[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def speed(work: Path, a, lr: float, warmup: int, steps: int) -> dict:
+    """Each mode for `steps` steps in its own process, back to back: the one clean comparison of
+    tokens/s and peak memory (the long runs' figures are not, when something else shared the CPU)."""
+    a.eval_every = 0
+    cache = work / f"teacher-speed-{steps}x{a.batch_size}x{a.seqlen}.safetensors"
+    cache.unlink(missing_ok=True)
+    plan = [(f"{m}-lm", "paper50", m, False, None) for m in ("lrc", "full", "lora", "galore")]
+    plan += [("lrc-kd-in-loop", "paper50", "lrc", True, None), ("lrc-kd-cache-build", "paper50", "lrc", True, cache),
+             ("lrc-kd-cached", "paper50", "lrc", True, cache), ("full-kd-cached", "paper50", "full", True, cache)]
+    rows = {}
+    for name, model, mode, kd, c in plan:
+        r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c)
+        rows[name] = {k: r[k] for k in ("trainable", "tokens", "tokens_per_s", "train_s", "wall_s", "peak_rss_gib",
+                                        "teacher_gib", "cache_build_s")}
+        print(name, json.dumps(rows[name]), flush=True)
+    ratio = {"peak RSS lrc/full": rows["lrc-lm"]["peak_rss_gib"] / rows["full-lm"]["peak_rss_gib"],
+             "tokens/s lrc/full": rows["lrc-lm"]["tokens_per_s"] / rows["full-lm"]["tokens_per_s"],
+             "tokens/s kd cached/in loop": rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"],
+             "tokens/s kd in loop/lm": rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]}
+    print(json.dumps({k: round(v, 3) for k, v in ratio.items()}))
+    return {"steps": steps, "rows": rows, "ratios": ratio}
 
 
 def main() -> None:
@@ -102,13 +136,21 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--sweep", action="store_true", help="lr x warmup for recipe30-lrc-kd on a short budget")
+    ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
+                    help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
+    ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     dense = dense_ppl(work, a.seqlen, a.eval_tokens)
     results = json.loads((work / "recovery.json").read_text()) if (work / "recovery.json").is_file() else {}
     results["dense"] = dense
-    if a.sweep:
+    choice = results.get("sweep", {}).get("choice", {"lr": 1e-4, "warmup": 10})
+    lr = a.lr if a.lr is not None else choice["lr"]
+    warmup = a.warmup if a.warmup is not None else choice["warmup"]
+    if a.speed:
+        results["speed"] = speed(work, a, lr, warmup, a.speed)
+    elif a.sweep:
         rows = []
         for lr in (3e-5, 1e-4, 3e-4, 1e-3):
             for warmup in (0, 10):
@@ -119,12 +161,10 @@ def main() -> None:
         results["sweep"] = {"rows": rows, "choice": {"lr": best["lr"], "warmup": best["warmup"]}}
         plot(rows, dense, work / "sweep.png", "recipe30, lrc + distillation, 50 steps: lr x warmup")
     else:
-        choice = results.get("sweep", {}).get("choice", {"lr": 1e-4, "warmup": 10})
-        lr = a.lr if a.lr is not None else choice["lr"]
-        warmup = a.warmup if a.warmup is not None else choice["warmup"]
         runs = results.setdefault("runs", {})
+        cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}.safetensors"
         for name in a.runs:
-            runs[name] = finetune(work, name, *RUNS[name], a, lr, warmup, a.steps)
+            runs[name] = finetune(work, name, *RUNS[name], a, lr, warmup, a.steps, cache if RUNS[name][2] else None)
             print(json.dumps({k: runs[name][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
             (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive

@@ -6,6 +6,7 @@ from conftest import VOCAB
 
 from welore import WeloreError, perplexity
 from welore.data import encode_corpus
+from welore.evaluate import Accuracy, wilson_interval
 
 
 class UniformLM(torch.nn.Module):
@@ -50,3 +51,17 @@ def test_bad_arguments(llama, tokenizer):
         perplexity(llama, None)
     with pytest.raises(WeloreError, match="unknown corpus"):
         perplexity(llama, tokenizer, "imagenet", seqlen=16, max_tokens=32)
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (5, 10), (10, 10), (163, 300), (1, 300)])
+def test_wilson_interval_bounds_are_the_score_test_roots(k, n):
+    """The Wilson bounds are the proportions p0 where the score statistic (p - p0)^2 n / (p0 (1 - p0))
+    equals z^2 = 1.96^2: check that directly, and that the interval holds the observed proportion."""
+    lo, hi = wilson_interval(k, n)
+    p, z2 = k / n, 1.959964**2
+    assert 0 <= lo <= p <= hi <= 1
+    for b in (lo, hi):
+        if 0 < b < 1:
+            assert (p - b) ** 2 * n == pytest.approx(z2 * b * (1 - b), rel=1e-6)
+    assert Accuracy("t", k / n, k, n, 0.0).to_dict()["ci95"] == [lo, hi]
+    assert wilson_interval(150, 300)[1] - wilson_interval(150, 300)[0] == pytest.approx(0.112, abs=1e-3)

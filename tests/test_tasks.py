@@ -37,6 +37,14 @@ def test_known_examples_are_formatted_right():
     assert date.target == " 05/01/2021" and len(date.options) == 6
 
 
+def test_small_tasks_can_hold_out_300_examples_and_keep_some_to_train_on():
+    for task, n in [("coinflip", 500), ("date", 369)]:
+        train, ev = task_splits(task, n_eval=300)
+        assert len(ev) == 300 and len(train) == n - 300 and not set(ev) & set(train)
+    train, ev = task_splits("date", n_eval=1000)
+    assert len(train) == 369 // 10 and len(ev) == 369 - 369 // 10
+
+
 @pytest.mark.parametrize("task", ["boolq", "csqa", "svamp"])
 def test_splits_are_disjoint_and_reproducible(task):
     train, ev = task_splits(task, seed=3, n_eval=50)

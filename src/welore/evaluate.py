@@ -94,8 +94,24 @@ class Accuracy:
     total: int
     seconds: float
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson score interval of the accuracy (a binomial proportion over `total` examples)."""
+        return wilson_interval(self.correct, self.total)
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "ci95": list(self.interval)}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials (95% for the default z): unlike the
+    normal approximation it stays inside [0, 1] and is honest near 0 and 1."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at k = 0 or k = n the bound is exactly 0 or 1 (the formula leaves a rounding error)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def encode_example(tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int], int]:

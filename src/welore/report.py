@@ -205,8 +205,10 @@ def finetune_row(mode: str, rec: dict) -> dict:
            "peak memory GiB": met["peak_memory_gib"], "tokens/s": met["tokens_per_s"],
            "train s": met["train_seconds"], "final loss": rec["log"][-1]["loss"]}
     for k in last:
-        if k != "step":
+        if k not in ("step", "ci95", "correct", "examples"):
             row[f"{k} before"], row[f"{k} after"] = first[k], last[k]
+    if "ci95" in last:  # a task's accuracy: its interval in one readable column
+        row["accuracy 95% CI after"] = "[{:.3f}, {:.3f}] of {}".format(*last["ci95"], last["examples"])
     return row
 
 

@@ -6,7 +6,8 @@ wins); SVAMP has no options and is scored by exact match of the first number in 
 continuation. Training uses `prompt + options[answer]` with the loss on the answer tokens only.
 
 Splits are fixed by a seed: a task that ships one split is shuffled with it and cut into eval
-(the first `n_eval`) and train (the rest); CommonsenseQA uses its own train / dev files.
+(the first `n_eval`, at most 90% of the task) and train (the rest); CommonsenseQA uses its own train /
+dev files.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def task_splits(task: str, seed: int = 0, n_eval: int = 200) -> tuple[list[Examp
         return examples, ev[:n_eval]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(n_eval, len(examples) // 2)
+    n_eval = min(n_eval, len(examples) - max(1, len(examples) // 10))  # >= 10% of a task is left to train on
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 

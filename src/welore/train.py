@@ -137,8 +137,8 @@ def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -
                                            max_tokens=cfg.eval_tokens, progress=False).ppl
                for corpus in ("c4", "wikitext2")}
     else:
-        out = {"accuracy": task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen,
-                                         progress=progress).accuracy}
+        acc = task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen, progress=progress)
+        out = {"accuracy": acc.accuracy, "correct": acc.correct, "examples": acc.total, "ci95": list(acc.interval)}
     model.train(was_training)
     return out
 

@@ -1,0 +1,97 @@
+"""Downstream tasks that can be learnt: train on a task's train split, score >= 300 held-out examples,
+and say which differences are real (outside the 95% binomial intervals).
+
+Models: the dense default (written by `welore compress --threshold 0`: every matrix kept dense, so it
+fine-tunes through the same code) trained in full, and the paper's setting (WeLore svd, 50% effective
+rank reduction, min_ratio 0.5) in every mode: lrc / full / lora (rank matched) / galore. Same examples,
+steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
+with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
+with its Wilson 95% interval. No keep-best guard: it would pick the weights by the very examples we
+report on.
+
+    python benchmarks/tasks.py                       # coin flip + date, 100 steps (~25 min on 2 cores)
+    python benchmarks/tasks.py --tasks coinflip --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from recovery import MODELS, compressed
+
+from welore import FinetuneConfig
+from welore.compare import compare
+from welore.tasks import task_splits
+
+MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a welore directory
+RUNS = [("dense", "full"), ("paper50", "lrc"), ("paper50", "full"), ("paper50", "lora"), ("paper50", "galore")]
+
+
+def chance(task: str, seed: int, n_eval: int) -> float:
+    """Expected accuracy of a uniform guess over each held-out example's options."""
+    ev = task_splits(task, seed=seed, n_eval=n_eval)[1]
+    return sum(1 / len(ex.options) for ex in ev) / len(ev)
+
+
+def verdicts(rows: list[dict], base: float) -> list[str]:
+    """Which accuracies are outside chance, and which pairs differ (disjoint intervals)."""
+    out = []
+    for r in rows:
+        lo, hi = r["ci95"]
+        side = "above" if lo > base else "below" if hi < base else "not distinguishable from"
+        out.append(f"{r['run']}: {r['after']:.3f} [{lo:.3f}, {hi:.3f}] is {side} chance ({base:.3f})")
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1]:
+                better, worse = (a, b) if a["after"] > b["after"] else (b, a)
+                out.append(f"{better['run']} > {worse['run']} (intervals disjoint)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="bench-out/recovery")
+    ap.add_argument("--tasks", nargs="+", default=["coinflip", "date"])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--eval-examples", type=int, default=300)
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"args": vars(a)}
+    for task in a.tasks:
+        cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
+                             warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
+                             keep_best=False, seed=0)
+        train, ev = task_splits(task, seed=0, n_eval=a.eval_examples)
+        rows = []
+        for model in dict.fromkeys(m for m, _ in RUNS):
+            t = time.perf_counter()
+            modes = [mode for m, mode in RUNS if m == model]
+            out_dir = work / "tasks" / task / model
+            compare(compressed(work, model), out_dir, cfg, modes, overwrite=True, progress=False)
+            for mode in modes:
+                rec = json.loads((out_dir / mode / "finetune.json").read_text())
+                first, last, m = rec["evals"][0], rec["evals"][-1], rec["metrics"]
+                rows.append({"run": f"{model}-{mode}", "before": first["accuracy"], "after": last["accuracy"],
+                             "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
+                             "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
+                             "train_s": m["train_seconds"]})
+            print(f"{task} {model}: {time.perf_counter() - t:.0f} s", flush=True)
+        base = chance(task, 0, a.eval_examples)
+        results[task] = {"train_examples": len(train), "eval_examples": len(ev), "chance": base, "rows": rows,
+                         "verdicts": verdicts(rows, base)}
+        print(f"\n## {task}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
+        for r in rows:
+            print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
+                  f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  trainable {r['trainable']:>11,}")
+        print("\n".join(results[task]["verdicts"]), flush=True)
+        (work / "tasks.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
