@@ -3,6 +3,8 @@ import json
 import pytest
 
 from welore import load_compressed, run_analyze, run_compress
+from welore.allocate.plan import MatrixPlan, RankPlan
+from welore.pipeline import CompressResult
 
 
 def test_run_compress_rows_and_self_description(model_dir, tmp_path):
@@ -78,3 +80,14 @@ def test_run_analyze(model_dir, tmp_path):
     out, spectra, plan = run_analyze(model_dir, tmp_path / "a", progress=False)
     assert len(spectra.targets) == len(plan.matrices) == 14
     assert "mean reduction" in (out / "summary.md").read_text()
+
+
+def test_next_steps_suggest_only_what_applies(tmp_path):
+    lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
+    dense = RankPlan("welore", 0.0, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 64, False)])
+    plain = CompressResult(tmp_path, lrc, settings={"allocation": "welore", "method": "svd"}).explain()
+    assert "--method whiten-fisher" in plain and "--teacher" in plain
+    recipe = CompressResult(tmp_path, lrc, settings={"allocation": "loss", "method": "whiten-fisher"}).explain()
+    assert "--method whiten-fisher" not in recipe and "--teacher" in recipe
+    nothing = CompressResult(tmp_path, dense, settings={"allocation": "welore", "method": "svd"}).explain()
+    assert "--param-ratio" not in nothing and "finetune" not in nothing and "welore generate" in nothing

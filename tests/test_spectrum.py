@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from welore import Spectra, WeloreError, analyze, find_targets
-from welore.spectrum import max_useful_rank
+from welore.spectrum import batched_svds, max_useful_rank, truncated_svd
 from welore.targets import weight_matrix
 
 
@@ -54,3 +54,16 @@ def test_nan_weights_are_refused(llama):
         llama.get_submodule(targets[2].name).weight[1, 1] = float("nan")
     with pytest.raises(WeloreError, match="NaN or Inf"):
         analyze(llama, progress=False)
+
+
+def test_batched_svds_equal_one_svd_per_matrix(llama):
+    """The CUDA path (one batched SVD per shape) gives the per-matrix results, in the input order."""
+    ws = [m.weight.detach() for n, m in llama.named_modules() if n.startswith("model.layers.0.") and hasattr(m, "weight")
+          and m.weight.dim() == 2]
+    assert len({tuple(w.shape) for w in ws}) < len(ws)  # some shapes repeat: batches of several
+    ranks = [max_useful_rank(*w.shape) for w in ws]
+    for w, r, (U, S, Vh) in zip(ws, ranks, batched_svds(ws, ranks, "cpu")):
+        U1, S1, Vh1 = truncated_svd(w, r)
+        assert U.shape == U1.shape and Vh.shape == Vh1.shape and U.device.type == "cpu"
+        assert torch.allclose(S, S1, atol=1e-5)
+        assert torch.allclose(U * S[:r] @ Vh, U1 * S1[:r] @ Vh1, atol=1e-5)

@@ -208,7 +208,8 @@ def _compress_streaming(a, cfg: CompressConfig) -> int:  # welore compress --str
     if a.model is None:
         raise WeloreError("--stream reads a model directory with safetensors weights; name one")
     out = a.output or default_output(Path(a.model).name, cfg.allocation, cfg.target, cfg.ratio, cfg.threshold)
-    res = compress_streaming(a.model, out, cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    res = compress_streaming(a.model, out, cfg, resume=a.resume, overwrite=a.overwrite, device=a.device,
+                             progress=not a.quiet)
     if res.rank == 0:
         print(res.summary())
     return 0

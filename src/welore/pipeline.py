@@ -52,13 +52,17 @@ class CompressResult:
             lines.append(f"{ev['corpus']} ppl: perplexity on the first {ev['tokens']:,} tokens of {ev['corpus']} "
                          f"(lower is better; dense is the uncompressed model). continuation: greedy, "
                          f"{ev.get('new_tokens', 12)} tokens after {PROMPT!r}.")
-        ratio = self.plan.param_reduction
-        lines += ["", "Next:",
-                  f"  better quality at this size (calibrated, ~2 min): welore compress --param-ratio {ratio:.3f} "
-                  "--allocation loss --method whiten-fisher",
-                  f"  recover quality by training only the low-rank factors: welore finetune {self.output} "
-                  f"-o {self.output}-ft --train lrc --data c4 --steps 200",
-                  f"  read what it writes: welore generate {self.output} \"Tell me about Paris.\""]
+        ratio, out = self.plan.param_reduction, self.output
+        lines += ["", "Next:"]
+        recipe = self.settings.get("allocation") == "loss" and self.settings.get("method") == "whiten-fisher"
+        if ratio > 0 and not recipe:
+            lines.append(f"  better quality at this size (calibrated, ~2 min): welore compress --param-ratio {ratio:.3f} "
+                         "--allocation loss --method whiten-fisher")
+        if self.plan.lrcs:  # the recovery recipe of benchmarks/recovery.py (lr and warmup from its sweep)
+            lines.append(f"  recover quality by distilling the dense model into the low-rank factors (the 135M "
+                         f"default: ~20 min on 2 CPU cores): welore finetune {out} -o {out}-ft --teacher --lr 3e-4 "
+                         "--warmup 10 --steps 500 --eval-every 100")
+        lines.append(f"  read what it writes: welore generate {out} \"Tell me about Paris.\"")
         return "\n".join(lines)
 
 

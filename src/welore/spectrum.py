@@ -114,6 +114,30 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return U[:, :rank], S, Vh[:rank]
 
 
+def truncated_svds(ws: list[torch.Tensor], ranks: list[int], device=None) -> list[tuple[torch.Tensor, ...]]:
+    """truncated_svd of each of `ws` (results on the CPU). On CUDA, the matrices of one shape go through
+    one batched `torch.linalg.svd` on the GPU (a block's q/o or gate/up projections share a shape);
+    elsewhere each has its own SVD, the same call as the in-memory path, so the bits match it."""
+    device = torch.device(device or "cpu")
+    if device.type != "cuda":
+        return [truncated_svd(w, r) for w, r in zip(ws, ranks)]
+    return batched_svds(ws, ranks, device)
+
+
+def batched_svds(ws: list[torch.Tensor], ranks: list[int], device) -> list[tuple[torch.Tensor, ...]]:
+    """truncated_svds with one batched SVD per shape on `device` (any device: tested on the CPU)."""
+    out: list = [None] * len(ws)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, w in enumerate(ws):
+        by_shape.setdefault(tuple(w.shape), []).append(i)
+    for idx in by_shape.values():
+        U, S, Vh = torch.linalg.svd(torch.stack([ws[i].to(device).float() for i in idx]), full_matrices=False)
+        for j, i in enumerate(idx):
+            r = ranks[i]
+            out[i] = (U[j, :, :r].cpu(), S[j].cpu(), Vh[j, :r].cpu())
+    return out
+
+
 def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_factors: bool = False,
             progress: bool = True) -> Spectra:
     """Singular values of every target of `model` (see module docstring)."""

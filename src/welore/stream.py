@@ -47,7 +47,7 @@ from transformers import AutoConfig
 
 from .allocate import RankPlan, allocate
 from .config import CompressConfig
-from .device import PeakMemory
+from .device import PeakMemory, pick_device, process_memory
 from .errors import WeloreError, one_line
 from .factorize import refit_solve
 from .io import build_skeleton, check_output, read_tokenizer, versions, write_metadata
@@ -55,7 +55,7 @@ from .layers import LowRankLinear
 from .progress import bar
 from .sequential import spill_calibrated
 from .shards import ShardReader, shard_name, write_index, write_shard
-from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svd
+from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svds
 from .targets import Target, find_targets, layer_of
 
 
@@ -75,8 +75,10 @@ class StreamResult:
 
 
 def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConfig, *, resume: bool = False,
-                       overwrite: bool = False, progress: bool = True) -> StreamResult:
-    """Compress the model directory `source` into `output` block by block (see module docstring)."""
+                       overwrite: bool = False, device=None, progress: bool = True) -> StreamResult:
+    """Compress the model directory `source` into `output` block by block (see module docstring).
+    `device`: where the data-free SVDs run (default: this process' accelerator under a launcher, CUDA
+    when present, else the CPU); calibrated settings run on the CPU."""
     source, output = Path(source), Path(output)
     if not source.is_dir():
         raise WeloreError(f"streaming compression reads a model directory with safetensors weights; {source} is not one")
@@ -130,7 +132,8 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
                                      block_state, progress)
         else:
             spill = work / "spill"
-            _spill_blocks(reader, blocks, order[rank::world], spill, progress and rank == 0)
+            _spill_blocks(reader, blocks, order[rank::world], spill, progress and rank == 0,
+                          state.device if device is None else pick_device(device))
         state.wait_for_everyone()
         spectra = _read_spectra(targets, blocks, order, spill)
         plan, svd_s = allocate_from(spectra), spectra.seconds
@@ -141,7 +144,8 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     metrics = {"seconds": time.perf_counter() - t0, "svd_seconds": svd_s, **mem.report(), "processes": world,
                "source_bytes": sum(p.stat().st_size for p in reader.files()),
                "output_bytes": sum(p.stat().st_size for p in written), "blocks": len(order),
-               "shards": len(shards), "memory_kind": "peak RSS during compression (process 0)"}
+               "shards": len(shards), "memory_kind": "peak RSS during compression (process 0)",
+               **{k: v for k, v in process_memory().items() if k.startswith("cuda")}}  # SVDs on a GPU
     if rank == 0:
         _finish(source, output, work, config, plan, cfg, len(shards), metrics)
     state.wait_for_everyone()
@@ -185,27 +189,29 @@ def _prepare(work: Path, job: dict, resume: bool) -> None:
     (work / "job.json").write_text(json.dumps(job, indent=1))
 
 
-def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool) -> None:
-    """Pass 1: singular values, fingerprints and spilled factors of this process' blocks."""
+def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool, device) -> None:
+    """Pass 1: singular values, fingerprints and spilled factors of this process' blocks (the SVDs on
+    `device`: batched by shape on CUDA)."""
     spill.mkdir(exist_ok=True)
     for b in bar(mine, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
         path = spill / f"{b}.safetensors"
         if path.is_file():
             continue  # finished by an earlier run (--resume)
-        tensors, fingerprints, block_s = {}, {}, 0.0
+        tensors, fingerprints, ws = {}, {}, []
         for t in blocks[b]:
             stored = reader.get(f"{t.name}.weight")
-            w = stored.t() if t.kind == "conv1d" else stored
-            if not torch.isfinite(w).all():
+            ws.append(stored.t() if t.kind == "conv1d" else stored)
+            if not torch.isfinite(ws[-1]).all():
                 raise WeloreError(f"weights of {t.name} contain NaN or Inf")
-            start = time.perf_counter()
-            U, S, Vh = truncated_svd(w, max_useful_rank(*t.shape))
-            block_s += time.perf_counter() - start
+            fingerprints[t.name] = fingerprint(stored)
+        start = time.perf_counter()
+        svds = truncated_svds(ws, [max_useful_rank(*t.shape) for t in blocks[b]], device)
+        block_s = time.perf_counter() - start
+        for t, w, (U, S, Vh) in zip(blocks[b], ws, svds):
             tensors[f"{t.name}.values"] = S
             if U.shape[1]:  # scaled and cast as from_svd does, so any rank is a slice of these
                 top = LowRankLinear.from_svd(U, S, Vh, U.shape[1], None, dtype=w.dtype)
                 tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
-            fingerprints[t.name] = fingerprint(stored)
         write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
 
 
