@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from welore import WeloreError
-from welore.evaluate import encode_example, task_accuracy
+from welore.evaluate import encode_example, option_scores, task_accuracy
 from welore.tasks import TASKS, Example, first_number, load_examples, task_splits
 
 SIZES = {"boolq": 3270, "csqa": 9741, "strategyqa": 2290, "svamp": 1000, "coinflip": 500, "date": 369,
@@ -73,10 +73,10 @@ class PrefersToken(torch.nn.Module):
         super().__init__()
         self.token, self.vocab, self.p = token, vocab, torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, use_cache=False):
+    def forward(self, input_ids, use_cache=False, cache=None):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token] = 10.0
-        return type("Out", (), {"logits": logits})()
+        return type("Out", (), {"logits": logits, "cache": None})()
 
     def generate(self, x, max_new_tokens, **kw):
         return torch.cat([x, torch.full((1, 3), self.token)], 1)
@@ -89,6 +89,17 @@ def test_option_scoring_picks_the_most_likely_option(tokenizer):
     acc = task_accuracy(PrefersToken(b), tokenizer, examples, "t", progress=False)
     assert (acc.correct, acc.total) == (1, 2)
     assert task_accuracy(PrefersToken(a), tokenizer, examples[1:], "t", progress=False).accuracy == 1.0
+
+
+def test_shared_prompt_scores_equal_one_forward_per_option(tiny, tokenizer):
+    """The KV-cache path (prompt once, each option continued from it) gives the per-option forwards'
+    scores, on every architecture (their caches differ: sliding windows, absolute positions...)."""
+    for ex in task_splits("date", n_eval=4)[1] + task_splits("coinflip", n_eval=2)[1]:
+        encoded = [encode_example(tokenizer, ex.prompt, o, 256) for o in ex.options]
+        shared, full = option_scores(tiny, encoded), option_scores(tiny, encoded, shared=False)
+        assert shared == pytest.approx(full, abs=1e-4)
+    long = [encode_example(tokenizer, "x " * 400, o, 32) for o in (" a", " a b c d")]  # cut differently
+    assert option_scores(tiny, long) == option_scores(tiny, long, shared=False)
 
 
 def test_generative_scoring_uses_the_first_number(tokenizer):

@@ -7,6 +7,7 @@ Concatenate the corpus, tokenize once, cut it into non-overlapping windows of `s
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -124,6 +125,37 @@ def encode_example(tokenizer, prompt: str, target: str, max_len: int) -> tuple[l
 
 
 @torch.no_grad()
+def option_scores(model, encoded: list[tuple[list[int], int]], shared: bool = True) -> list[float]:
+    """Summed log-probability of each option's tokens after its prompt (`encoded`: encode_example's
+    (ids, prompt length) per option). With `shared` and one prompt for all options (the usual case),
+    the prompt runs once and each option continues from a copy of its KV cache: the same numbers as
+    one forward per option, for a fraction of the tokens (date: 6 options of ~8 tokens after a
+    ~40-token prompt)."""
+    device = next(model.parameters()).device
+    prompts = {tuple(ids[:n]) for ids, n in encoded}
+    if shared and len(prompts) == 1 and all(n > 0 for _, n in encoded):
+        n = encoded[0][1]
+        out = model(input_ids=torch.tensor([encoded[0][0][:n]], device=device), use_cache=True)
+        cache, first = out.cache, F.log_softmax(out.logits[0, -1].float(), -1)
+        scores = []
+        for ids, _ in encoded:
+            opt = ids[n:]
+            score = first[opt[0]].item()
+            if len(opt) > 1:  # a copy: a forward appends to the cache it is given (a prompt's is small)
+                o = model(input_ids=torch.tensor([opt[:-1]], device=device), cache=copy.deepcopy(cache), use_cache=True)
+                logp = F.log_softmax(o.logits[0].float(), -1)
+                score += logp.gather(1, torch.tensor(opt[1:], device=device)[:, None]).sum().item()
+            scores.append(score)
+        return scores
+    scores = []
+    for ids, n_prompt in encoded:  # prompts cut differently per option (long prompts): one forward each
+        x = torch.tensor([ids], device=device)
+        logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
+        scores.append(logp[n_prompt - 1:].gather(1, x[0, 1:, None][n_prompt - 1:]).sum().item())
+    return scores
+
+
+@torch.no_grad()
 def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 512, max_new_tokens: int = 12,
                   progress: bool = True) -> Accuracy:
     """Accuracy on `examples` (welore.tasks.Example): the highest summed option log-probability wins;
@@ -139,13 +171,7 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
     correct, start = 0, time.perf_counter()
     for ex in bar(examples, desc=f"Accuracy on {task}", unit="ex", progress=progress):
         if ex.options:
-            scores = []
-            for opt in ex.options:
-                ids, n_prompt = encode_example(tokenizer, ex.prompt, opt, max_len)
-                x = torch.tensor([ids], device=device)
-                logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
-                tgt = x[0, 1:]
-                scores.append(logp[n_prompt - 1:].gather(1, tgt[n_prompt - 1:, None]).sum().item())
+            scores = option_scores(model, [encode_example(tokenizer, ex.prompt, o, max_len) for o in ex.options])
             correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.answer)
         else:
             ids, _ = encode_example(tokenizer, ex.prompt, "", max_len - max_new_tokens)
