@@ -9,7 +9,7 @@ with the highest summed log-probability (welore.evaluate.task_accuracy), before 
 with its Wilson 95% interval. No keep-best guard: it would pick the weights by the very examples we
 report on.
 
-    python benchmarks/tasks.py                       # coin flip + date, 100 steps (~25 min on 2 cores)
+    python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
     python benchmarks/tasks.py --tasks coinflip --steps 20
 """
 
