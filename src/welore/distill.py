@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import WeloreError, one_line
-from .io import atomic_file
+from .io import atomic_file, hash_file_heads
 from .models import load_model, looks_like_path
 from .progress import bar
 from .trainer import StepStream, WeloreTrainer
@@ -141,10 +141,7 @@ def source_fingerprint(source: str) -> str:
     else:
         files = []
     h = hashlib.blake2b(str(source if not files else "").encode(), digest_size=12)
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+    hash_file_heads(h, files, names=True)
     return h.hexdigest()
 
 

@@ -41,7 +41,7 @@ from .device import PeakMemory
 from .distill import KeepBest, load_teacher
 from .errors import WeloreError
 from .evaluate import perplexity, task_accuracy
-from .io import check_output, load_compressed, read_meta, save_compressed
+from .io import check_output, hash_file_heads, load_compressed, read_meta, save_compressed
 from .report import plot_loss_curves
 from .shards import ShardReader
 from .targets import layer_of
@@ -113,10 +113,7 @@ def _model_fingerprint(model_dir: Path) -> str:
     """Identity of the starting model: its welore.json plan and each weight file's size + head bytes."""
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps(read_meta(model_dir)["plan"], sort_keys=True).encode())
-    for w in ShardReader(model_dir).files():  # one file, or the shards of a streamed compression
-        h.update(str(w.stat().st_size).encode())
-        with open(w, "rb") as f:
-            h.update(f.read(1 << 20))
+    hash_file_heads(h, ShardReader(model_dir).files())  # one file, or the shards of a streamed compression
     return h.hexdigest()
 
 
