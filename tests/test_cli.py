@@ -253,6 +253,32 @@ def test_compress_stream(capsys, model_dir, tmp_path):
     _assert_clean_error(code, err, "name one")
 
 
+def test_compress_then_recover_in_one_command(capsys, model_dir, tmp_path):
+    out = tmp_path / "c"
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--ratio", "0.5", "--min-ratio", "0.3",
+                            "--no-eval", "--recover", "2", "-q")
+    assert code == 0, err
+    rec = json.loads((out / "recovered" / "finetune.json").read_text())
+    assert rec["config"]["mode"] == "lrc" and rec["config"]["teacher"] == "base" and rec["config"]["steps"] == 2
+    assert rec["metrics"]["teacher"] == str(model_dir) and "teacher_cache_build_s" in rec["metrics"]
+    # the cache and the checkpoints were the run's own: gone; the compressed model stays beside the recovered one
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("recovered")) == ["recovered"]
+    assert "the recovered model" in stdout and "welore finetune" not in stdout
+    from welore import load_compressed
+
+    assert load_compressed(out / "recovered").plan.lrcs == load_compressed(out).plan.lrcs
+
+
+def test_recover_bad_input(capsys, model_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse: usage + one line, exit 2
+        main(["compress", str(model_dir), "-o", str(tmp_path / "o"), "--recover", "0", "-q"])
+    assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    code, _, err = run(capsys, "compress", str(model_dir), "--stream", "-o", str(tmp_path / "o"), "--recover", "5", "-q")
+    _assert_clean_error(code, err, "--recover trains in memory")
+    assert not (tmp_path / "o").exists()
+
+
 def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     fast = ["--steps", "3", "--seqlen", "32", "--batch-size", "2", "--eval-tokens", "64", "-q"]
     code, stdout, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "ft"), *fast)

@@ -91,3 +91,16 @@ def test_next_steps_suggest_only_what_applies(tmp_path):
     assert "--method whiten-fisher" not in recipe and "--teacher" in recipe
     nothing = CompressResult(tmp_path, dense, settings={"allocation": "welore", "method": "svd"}).explain()
     assert "--param-ratio" not in nothing and "finetune" not in nothing and "welore generate" in nothing
+    assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={}).explain(recovering=True)
+
+
+def test_the_recovery_hint_is_the_recovery_recipe(tmp_path):
+    """The command the main job suggests runs exactly FinetuneConfig.recovery(500), `--recover 500`."""
+    from welore.cli import build_parser
+    from welore.config import FinetuneConfig, from_namespace
+
+    lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
+    hint = next(line for line in CompressResult(tmp_path, lrc, settings={}).explain().splitlines()
+                if "welore finetune" in line)
+    argv = hint.split("welore finetune ", 1)[1].split()
+    assert from_namespace(FinetuneConfig, build_parser().parse_args(["finetune", *argv])) == FinetuneConfig.recovery(500)

@@ -26,14 +26,14 @@ __all__ = [
     "__version__", "CompressConfig", "Compressed",
     "MatrixPlan", "RankPlan", "allocate", "normalized_spectrum", "apply_plan", "count_parameters",
     "merge_to_dense", "plan_model", "set_trainable", "WeloreError", "perplexity", "task_accuracy",
-    "FinetuneConfig", "compare", "finetune", "record_gradients", "run_gradients", "load_compressed",
+    "FinetuneConfig", "compare", "finetune", "recover", "record_gradients", "run_gradients", "load_compressed",
     "save_compressed", "save_dense", "LowRankLinear", "load_model", "pick_device", "run_analyze",
     "run_compress", "Spectra", "analyze", "Target", "find_targets", "analyze_data_aware", "attach_loss_tails",
     "calibration_batches", "collect_stats",
 ]
 
 # The training stack (transformers.Trainer, PEFT) costs ~1.3 s to import; load it on first use only.
-_LAZY = {"compare": "compare", "finetune": "train", "record_gradients": "gradients", "run_gradients": "gradients"}
+_LAZY = {"compare": "compare", "finetune": "train", "recover": "train", "record_gradients": "gradients", "run_gradients": "gradients"}
 
 
 def __getattr__(name: str):

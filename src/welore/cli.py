@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="block by block from the safetensors shards of MODEL (a "
                    "directory), for models larger than memory; writes a sharded output, no comparison")
     p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from its last block")
+    p.add_argument("--recover", type=_positive_int, default=None, metavar="STEPS",
+                   help="then recover quality: STEPS steps of LRC-only distillation from MODEL (the recipe of "
+                        "FinetuneConfig.recovery; 500 steps of the default take ~15-20 min on 2 CPU cores), "
+                        "written to OUTPUT/recovered/")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")
@@ -189,6 +193,9 @@ def cmd_compress(a) -> int:
         a.ratio, a.target = a.param_ratio, "params"
     a.ratio = 0.5 if a.ratio is None else a.ratio
     cfg = from_namespace(CompressConfig, a)
+    if a.recover and (a.stream or a.resume):
+        raise WeloreError("--recover trains in memory; after --stream, run `welore finetune OUTPUT --teacher` if "
+                          "the model fits")
     if a.stream or a.resume:
         return _compress_streaming(a, cfg)
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
@@ -196,9 +203,16 @@ def cmd_compress(a) -> int:
                        evaluate=not a.no_eval, corpus=a.corpus, eval_tokens=a.eval_tokens, seqlen=a.seqlen,
                        recipe=not a.no_recipe and not cfg.calibrated, device=a.device, dtype=a.dtype,
                        overwrite=a.overwrite, progress=not a.quiet)
-    print(f"{res.plan.summary()}\n\n{res.table()}\n\n{res.explain()}")
+    print(f"{res.plan.summary()}\n\n{res.table()}\n\n{res.explain(recovering=bool(a.recover))}")
     print(f"\nwrote {res.output}/ (model.safetensors, welore.json, modeling_welore.py, report.md, spectra.png, "
           f"reduction.png)")
+    if a.recover:
+        from .train import recover  # the training stack: see cmd_finetune
+
+        print(f"\nrecovering: {a.recover} steps of LRC-only distillation from {res.settings['source']}", flush=True)
+        rec = recover(res.output, steps=a.recover, device=a.device, progress=not a.quiet)
+        print(text_table(rec.evals))
+        print(f"wrote {rec.output}/ (the recovered model: use this one; finetune.json records the recovery)")
     return 0
 
 

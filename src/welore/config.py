@@ -181,6 +181,15 @@ class FinetuneConfig:
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
 
+    @classmethod
+    def recovery(cls, steps: int = 500, **overrides) -> FinetuneConfig:
+        """The recovery recipe after compression (benchmarks/recovery.py and its lr x warmup sweep):
+        only the LRC factors train, distilled from the base model in welore.json, on 2 x 128-token
+        batches of C4 train, lr 3e-4 with 10 warmup steps, five evaluations; 500 steps of the 135M
+        default take ~15-20 min on 2 CPU cores."""
+        return cls(**{"mode": "lrc", "teacher": "base", "lr": 3e-4, "warmup": 10, "batch_size": 2, "seqlen": 128,
+                      "steps": steps, "eval_every": max(1, steps // 5), **overrides})
+
     def to_dict(self) -> dict:
         """The settings that define the run (what a resumed run must match)."""
         return {k: v for k, v in asdict(self).items() if k != "stop_after"}

@@ -44,8 +44,9 @@ class CompressResult:
     def table(self) -> str:
         return text_table(self.rows)
 
-    def explain(self) -> str:
-        """What the table's columns mean and what to try next (printed under the table)."""
+    def explain(self, recovering: bool = False) -> str:
+        """What the table's columns mean and what to try next (printed under the table); `recovering`:
+        the recovery recipe runs next anyway, so it is not suggested."""
         ev = self.settings.get("eval") or {}
         lines = []
         if ev:
@@ -58,10 +59,11 @@ class CompressResult:
         if ratio > 0 and not recipe:
             lines.append(f"  better quality at this size (calibrated, ~2 min): welore compress --param-ratio {ratio:.3f} "
                          "--allocation loss --method whiten-fisher")
-        if self.plan.lrcs:  # the recovery recipe of benchmarks/recovery.py (lr and warmup from its sweep)
+        if self.plan.lrcs and not recovering:  # FinetuneConfig.recovery(500), as flags
             lines.append(f"  recover quality by distilling the dense model into the low-rank factors (the 135M "
-                         f"default: ~20 min on 2 CPU cores): welore finetune {out} -o {out}-ft --teacher --lr 3e-4 "
-                         "--warmup 10 --steps 500 --eval-every 100")
+                         f"default: ~15-20 min on 2 CPU cores; or add --recover 500 to this command): welore "
+                         f"finetune {out} -o {out}/recovered --teacher --lr 3e-4 --warmup 10 --batch-size 2 "
+                         "--seqlen 128 --steps 500 --eval-every 100")
         lines.append(f"  read what it writes: welore generate {out} \"Tell me about Paris.\"")
         return "\n".join(lines)
 

@@ -267,3 +267,26 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return FinetuneResult(output, cfg, trainable, total, log, evals, metrics)
+
+
+def recover(model_dir: str | Path, output: str | Path | None = None, steps: int = 500, *, overwrite: bool = False,
+            device=None, progress: bool = True, **overrides) -> FinetuneResult:
+    """Recover the quality of the compressed model in `model_dir` with the recovery recipe
+    (`FinetuneConfig.recovery(steps, **overrides)`: LRC-only distillation from its base model).
+
+    The teacher's answers are cached once, then the student trains from the cache: measured faster
+    than the teacher in the loop even for a single run (benchmarks/recovery.py --speed). The cache is
+    a file next to the output, removed when the run completes. output: default MODEL_DIR/recovered.
+    """
+    model_dir = Path(model_dir)
+    output = Path(output) if output else model_dir / "recovered"
+    ours = "teacher_cache" not in overrides  # a cache the caller names is theirs to keep and reuse
+    cache = output.with_name(output.name + ".teacher.safetensors")
+    cfg = FinetuneConfig.recovery(steps, **({"teacher_cache": str(cache)} if ours else {}), **overrides)
+    check_output(output, overwrite)
+    if ours:
+        cache.unlink(missing_ok=True)  # left by an earlier, killed recovery, perhaps of other settings
+    res = finetune(model_dir, output, cfg, overwrite=overwrite, device=device, progress=progress)
+    if ours:
+        cache.unlink(missing_ok=True)
+    return res
