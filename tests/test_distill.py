@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from welore import WeloreError, load_compressed
 from welore.config import FinetuneConfig
-from welore.distill import KeepBest, Teacher, kd_loss, kd_loss_topk
+from welore.distill import KeepBest, Teacher, TeacherCache, build_teacher_cache, kd_loss, kd_loss_topk
 from welore.train import finetune
 from welore.trainer import Batches
 
@@ -142,6 +142,30 @@ def test_teacher_cache_is_built_once_and_gives_the_in_process_loss(compressed_di
     shorter = finetune(compressed_dir, tmp_path / "c", FinetuneConfig(**{**base, "steps": 2}, teacher_cache=str(cache),
                                                                       teacher_top_k=len(tokenizer)), progress=False)
     assert [r["loss"] for r in shorter.log] == [r["loss"] for r in first.log[:2]]  # a prefix of the batches
+
+
+def test_teacher_cache_file_is_plain_safetensors_written_and_read_a_batch_at_a_time(model_dir, tokenizer, tmp_path):
+    """Batches of varying width (a task): each row holds the teacher's top k where the batch has tokens
+    and the fills beyond; the file is an ordinary safetensors file; rows come back in any order."""
+    teacher = Teacher(str(model_dir), tokenizer, "cpu")
+    stream = Batches(tokenizer, FinetuneConfig(data="coinflip", steps=3, batch_size=2, seqlen=512)).stream(index=True)
+    path, k, T = tmp_path / "cache.safetensors", 5, 2.0
+    build_teacher_cache(path, teacher, stream, 512, k, T, {"teacher": "x"}, progress=False)
+    whole = load_file(str(path))  # the library reads what was written at computed offsets
+    assert whole["top_ids"].shape == (6, 511, k) and whole["top_logp"].dtype == torch.float16
+    cache = TeacherCache(path, stream, {"teacher": "x"})
+    widths = set()
+    for t in range(stream.micro_steps):
+        batch, rows = stream.batch(t), torch.arange(2 * t, 2 * t + 2)
+        width = batch["input_ids"].shape[1]
+        widths.add(width)
+        logp, ids = F.log_softmax(teacher.logits(batch)[:, :-1] / T, -1).topk(k, -1)
+        got_ids, got_logp = cache.rows(rows, width, "cpu")
+        assert torch.equal(got_ids, ids.int()) and torch.allclose(got_logp.float(), logp, atol=2e-2)
+        assert (whole["input_ids"][rows, width:] == -1).all() and whole["top_logp"][rows, width - 1:].isinf().all()
+    assert len(widths) > 1
+    mixed = cache.rows(torch.tensor([5, 0, 3]), 20, "cpu")
+    assert all(torch.equal(m, w[[5, 0, 3], :19]) for m, w in zip(mixed, (whole["top_ids"], whole["top_logp"])))
 
 
 def test_teacher_cache_refuses_other_runs(compressed_dir, model_dir, tmp_path, tokenizer):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -149,47 +150,69 @@ def vocab_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(json.dumps(sorted(tokenizer.get_vocab().items())).encode(), digest_size=12).hexdigest()
 
 
+_ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
+
+
+def _cache_layout(n: int, seqlen: int, top_k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], float]]:
+    """name -> (dtype, shape, fill of the positions beyond a short batch's width), in file order."""
+    return {"input_ids": (torch.int32, (n, seqlen), -1),  # -1: no token there
+            "top_ids": (torch.int32, (n, seqlen - 1, top_k), 0),
+            "top_logp": (torch.float16, (n, seqlen - 1, top_k), float("-inf"))}
+
+
 def build_teacher_cache(path: Path, teacher: Teacher, stream: StepStream, seqlen: int, top_k: int,
                         temperature: float, identity: dict, progress: bool = True) -> float:
     """Run `teacher` over every micro-batch of `stream` and write its tempered top-k log-probabilities
     (fp16: rounding moves a probability p by at most |log p| x 0.05% of itself) with the input tokens and
-    `identity`, to `path` in one rename. Returns the seconds it took."""
+    `identity`, to `path` in one rename. Returns the seconds it took.
+
+    The file is a safetensors file written a micro-batch at a time (its layout is known up front: the
+    header first, then each batch's rows at their offsets), so memory stays one batch whatever the run's
+    length."""
     n = len(stream)
-    size = n * (seqlen * 4 + (seqlen - 1) * top_k * 6)
+    layout = _cache_layout(n, seqlen, top_k)
+    header, offset = {"__metadata__": {"format": CACHE_FORMAT, **{k: str(v) for k, v in identity.items()}}}, 0
+    for name, (dtype, shape, _) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    base = 8 + len(head)
     print(f"teacher cache: {n:,} sequences x {seqlen - 1} positions x top {top_k} -> {path} "
-          f"({size / 2**20:,.1f} MiB)", flush=True)
+          f"({offset / 2**20:,.1f} MiB)", flush=True)
     start = time.perf_counter()
-    input_ids = torch.full((n, seqlen), -1, dtype=torch.int32)  # -1: beyond a short batch's width
-    top_ids = torch.zeros((n, seqlen - 1, top_k), dtype=torch.int32)
-    top_logp = torch.full((n, seqlen - 1, top_k), float("-inf"), dtype=torch.float16)
     device = next(teacher.model.parameters()).device
-    for t in bar(range(stream.micro_steps), desc="teacher cache", unit="batch", progress=progress):
-        batch = stream.batch(t)
-        rows, width = t * stream.rows, batch["input_ids"].shape[1]
-        logits = teacher.logits({k: v.to(device) for k, v in batch.items()})
-        if top_k > logits.shape[-1]:
-            raise WeloreError(f"teacher top-k {top_k} exceeds its vocabulary ({logits.shape[-1]} tokens)")
-        logp, ids = F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(top_k, dim=-1)
-        input_ids[rows: rows + stream.rows, :width] = batch["input_ids"]
-        top_ids[rows: rows + stream.rows, : width - 1] = ids.int().cpu()
-        top_logp[rows: rows + stream.rows, : width - 1] = logp.half().cpu()
-    meta = {"format": CACHE_FORMAT, **{k: str(v) for k, v in identity.items()}}
-    with atomic_file(path) as tmp:
-        save_file({"input_ids": input_ids, "top_ids": top_ids, "top_logp": top_logp}, str(tmp), metadata=meta)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        f.truncate(base + offset)
+        for t in bar(range(stream.micro_steps), desc="teacher cache", unit="batch", progress=progress):
+            batch = stream.batch(t)
+            logits = teacher.logits({k: v.to(device) for k, v in batch.items()})
+            if top_k > logits.shape[-1]:
+                raise WeloreError(f"teacher top-k {top_k} exceeds its vocabulary ({logits.shape[-1]} tokens)")
+            logp, ids = F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(top_k, dim=-1)
+            for name, value in (("input_ids", batch["input_ids"]), ("top_ids", ids), ("top_logp", logp)):
+                dtype, shape, fill = layout[name]
+                rows = torch.full((stream.rows, *shape[1:]), fill, dtype=dtype)
+                rows[:, : value.shape[1]] = value.to(dtype).cpu()
+                f.seek(base + header[name]["data_offsets"][0] + t * rows.numel() * dtype.itemsize)
+                f.write(rows.numpy().tobytes())
     return time.perf_counter() - start
 
 
 class TeacherCache:
     """A cache file checked against this run: same teacher and settings (`identity`), and the same
-    input tokens in every row `stream` will produce."""
+    input tokens in every row `stream` will produce. Rows are read from the file as the batches ask
+    for them (safetensors slices of a memory map), so memory is a batch, not the file."""
 
     def __init__(self, path: Path, stream: StepStream, identity: dict):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != CACHE_FORMAT:
-                    raise WeloreError(f"{path} is not a welore teacher cache")
-                tensors = {k: f.get_tensor(k) for k in ("input_ids", "top_ids", "top_logp")}
+            self._file = safe_open(str(path), framework="pt")
+            meta = self._file.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT:
+                raise WeloreError(f"{path} is not a welore teacher cache")
+            self._slices = {k: self._file.get_slice(k) for k in ("input_ids", "top_ids", "top_logp")}
         except WeloreError:
             raise
         except Exception as e:  # safetensors raises several types for a truncated or foreign file
@@ -198,14 +221,14 @@ class TeacherCache:
             if meta.get(key) != str(want):
                 raise WeloreError(f"teacher cache {path} was built with another {key} "
                                   f"({meta.get(key)}, this run: {want}); use another file or delete it")
-        self.input_ids, self.top_ids, self.top_logp = tensors["input_ids"], tensors["top_ids"], tensors["top_logp"]
-        self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if len(self.input_ids) < len(stream):
-            raise WeloreError(f"teacher cache {path} holds {len(self.input_ids):,} sequences, this run needs "
+        self.bytes = path.stat().st_size
+        held = self._slices["input_ids"].get_shape()[0]
+        if held < len(stream):
+            raise WeloreError(f"teacher cache {path} holds {held:,} sequences, this run needs "
                               f"{len(stream):,}; use another file or delete it")
         for t in range(stream.micro_steps):  # cheap: the batches are token windows, no model runs
             x = stream.batch(t)["input_ids"]
-            got = self.input_ids[t * stream.rows: (t + 1) * stream.rows]
+            got = self._slices["input_ids"][t * stream.rows: (t + 1) * stream.rows]
             if x.shape[1] > got.shape[1] or not (torch.equal(got[:, : x.shape[1]], x.int())
                                                   and (got[:, x.shape[1]:] == -1).all()):
                 raise WeloreError(f"teacher cache {path} was built on other batches (another corpus, seed, "
@@ -213,9 +236,11 @@ class TeacherCache:
 
     def rows(self, index: torch.Tensor, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(top ids, top log-probs) of the stream rows `index`, cut to a batch `width` tokens wide."""
-        i = index.cpu()
-        return (self.top_ids[i, : width - 1].to(device, non_blocking=True),
-                self.top_logp[i, : width - 1].to(device, non_blocking=True))
+        i = index.cpu().tolist()
+        # a micro-batch's rows are consecutive: one slice each; any other order, a slice per row
+        runs = [(i[0], i[-1] + 1)] if i == list(range(i[0], i[0] + len(i))) else [(r, r + 1) for r in i]
+        return tuple(torch.cat([self._slices[k][a:b, : width - 1] for a, b in runs]).to(device, non_blocking=True)
+                     for k in ("top_ids", "top_logp"))
 
 
 class KeepBest:
@@ -284,4 +309,4 @@ def load_teacher(cfg, meta: dict, student_tokenizer, device, stream: StepStream,
             path, teacher, stream, cfg.seqlen, cfg.teacher_top_k, cfg.kd_temperature, identity, progress))
         del teacher  # training runs from the cache alone
     cache = TeacherCache(path, stream, identity)
-    return cache, {**info, "teacher_cache_gib": cache.memory_bytes / 2**30}
+    return cache, {**info, "teacher_cache_gib": cache.bytes / 2**30}  # on disk: rows are read as needed
