@@ -10,7 +10,10 @@ with its Wilson 95% interval. No keep-best guard: it would pick the weights by t
 report on.
 
     python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
-    python benchmarks/tasks.py --tasks coinflip --steps 20
+    python benchmarks/tasks.py --tasks coinflip --runs paper50-full paper50-lora
+
+Each run is kept in `WORK/tasks/TASK/RUN/` and reused while its settings are the same, so the runs can
+be done a few at a time; `tasks.json` gathers every finished run of each task.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from recovery import MODELS, compressed
@@ -28,6 +32,23 @@ from welore.tasks import task_splits
 
 MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a welore directory
 RUNS = [("dense", "full"), ("paper50", "lrc"), ("paper50", "full"), ("paper50", "lora"), ("paper50", "galore")]
+NAMES = [f"{m}-{mode}" for m, mode in RUNS]
+
+
+def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> dict | None:
+    """The run's finetune.json if it was made with these settings."""
+    done = work / "tasks" / task / f"{model}-{mode}" / mode / "finetune.json"
+    rec = json.loads(done.read_text()) if done.is_file() else None
+    return rec if rec and rec["config"] == asdict(replace(cfg, mode=mode)) else None
+
+
+def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> None:
+    """Train the run (in its own process, through welore.compare) unless it is finished already."""
+    if finished(work, task, model, mode, cfg) is None:
+        t = time.perf_counter()
+        compare(compressed(work, model), work / "tasks" / task / f"{model}-{mode}", cfg, [mode], overwrite=True,
+                progress=False)
+        print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
 def chance(task: str, seed: int, n_eval: int) -> float:
@@ -55,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="bench-out/recovery")
     ap.add_argument("--tasks", nargs="+", default=["coinflip", "date"])
+    ap.add_argument("--runs", nargs="+", default=NAMES, choices=NAMES)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -62,26 +84,24 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"args": vars(a)}
+    results = json.loads((work / "tasks.json").read_text()) if (work / "tasks.json").is_file() else {}
+    results["args"] = vars(a)
     for task in a.tasks:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                              keep_best=False, seed=0)
         train, ev = task_splits(task, seed=0, n_eval=a.eval_examples)
+        for name in a.runs:
+            run_once(work, task, *RUNS[NAMES.index(name)], cfg)
         rows = []
-        for model in dict.fromkeys(m for m, _ in RUNS):
-            t = time.perf_counter()
-            modes = [mode for m, mode in RUNS if m == model]
-            out_dir = work / "tasks" / task / model
-            compare(compressed(work, model), out_dir, cfg, modes, overwrite=True, progress=False)
-            for mode in modes:
-                rec = json.loads((out_dir / mode / "finetune.json").read_text())
-                first, last, m = rec["evals"][0], rec["evals"][-1], rec["metrics"]
-                rows.append({"run": f"{model}-{mode}", "before": first["accuracy"], "after": last["accuracy"],
-                             "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
-                             "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
-                             "train_s": m["train_seconds"]})
-            print(f"{task} {model}: {time.perf_counter() - t:.0f} s", flush=True)
+        for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
+            if (rec := finished(work, task, model, mode, cfg)) is None:
+                continue
+            first, last, m = rec["evals"][0], rec["evals"][-1], rec["metrics"]
+            rows.append({"run": name, "before": first["accuracy"], "after": last["accuracy"],
+                         "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
+                         "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
+                         "train_s": m["train_seconds"]})
         base = chance(task, 0, a.eval_examples)
         results[task] = {"train_examples": len(train), "eval_examples": len(ev), "chance": base, "rows": rows,
                          "verdicts": verdicts(rows, base)}
