@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from welore import Spectra, WeloreError, analyze, find_targets
-from welore.spectrum import batched_svds, max_useful_rank, truncated_svd
+from welore.spectrum import batched_svds, max_useful_rank, singular_values, thin_svd, truncated_svd
 from welore.targets import weight_matrix
 
 
@@ -67,3 +67,19 @@ def test_batched_svds_equal_one_svd_per_matrix(llama):
         assert U.shape == U1.shape and Vh.shape == Vh1.shape and U.device.type == "cpu"
         assert torch.allclose(S, S1, atol=1e-5)
         assert torch.allclose(U * S[:r] @ Vh, U1 * S1[:r] @ Vh1, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32), (3, 24, 40)])
+def test_thin_svd_is_the_thin_svd_whatever_the_orientation(shape):
+    """Wide matrices are decomposed through their transpose (faster on the CPU): still orthonormal
+    factors of the thin shapes that multiply back to the matrix, and LAPACK's singular values."""
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    U, S, Vh = thin_svd(a)
+    _, S_ref, _ = torch.linalg.svd(a, full_matrices=False)
+    k = min(shape[-2:])
+    assert U.shape[-2:] == (shape[-2], k) and Vh.shape[-2:] == (k, shape[-1])
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, a)
+    torch.testing.assert_close(U.mT @ U, torch.eye(k, dtype=a.dtype).expand_as(U.mT @ U))
+    torch.testing.assert_close(Vh @ Vh.mT, torch.eye(k, dtype=a.dtype).expand_as(Vh @ Vh.mT))
+    torch.testing.assert_close(S, S_ref)
+    torch.testing.assert_close(singular_values(a), S_ref)

@@ -23,7 +23,7 @@ from .errors import WeloreError
 from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear
 from .progress import bar
-from .spectrum import Spectra, analyze
+from .spectrum import Spectra, analyze, thin_svd
 from .targets import Target, find_targets, module_kind, weight_matrix
 
 TRAIN_MODES = ("lrc", "full", "none")
@@ -127,7 +127,7 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
         if mp.name in factors and factors[mp.name][1].numel() >= mp.alloc_rank:
             U, S, Vh = (f.to(w.device) for f in factors[mp.name])
         else:
-            U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+            U, S, Vh = thin_svd(w.float())
         layer = LowRankLinear.from_svd(U, S, Vh, mp.alloc_rank, module.bias, kind=mp.kind,
                                        dtype=w.dtype, device=w.device)
         if refit is not None:

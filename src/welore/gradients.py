@@ -40,7 +40,7 @@ from .errors import WeloreError
 from .io import atomic_dir, check_output
 from .models import load_model
 from .report import gradients_markdown, plot_gradients
-from .spectrum import Spectra, cosine, stable_rank, subspace_overlap, top_svd
+from .spectrum import Spectra, cosine, singular_values, stable_rank, subspace_overlap, top_svd
 from .targets import Target, find_targets, weight_matrix
 from .trainer import StepLog, StepStream, make_trainer, training_arguments
 
@@ -115,7 +115,7 @@ class GradientRecorder(TrainerCallback):
         for name, module in self.modules.items():
             self.rec.weight_spectra[name]["end"] = _svdvals(module)
             update = weight_matrix(module).detach().float().cpu() - self.start.pop(name)
-            self.rec.weight_spectra[name]["update"] = torch.linalg.svdvals(update).tolist()
+            self.rec.weight_spectra[name]["update"] = singular_values(update).tolist()
 
     def record(self, model: nn.Module, step: int) -> None:
         t0, rec, info = time.perf_counter(), self.rec, self.rec.info
@@ -185,7 +185,7 @@ def record_gradients(model: nn.Module, train_batches, measure_batch: dict, *, st
 
 
 def _svdvals(module: nn.Module) -> list[float]:
-    return torch.linalg.svdvals(weight_matrix(module).detach().float()).tolist()
+    return singular_values(weight_matrix(module).detach().float()).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

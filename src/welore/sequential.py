@@ -43,7 +43,7 @@ from .io import build_skeleton
 from .layers import LowRankLinear
 from .progress import bar
 from .shards import ShardReader, write_shard
-from .spectrum import fingerprint, max_useful_rank, truncated_svd
+from .spectrum import fingerprint, max_useful_rank, singular_values, truncated_svd
 from .targets import Target
 
 
@@ -192,7 +192,7 @@ def spill_block(reader: ShardReader, targets: list[Target], stats: dict, cfg: Co
             factors, values = (U.float().cpu(), s[: U.shape[1]].float().cpu(), Vh.float().cpu()), s.float().cpu()
         # the rule reads the data-aware spectrum when asked to, and always with loss tails (as `compress`)
         own = fac.is_weight_svd or cfg.alloc_spectrum == "data" or cfg.rule.needs_tails
-        tensors[f"{t.name}.values"] = values if own else torch.linalg.svdvals(w.float())
+        tensors[f"{t.name}.values"] = values if own else singular_values(w.float())
         seconds += time.perf_counter() - start
         if cfg.rule.needs_tails:
             tensors[f"{t.name}.tails"] = torch.from_numpy(loss_tail(fac, w, factors, values, st))

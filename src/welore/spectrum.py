@@ -107,10 +107,26 @@ class Spectra:
                 raise WeloreError(f"spectra are stale: weights of {t.name} changed since they were computed")
 
 
+def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`torch.linalg.svd(a, full_matrices=False)` (batched too), taken on a^T when `a` is wide: the
+    CPU's LAPACK is 2-2.4x slower on a wide matrix than on its transpose (576 x 1536: 0.206 vs 0.106 s,
+    2048 x 5632: 15.6 vs 6.6 s, one thread), and a transformer's down projections and GQA key/value
+    projections are wide. The same factorisation up to rounding and the signs of singular vectors."""
+    if a.shape[-2] >= a.shape[-1]:
+        return torch.linalg.svd(a, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(a.mT, full_matrices=False)
+    return Vh.mT.contiguous(), S, U.mT.contiguous()
+
+
+def singular_values(a: torch.Tensor) -> torch.Tensor:
+    """`torch.linalg.svdvals`, on a^T when `a` is wide (2-4x faster there, as `thin_svd`)."""
+    return torch.linalg.svdvals(a if a.shape[-2] >= a.shape[-1] else a.mT)
+
+
 def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U[:, :rank], all singular values, Vh[:rank]) of w in float32: fp32 whatever the storage
     dtype, since half-precision SVD is inaccurate or unsupported."""
-    U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+    U, S, Vh = thin_svd(w.float())
     return U[:, :rank], S, Vh[:rank]
 
 
@@ -131,7 +147,7 @@ def batched_svds(ws: list[torch.Tensor], ranks: list[int], device) -> list[tuple
     for i, w in enumerate(ws):
         by_shape.setdefault(tuple(w.shape), []).append(i)
     for idx in by_shape.values():
-        U, S, Vh = torch.linalg.svd(torch.stack([ws[i].to(device).float() for i in idx]), full_matrices=False)
+        U, S, Vh = thin_svd(torch.stack([ws[i].to(device).float() for i in idx]))
         for j, i in enumerate(idx):
             r = ranks[i]
             out[i] = (U[j, :, :r].cpu(), S[j].cpu(), Vh[j, :r].cpu())
@@ -154,7 +170,7 @@ def analyze(model: nn.Module, targets: list[Target] | None = None, *, keep_facto
             U, S, Vh = truncated_svd(wf, max_useful_rank(*t.shape))
             factors[t.name] = (U.cpu(), S[: U.shape[1]].cpu(), Vh.cpu())
         else:
-            S = torch.linalg.svdvals(wf)
+            S = singular_values(wf)
         values[t.name] = S.cpu()
         fps[t.name] = fingerprint(module.weight)
         del wf
@@ -191,7 +207,7 @@ def top_svd(g: torch.Tensor, k: int, exact: bool, seed: int = 0) -> tuple[torch.
     g = g.float()
     k = min(k, *g.shape)
     if exact or k + 4 >= min(g.shape):
-        U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+        U, S, Vh = thin_svd(g)
         return U[:, :k], S[:k], Vh[:k].T
     torch.manual_seed(seed)  # svd_lowrank draws a random test matrix
     U, S, V = torch.svd_lowrank(g, q=k + 4, niter=2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..spectrum import thin_svd
+
 
 class Factorizer:
     """One factorisation method. Subclasses override `input_scaling` and/or `output_weights`
@@ -29,7 +31,7 @@ class Factorizer:
         S, S_inv, how = scale if scale is not None else (None, None, "none")
         d = self.output_weights(st)
         a = w if S is None else w @ S.to(w.device)
-        U, s, Vh = torch.linalg.svd(a if d is None else d.to(w.device)[:, None] * a, full_matrices=False)
+        U, s, Vh = thin_svd(a if d is None else d.to(w.device)[:, None] * a)
         U = U[:, :rank] if d is None else U[:, :rank] / d.to(w.device)[:, None]
         return U, s, (Vh[:rank] if S_inv is None else Vh[:rank] @ S_inv.to(w.device)), how
 
