@@ -74,6 +74,9 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: floa
             "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
 
 
+COLORS = {"lrc": "C0", "full": "C1", "lora": "C2", "galore": "C3"}  # a colour per mode, solid: distillation
+
+
 def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
     """Held-out perplexity curves: one row of panels per compressed model, WikiText-2 and C4."""
     import matplotlib
@@ -87,7 +90,7 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
         for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
             for r in (r for r in rows if r["model"] == model):
                 ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                        ls="-" if r["loss"] == "kd" else "--", label=r["run"])
+                        ls="-" if r["loss"] == "kd" else "--", color=COLORS[r["mode"]], label=r["run"])
             ax.axhline(dense[key], color="k", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
