@@ -8,7 +8,7 @@ Runs, each `welore finetune` in its own process, nothing else on the CPU, on the
 tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
-  (b) recipe30: lrc with distillation and without
+  (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
 Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
 `--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
 run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
@@ -35,9 +35,10 @@ MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
     "recipe30": ["--param-ratio", "0.3", "--allocation", "loss", "--method", "whiten-fisher"],
 }
-RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, loss == "kd")
+KD = {"lm": 0.0, "kd": 1.0, "mix": 0.5}  # the loss: --kd-weight of the distillation term (0: no teacher)
+RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, KD[loss])
         for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
-RUNS.update({"recipe30-lrc-lm": ("recipe30", "lrc", False), "recipe30-lrc-kd": ("recipe30", "lrc", True)})
+RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("paper50", "recipe30") for loss in KD})
 
 
 def compressed(work: Path, name: str) -> Path:
@@ -55,17 +56,18 @@ def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
     return {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
 
 
-def finetune(work: Path, name: str, model: str, mode: str, kd: bool, a, lr: float, warmup: int, steps: int,
+def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: float, warmup: int, steps: int,
              cache: Path | None = None) -> dict:
     out = work / "runs" / name
     args = ["finetune", str(compressed(work, model)), "-o", str(out), "--train", mode, "--steps", str(steps),
             "--batch-size", str(a.batch_size), "--seqlen", str(a.seqlen), "--lr", str(lr), "--warmup", str(warmup),
             "--eval-every", str(a.eval_every), "--eval-tokens", str(a.eval_tokens), "--save-every", "0",
-            "--overwrite", "-q", *(["--teacher"] if kd else []), *(["--teacher-cache", str(cache)] if cache else [])]
+            "--overwrite", "-q", *(["--teacher", "--kd-weight", str(kd)] if kd else []),
+            *(["--teacher-cache", str(cache)] if cache else [])]
     wall, rss = welore(args)
     rec = json.loads((out / "finetune.json").read_text())
     m = rec["metrics"]
-    return {"run": name, "model": model, "mode": mode, "loss": "kd" if kd else "lm", "lr": lr, "warmup": warmup,
+    return {"run": name, "model": model, "mode": mode, "loss": next(k for k, w in KD.items() if w == kd), "lr": lr, "warmup": warmup,
             "steps": steps, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
             "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
@@ -90,7 +92,7 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
         for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
             for r in (r for r in rows if r["model"] == model):
                 ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                        ls="-" if r["loss"] == "kd" else "--", color=COLORS[r["mode"]], label=r["run"])
+                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS[r["mode"]], label=r["run"])
             ax.axhline(dense[key], color="k", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
@@ -110,9 +112,9 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int) -> dict:
     a.eval_every = 0
     cache = work / f"teacher-speed-{steps}x{a.batch_size}x{a.seqlen}.safetensors"
     cache.unlink(missing_ok=True)
-    plan = [(f"{m}-lm", "paper50", m, False, None) for m in ("lrc", "full", "lora", "galore")]
-    plan += [("lrc-kd-in-loop", "paper50", "lrc", True, None), ("lrc-kd-cache-build", "paper50", "lrc", True, cache),
-             ("lrc-kd-cached", "paper50", "lrc", True, cache), ("full-kd-cached", "paper50", "full", True, cache)]
+    plan = [(f"{m}-lm", "paper50", m, 0.0, None) for m in ("lrc", "full", "lora", "galore")]
+    plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
+             ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
     rows = {}
     for name, model, mode, kd, c in plan:
         r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c)
@@ -157,7 +159,7 @@ def main() -> None:
         rows = []
         for lr in (3e-5, 1e-4, 3e-4, 1e-3):
             for warmup in (0, 10):
-                r = finetune(work, f"sweep-lr{lr}-w{warmup}", "recipe30", "lrc", True, a, lr, warmup, 50)
+                r = finetune(work, f"sweep-lr{lr}-w{warmup}", "recipe30", "lrc", 1.0, a, lr, warmup, 50)
                 rows.append(r)
                 print(json.dumps({k: r[k] for k in ("run", "final", "best", "returned_step")}), flush=True)
         best = min(rows, key=lambda r: r["final"]["c4_ppl"])  # held-out C4, never WikiText-2 (the test text)
