@@ -259,14 +259,21 @@ def test_compress_then_recover_in_one_command(capsys, model_dir, tmp_path):
                             "--no-eval", "--recover", "2", "-q")
     assert code == 0, err
     rec = json.loads((out / "recovered" / "finetune.json").read_text())
-    assert rec["config"]["mode"] == "lrc" and rec["config"]["teacher"] == "base" and rec["config"]["steps"] == 2
-    assert rec["metrics"]["teacher"] == str(model_dir) and "teacher_cache_build_s" in rec["metrics"]
-    # the cache and the checkpoints were the run's own: gone; the compressed model stays beside the recovered one
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("recovered")) == ["recovered"]
+    assert rec["config"] == {**rec["config"], "mode": "lrc", "data": "c4", "teacher": None, "steps": 2, "lr": 3e-4}
+    assert [p.name for p in out.iterdir() if p.name.startswith("recovered")] == ["recovered"]  # no checkpoints left
     assert "the recovered model" in stdout and "welore finetune" not in stdout
     from welore import load_compressed
 
     assert load_compressed(out / "recovered").plan.lrcs == load_compressed(out).plan.lrcs
+
+
+def test_recover_with_a_teacher_caches_its_answers_and_removes_them(compressed_dir, model_dir, tmp_path):
+    from welore import recover
+
+    out = tmp_path / "out"
+    res = recover(compressed_dir, out / "r", steps=2, teacher=str(model_dir), eval_tokens=256, progress=False)
+    assert res.metrics["teacher"] == str(model_dir) and res.metrics["teacher_cache_build_s"] > 0
+    assert [p.name for p in out.iterdir()] == ["r"]  # the cache and the checkpoints are gone
 
 
 def test_recover_bad_input(capsys, model_dir, tmp_path):

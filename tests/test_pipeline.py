@@ -86,9 +86,9 @@ def test_next_steps_suggest_only_what_applies(tmp_path):
     lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
     dense = RankPlan("welore", 0.0, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 64, False)])
     plain = CompressResult(tmp_path, lrc, settings={"allocation": "welore", "method": "svd"}).explain()
-    assert "--method whiten-fisher" in plain and "--teacher" in plain
+    assert "--method whiten-fisher" in plain and "--recover 500" in plain
     recipe = CompressResult(tmp_path, lrc, settings={"allocation": "loss", "method": "whiten-fisher"}).explain()
-    assert "--method whiten-fisher" not in recipe and "--teacher" in recipe
+    assert "--method whiten-fisher" not in recipe and "--recover 500" in recipe
     nothing = CompressResult(tmp_path, dense, settings={"allocation": "welore", "method": "svd"}).explain()
     assert "--param-ratio" not in nothing and "finetune" not in nothing and "welore generate" in nothing
     assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={}).explain(recovering=True)

@@ -52,17 +52,14 @@ def test_saved_model_reloads_with_the_same_perplexity(compressed):
     assert torch.isfinite(torch.tensor(r.nll))
 
 
-def test_recovery_recipe_distils_from_the_gguf_base_and_improves(compressed):
-    """welore.recover on the real default: the teacher is the GGUF the model was compressed from (same
-    vocabulary), its answers cached then deleted, and 10 steps already cut held-out C4 perplexity
-    (measured 105,329 -> 4,070 after 100 steps in benchmarks/recovery.py)."""
+def test_recovery_recipe_improves_the_real_model(compressed):
+    """welore.recover on the real default: 10 steps of the recipe already cut held-out C4 perplexity
+    (measured 105,329 -> 1,576 after 100 steps in benchmarks/recovery.py)."""
     from welore import recover
 
     res = recover(compressed.output, steps=10, eval_every=5, eval_tokens=2048, progress=False)
     first, last = res.evals[0]["c4_ppl"], res.evals[-1]["c4_ppl"]
-    assert res.metrics["teacher"] == str(default_model_path()) and res.metrics["returned_step"] == 10
-    assert last < 0.5 * first
-    assert not (compressed.output / "recovered.teacher.safetensors").exists()
+    assert res.metrics["returned_step"] == 10 and last < 0.5 * first
 
 
 def test_loss_allocation_with_whiten_fisher_stays_usable(tmp_path_factory):

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory), for models larger than memory; writes a sharded output, no comparison")
     p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from its last block")
     p.add_argument("--recover", type=_positive_int, default=None, metavar="STEPS",
-                   help="then recover quality: STEPS steps of LRC-only distillation from MODEL (the recipe of "
-                        "FinetuneConfig.recovery; 500 steps of the default take ~15-20 min on 2 CPU cores), "
+                   help="then recover quality: STEPS steps of LRC-only training on C4 text (the recipe of "
+                        "FinetuneConfig.recovery; 500 steps of the default take ~12 min on 2 CPU cores), "
                         "written to OUTPUT/recovered/")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
@@ -209,7 +209,7 @@ def cmd_compress(a) -> int:
     if a.recover:
         from .train import recover  # the training stack: see cmd_finetune
 
-        print(f"\nrecovering: {a.recover} steps of LRC-only distillation from {res.settings['source']}", flush=True)
+        print(f"\nrecovering: {a.recover} steps of training the low-rank factors on C4 text", flush=True)
         rec = recover(res.output, steps=a.recover, device=a.device, progress=not a.quiet)
         print(text_table(rec.evals))
         print(f"wrote {rec.output}/ (the recovered model: use this one; finetune.json records the recovery)")

@@ -183,12 +183,15 @@ class FinetuneConfig:
 
     @classmethod
     def recovery(cls, steps: int = 500, **overrides) -> FinetuneConfig:
-        """The recovery recipe after compression (benchmarks/recovery.py and its lr x warmup sweep):
-        only the LRC factors train, distilled from the base model in welore.json, on 2 x 128-token
-        batches of C4 train, lr 3e-4 with 10 warmup steps, five evaluations; 500 steps of the 135M
-        default take ~15-20 min on 2 CPU cores."""
-        return cls(**{"mode": "lrc", "teacher": "base", "lr": 3e-4, "warmup": 10, "batch_size": 2, "seqlen": 128,
-                      "steps": steps, "eval_every": max(1, steps // 5), **overrides})
+        """The recovery recipe after compression, from benchmarks/recovery.py: only the LRC factors
+        train, with the LM loss on 2 x 128-token batches of C4 train, lr 3e-4 (its sweep) with 10
+        warmup steps, five evaluations and the keep-the-best guard. The LM loss, not distillation:
+        on the 30% calibrated model it recovered as well as half distillation (WikiText-2 101.7 vs
+        100.3, C4 31.8 vs 31.6) and better than distillation alone (103.3, 34.9) in about half the
+        time (no teacher); on the 50% plain-SVD model it beat distillation 2x. 500 steps of the 135M
+        default take ~12 min on 2 CPU cores. Pass teacher="base" (and kd_weight) to distil instead."""
+        return cls(**{"mode": "lrc", "lr": 3e-4, "warmup": 10, "batch_size": 2, "seqlen": 128, "steps": steps,
+                      "eval_every": max(1, steps // 5), **overrides})
 
     def to_dict(self) -> dict:
         """The settings that define the run (what a resumed run must match)."""

@@ -7,7 +7,10 @@ The loss is T^2 KL(p_teacher^T || p_student^T) over the predicted positions (tok
 softened by the temperature T; T^2 keeps the gradient scale independent of T, as in Hinton et
 al.), mixed with the LM loss as `kd_weight * KL + (1 - kd_weight) * LM`. A compressed model has
 lost its calibration on *every* token, not only on the next one in the text, and the teacher's
-whole distribution says where: that is why distillation recovers faster than the LM loss alone.
+whole distribution says where. Measured here (benchmarks/recovery.py, 500 steps on C4), that did not
+make it the faster route: the LM loss alone recovered the 50% plain-SVD model 2x further than
+distillation at T = 2, and the 30% calibrated model as far as half of each, so the recovery recipe
+(`FinetuneConfig.recovery`) uses the LM loss and distillation is an option.
 
 The teacher runs in the same process, without gradients, on the student's device; it is one more
 forward per micro-batch (the student pays a forward and a backward). It works with every training

@@ -60,10 +60,10 @@ class CompressResult:
             lines.append(f"  better quality at this size (calibrated, ~2 min): welore compress --param-ratio {ratio:.3f} "
                          "--allocation loss --method whiten-fisher")
         if self.plan.lrcs and not recovering:  # FinetuneConfig.recovery(500), as flags
-            lines.append(f"  recover quality by distilling the dense model into the low-rank factors (the 135M "
-                         f"default: ~15-20 min on 2 CPU cores; or add --recover 500 to this command): welore "
-                         f"finetune {out} -o {out}/recovered --teacher --lr 3e-4 --warmup 10 --batch-size 2 "
-                         "--seqlen 128 --steps 500 --eval-every 100")
+            lines.append(f"  recover quality by training the low-rank factors on C4 text (the 135M default: ~12 "
+                         f"min on 2 CPU cores; or add --recover 500 to this command): welore finetune {out} -o "
+                         f"{out}/recovered --lr 3e-4 --warmup 10 --batch-size 2 --seqlen 128 --steps 500 "
+                         "--eval-every 100")
         lines.append(f"  read what it writes: welore generate {out} \"Tell me about Paris.\"")
         return "\n".join(lines)
 

@@ -271,16 +271,17 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
 
 def recover(model_dir: str | Path, output: str | Path | None = None, steps: int = 500, *, overwrite: bool = False,
             device=None, progress: bool = True, **overrides) -> FinetuneResult:
-    """Recover the quality of the compressed model in `model_dir` with the recovery recipe
-    (`FinetuneConfig.recovery(steps, **overrides)`: LRC-only distillation from its base model).
+    """Recover the quality of the compressed model in `model_dir` with the recovery recipe,
+    `FinetuneConfig.recovery(steps, **overrides)` (LRC-only, LM loss on C4 train). output: default
+    MODEL_DIR/recovered.
 
-    The teacher's answers are cached once, then the student trains from the cache: measured faster
-    than the teacher in the loop even for a single run (benchmarks/recovery.py --speed). The cache is
-    a file next to the output, removed when the run completes. output: default MODEL_DIR/recovered.
+    With a teacher among the overrides, its answers are cached once and the student trains from the
+    cache (faster than the teacher in the loop even for one run: benchmarks/recovery.py --speed), in a
+    file next to the output that is removed when the run completes, unless `teacher_cache` names one.
     """
     model_dir = Path(model_dir)
     output = Path(output) if output else model_dir / "recovered"
-    ours = "teacher_cache" not in overrides  # a cache the caller names is theirs to keep and reuse
+    ours = overrides.get("teacher") is not None and "teacher_cache" not in overrides  # else the caller's to keep
     cache = output.with_name(output.name + ".teacher.safetensors")
     cfg = FinetuneConfig.recovery(steps, **({"teacher_cache": str(cache)} if ours else {}), **overrides)
     check_output(output, overwrite)
