@@ -194,8 +194,8 @@ def cmd_compress(a) -> int:
     a.ratio = 0.5 if a.ratio is None else a.ratio
     cfg = from_namespace(CompressConfig, a)
     if a.recover and (a.stream or a.resume):
-        raise WeloreError("--recover trains in memory; after --stream, run `welore finetune OUTPUT --teacher` if "
-                          "the model fits")
+        raise WeloreError("--recover trains in memory; after --stream, run `welore finetune OUTPUT -o "
+                          "OUTPUT/recovered` if the model fits")
     if a.stream or a.resume:
         return _compress_streaming(a, cfg)
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
