@@ -4,6 +4,7 @@ the dense teacher, make the compressed default usable again, and how do the mode
 Two compressed SmolLM2-135M models (the embedded default), each written once:
   paper50   WeLore as published: svd, 50% effective rank reduction, min_ratio 0.5
   recipe30  the calibrated recipe: loss allocation + whiten-fisher at 30% parameter reduction
+  recipe20  the same at 20%
 Runs, each `welore finetune` in its own process, nothing else on the CPU, on the same C4 training
 tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
@@ -21,6 +22,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                                              # loop vs cached (30 steps each, ~15 min)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
+    python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --steps 900 --eval-every 180
+                                          # the recipe for ~20 min (900 x 256 tokens at ~195 tokens/s)
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a 
 MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
     "recipe30": ["--param-ratio", "0.3", "--allocation", "loss", "--method", "whiten-fisher"],
+    "recipe20": ["--param-ratio", "0.2", "--allocation", "loss", "--method", "whiten-fisher"],
 }
 KD = {"lm": 0.0, "kd": 1.0, "mix": 0.5}  # the loss: --kd-weight of the distillation term (0: no teacher)
 RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, KD[loss])
         for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
 RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("paper50", "recipe30") for loss in KD})
+RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
 
 
 def compressed(work: Path, name: str) -> Path:
@@ -169,12 +174,14 @@ def main() -> None:
         runs = results.setdefault("runs", {})
         cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}.safetensors"
         for name in a.runs:
-            runs[name] = finetune(work, name, *RUNS[name], a, lr, warmup, a.steps, cache if RUNS[name][2] else None)
-            print(json.dumps({k: runs[name][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
+            key = name if a.steps == 500 else f"{name}-{a.steps}"  # other budgets are kept beside the 500-step runs
+            runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, a.steps, cache if RUNS[name][2] else None)
+            print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
             (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive
-        rows = list(runs.values())
-        plot(rows, dense, work / "recovery.png", f"recovery of the compressed SmolLM2-135M: {a.steps} steps x "
+        rows = [r for r in runs.values() if r["steps"] == a.steps]
+        png = "recovery.png" if a.steps == 500 else f"recovery-{a.steps}.png"
+        plot(rows, dense, work / png, f"recovery of the compressed SmolLM2-135M: {a.steps} steps x "
              f"{a.batch_size} x {a.seqlen} tokens of C4 train")
         for r in rows:
             f = r["final"]

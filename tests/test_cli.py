@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from safetensors.torch import load_file, save_file
 
 from welore.cli import main
@@ -251,6 +252,41 @@ def test_compress_stream(capsys, model_dir, tmp_path):
     _assert_clean_error(code, err, "add --stream")
     code, _, err = run(capsys, "compress", "--stream", "-o", str(tmp_path / "r"), "-q")
     _assert_clean_error(code, err, "name one")
+
+
+def _broken_checkpoint(src, how: str) -> None:
+    """Damage the sharded checkpoint `src` as a user's download might be damaged."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    if how == "file gone":
+        (src / files[-1]).unlink()
+    elif how == "truncated":
+        data = (src / files[0]).read_bytes()
+        (src / files[0]).write_bytes(data[: len(data) - 100])
+    elif how == "tensor not in its shard":
+        key = next(k for k, f in index["weight_map"].items() if f == files[0])
+        index["weight_map"][key] = files[-1]
+    elif how == "shard left out of the index":
+        index["weight_map"] = {k: f for k, f in index["weight_map"].items() if f != files[-1]}
+    if how in ("tensor not in its shard", "shard left out of the index"):
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how, needle", [("file gone", "missing or corrupt"), ("truncated", "missing or corrupt"),
+                                         ("tensor not in its shard", "which does not hold it"),
+                                         ("shard left out of the index", "has no tensor")])
+@pytest.mark.parametrize("command", ["compress", "evaluate"])
+def test_a_damaged_sharded_checkpoint_is_one_error_before_any_work(capsys, tmp_path, tokenizer, how, needle,
+                                                                      command):
+    src = tmp_path / "src"
+    make_tiny("llama").save_pretrained(src, max_shard_size="100KB")
+    tokenizer.save_pretrained(src)
+    _broken_checkpoint(src, how)
+    out = tmp_path / "o"
+    args = ["-o", str(out), "-q"] + (["--ratio", "0.4"] if command == "compress" else ["--max-tokens", "256", "--seqlen", "64"])
+    code, _, err = run(capsys, command, str(src), "--stream", *args)
+    _assert_clean_error(code, err, needle)
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()
 
 
 def test_compress_then_recover_in_one_command(capsys, model_dir, tmp_path):

@@ -80,17 +80,23 @@ def test_a_streamed_output_fine_tunes_like_any_other(model_dir, tmp_path):
     assert load_compressed(tmp_path / "ft").plan.to_dict() == load_compressed(tmp_path / "s").plan.to_dict()
 
 
-def test_two_processes_write_thesame_output(tmp_path, model_dir):
-    """Blocks split over 2 CPU processes (gloo, launched by accelerate's torchrun launcher, one thread
-    each) give the bytes one process with one thread gives: LAPACK's rounding depends on the thread
-    count, not on how the blocks are shared out."""
+CALIBRATED = ["--method", "whiten-fisher", "--allocation", "loss", "--calib-passes", "2", "--calib-samples", "3",
+              "--calib-seqlen", "24"]
+
+
+@pytest.mark.parametrize("calibration", [[], CALIBRATED], ids=["svd", "calibrated"])
+def test_two_processes_write_thesame_output(tmp_path, model_dir, calibration):
+    """Work split over 2 CPU processes (gloo, launched by accelerate's torchrun launcher, one thread
+    each) gives the bytes one process with one thread gives: LAPACK's rounding depends on the thread
+    count, not on how the work is shared out. Plain SVD splits the blocks; calibration (two passes,
+    with gradients) splits each block's targets."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     welore_cli = str(Path(sys.executable).with_name("welore"))
-    args = ["compress", str(model_dir), "--stream", "--ratio", "0.4", "-q", "-o"]
+    args = ["compress", str(model_dir), "--stream", "--ratio", "0.4", *calibration, "-q", "-o"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([welore_cli, *args, str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]

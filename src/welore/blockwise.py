@@ -229,10 +229,11 @@ def perplexity_streaming(path: str | Path, tokenizer=None, corpus: str = "wikite
     except Exception as e:
         raise WeloreError(f"{path}: cannot read config.json: {one_line(e)}") from e
     plan = RankPlan.from_dict(read_meta(path)["plan"]) if (path / "welore.json").is_file() else None
+    reader = ShardReader(path)  # a damaged checkpoint is refused before the text is read
     windows = perplexity_windows(tokenizer if tokenizer is not None else read_tokenizer(path), corpus, seqlen,
                                  max_tokens, text_field)
     skeleton = build_skeleton(config, plan)
-    reader = ShardReader(path).name_as(skeleton)
+    reader.name_as(skeleton)
     start = time.perf_counter()
     bw = Blockwise(skeleton, reader, device)
     hidden, extras = bw.capture(windows)

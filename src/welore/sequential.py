@@ -21,6 +21,13 @@ in-memory `compress` computes, without the model in memory (welore.blockwise run
 
 Resume: a block is done when its spill and its output activations (or input gradients) are on
 disk, a pass when its `done` marker is; a resumed job reads them back and continues.
+
+Several processes (`torchrun`, `accelerate launch`): the blocks must be visited in order, so the
+split is inside each block. Every process runs the sweeps (the same activations, the same
+statistics); process r factorises its share of each block's targets (r, r + N, ...), the shares
+are merged into the block's spill, and process 0 writes the activations. The factorisations are
+the same calls on the same statistics, so the output is the one process' bytes (with the same
+threads per process: LAPACK's rounding depends on the thread count).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .allocate import RankPlan
@@ -48,10 +56,12 @@ from .targets import Target
 
 
 def spill_calibrated(reader: ShardReader, config, blocks: dict, keys: dict, cfg: CompressConfig, work: Path,
-                     tokenizer, plan_of, block_state, progress: bool = True) -> Path:
+                     tokenizer, plan_of, block_state, progress: bool = True, state=None) -> Path:
     """Run every calibration pass; returns the spill directory of the last one. `plan_of(spill_dir)`
     allocates from a pass' spill, `block_state(...)` builds a compressed block's tensors (both from
-    welore.stream, which writes the output the same way)."""
+    welore.stream, which writes the output the same way). `state`: the processes sharing the work
+    (accelerate's; one process when None)."""
+    state = state or _OneProcess()
     if None in blocks:
         raise WeloreError("calibrated streaming compresses targets inside the transformer blocks only; "
                           "narrow --targets to block layers")
@@ -74,16 +84,21 @@ def spill_calibrated(reader: ShardReader, config, blocks: dict, keys: dict, cfg:
                                    load_file(str(prev / f"{i}.safetensors")) if i in blocks else {})
                 return bw.block_tensors(full, i)
 
-            sweep = _Sweep(bw, tensors_of, reader, blocks, cfg, d, ids, f"pass {p}/{cfg.calib_passes}", progress)
+            sweep = _Sweep(bw, tensors_of, reader, blocks, cfg, d, ids, f"pass {p}/{cfg.calib_passes}", progress,
+                           state)
             sweep.forward()
             if cfg.gradients:
                 sweep.backward()
-            (d / "done").write_text("")
-        for sub in ("acts", "grads"):
-            shutil.rmtree(d / sub, ignore_errors=True)
-        if prev is not None:
-            shutil.rmtree(prev.parent, ignore_errors=True)  # the previous pass' spill served its purpose
+            if state.is_main_process:
+                (d / "done").write_text("")
+        state.wait_for_everyone()
+        if state.is_main_process:
+            for sub in ("acts", "grads"):
+                shutil.rmtree(d / sub, ignore_errors=True)
+            if prev is not None:
+                shutil.rmtree(prev.parent, ignore_errors=True)  # the previous pass' spill served its purpose
         plan, prev = plan_of(d / "spill"), d / "spill"
+        state.wait_for_everyone()
     return prev
 
 
@@ -91,10 +106,28 @@ class _Sweep:
     """One calibration pass over the blocks (see module docstring)."""
 
     def __init__(self, bw: Blockwise, tensors_of, reader: ShardReader, blocks: dict, cfg: CompressConfig,
-                 d: Path, ids: torch.Tensor, what: str, progress: bool):
+                 d: Path, ids: torch.Tensor, what: str, progress: bool, state):
         self.bw, self.tensors_of, self.reader, self.blocks, self.cfg = bw, tensors_of, reader, blocks, cfg
-        self.d, self.ids, self.what, self.progress = d, ids, what, progress
+        self.d, self.ids, self.what, self.state = d, ids, what, state
+        self.progress = progress and state.is_main_process
         self.hidden, self.extras = bw.capture(ids)
+
+    def _finish_block(self, kind: str, i: int, stats: dict | None, block: int, out: list[torch.Tensor]) -> None:
+        """Spill `block` from its statistics (each process its share of the targets, merged), then
+        write `kind`/{i}: in that order, so a block whose output is on disk has its spill too."""
+        if stats is not None:
+            spill = self._file("spill", block)
+            if self.state.num_processes == 1:
+                spill_block(self.reader, self.blocks[block], stats, self.cfg, spill)
+            else:
+                r, n = self.state.process_index, self.state.num_processes
+                spill_block(self.reader, self.blocks[block][r::n], stats, self.cfg, _part(spill, r))
+                self.state.wait_for_everyone()
+                if self.state.is_main_process:
+                    _merge([_part(spill, k) for k in range(n)], spill)
+        if self.state.is_main_process:
+            _save(self._file(kind, i), out)
+        self.state.wait_for_everyone()
 
     def _file(self, kind: str, i: int) -> Path:
         return self.d / kind / f"{i}.safetensors"
@@ -111,8 +144,9 @@ class _Sweep:
 
     def forward(self) -> None:
         """acts/{i}: the inputs of block i; without gradients, the statistics and the spill too."""
-        if not self._file("acts", 0).is_file():
+        if not self._file("acts", 0).is_file() and self.state.is_main_process:
             _save(self._file("acts", 0), self.hidden)
+        self.state.wait_for_everyone()
         grads = self.cfg.gradients
         for i in bar(range(self.bw.depth), desc=f"Calibration {self.what}: forward", unit="block",
                      progress=self.progress):
@@ -128,19 +162,19 @@ class _Sweep:
                         hooks.next_sequence()
             if hooks:
                 hooks.remove()
-                spill_block(self.reader, self.blocks[i], hooks.stats(), self.cfg, self._file("spill", i))
-            _save(self._file("acts", i + 1), out)
+            self._finish_block("acts", i + 1, hooks.stats() if hooks else None, i, out)
 
     def backward(self) -> None:
         """grads/{i}: the loss gradient of block i's inputs; the statistics (with gradients) and the spill."""
         top = self.bw.depth
         if not self._file("grads", top).is_file():
             grads = []
-            for s, h in enumerate(_load(self._file("acts", top))):
-                with torch.enable_grad():
-                    h = h.requires_grad_()
-                    grads.append(torch.autograd.grad(self.bw.head(h, self.ids[s], labels=True).loss, h)[0])
-            _save(self._file("grads", top), grads)
+            if self.state.is_main_process:
+                for s, h in enumerate(_load(self._file("acts", top))):
+                    with torch.enable_grad():
+                        h = h.requires_grad_()
+                        grads.append(torch.autograd.grad(self.bw.head(h, self.ids[s], labels=True).loss, h)[0])
+            self._finish_block("grads", top, None, top, grads)
         for i in bar(reversed(range(top)), total=top, desc=f"Calibration {self.what}: backward", unit="block",
                      progress=self.progress):
             if self._done("grads", i, i):
@@ -157,8 +191,33 @@ class _Sweep:
                         hooks.next_sequence()
             if hooks:
                 hooks.remove()
-                spill_block(self.reader, self.blocks[i], hooks.stats(), self.cfg, self._file("spill", i))
-            _save(self._file("grads", i), g_in)
+            self._finish_block("grads", i, hooks.stats() if hooks else None, i, g_in)
+
+
+class _OneProcess:
+    """The part of accelerate's PartialState the sweeps use, for a job in one process."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _part(spill: Path, r: int) -> Path:
+    return spill.with_name(f"{spill.stem}.part{r}.safetensors")
+
+
+def _merge(parts: list[Path], path: Path) -> None:
+    """The processes' shares of one block's spill as one file (what one process would have written)."""
+    tensors, fps, seconds = {}, {}, 0.0
+    for part in parts:
+        with safe_open(str(part), framework="pt") as f:
+            meta = f.metadata()
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        fps.update(json.loads(meta["fingerprints"]))
+        seconds += float(meta["svd_seconds"])
+    write_shard(path, tensors, {"fingerprints": json.dumps(fps), "svd_seconds": str(seconds)})
+    for part in parts:
+        part.unlink()
 
 
 def _save(path: Path, tensors: list[torch.Tensor]) -> None:

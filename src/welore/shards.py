@@ -41,7 +41,25 @@ class ShardReader:
             self.weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
         else:
             raise WeloreError(f"{self.dir} has no safetensors weights ({SINGLE} or {INDEX})")
+        self._check()
         self.stored = {k: k for k in self.weight_map}  # the model's name -> the name in the files
+
+    def _check(self) -> None:
+        """Every file the index names opens (exists, is not truncated) and holds the tensors the index
+        puts in it: found now, from the headers alone, rather than blocks into a long job."""
+        wanted: dict[str, set[str]] = {}
+        for key, file in self.weight_map.items():
+            wanted.setdefault(file, set()).add(key)
+        for file, keys in wanted.items():
+            missing = keys - set(self._open(file).keys())
+            if missing:
+                raise WeloreError(f"{self.dir / INDEX} puts {min(missing)} in {file}, which does not hold it")
+        self._handles.clear()
+
+    def missing(self, model) -> list[str]:
+        """`model`'s parameters that the checkpoint does not hold, in `name_as` names."""
+        model.tie_weights()  # a tied head is stored once, under the embedding's name
+        return [n for n, _ in model.named_parameters() if n not in self.stored]
 
     def name_as(self, model) -> ShardReader:
         """Use `model`'s tensor names: transformers renames some checkpoint keys on load (GPT-NeoX's
@@ -79,6 +97,8 @@ class ShardReader:
             return self._open(self.weight_map[stored]).get_tensor(stored)
         except KeyError:
             raise WeloreError(f"{self.dir} has no tensor {key}") from None
+        except SafetensorError as e:  # changed on disk since it was checked
+            raise WeloreError(f"{self.dir}: cannot read {key}: {e}") from e
 
     def all(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.stored}

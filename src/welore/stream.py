@@ -27,7 +27,8 @@ shard files are the handoff) and process 0 writes the index and the metadata: th
 Calibrated settings (asvd, whiten, whiten-fisher, refit, the loss allocation, several passes) replace
 pass 1 by welore.sequential: the calibration sequences flow through the blocks one at a time and
 each block is factorised from its own statistics, then spilled the same way; pass 2 is unchanged.
-They run in one process, since activations flow from block to block.
+Activations flow from block to block, so under a launcher every process runs the sweeps and each
+factorises its share of every block's targets.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
         raise WeloreError(f"{source}: cannot read config.json: {one_line(e)}") from e
     skeleton = build_skeleton(config)  # meta weights: the names and shapes of the targets
     reader.name_as(skeleton)
+    missing = reader.missing(skeleton)
+    if missing:
+        raise WeloreError(f"{source} has no tensor {missing[0]} (a shard left out of the index, or checkpoint "
+                          f"names that do not match the model's)")
     targets = find_targets(skeleton, cfg.targets, cfg.ignore)
-    for t in targets:
-        if f"{t.name}.weight" not in reader:
-            raise WeloreError(f"{source} has no tensor {t.name}.weight (checkpoint names must match the model's)")
     blocks: dict[int | None, list[Target]] = defaultdict(list)
     for t in targets:
         blocks[t.layer].append(t)
@@ -111,8 +113,6 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     # under torchrun / accelerate launch, process r takes blocks r, r+N, ...; the files are the handoff
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
-    if cfg.calibrated and world > 1:
-        raise WeloreError("calibrated streaming runs in one process: activations flow from block to block")
     _check(work, job, resume, overwrite)
     state.wait_for_everyone()
     if rank == 0:
@@ -129,7 +129,7 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
 
         if cfg.calibrated:
             spill = spill_calibrated(reader, config, blocks, keys, cfg, work, tokenizer, plan_of,
-                                     block_state, progress)
+                                     block_state, progress, state)
         else:
             spill = work / "spill"
             _spill_blocks(reader, blocks, order[rank::world], spill, progress and rank == 0,
