@@ -188,6 +188,34 @@ def test_disk_full_during_compress_is_one_line_and_leaves_nothing(capsys, model_
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_disk_full_during_streaming_is_one_line_and_resumes(capsys, model_dir, tmp_path, monkeypatch):
+    """The disk fills after a few files: one line, no output, the finished blocks kept; with space
+    again, --resume gives the bytes of an uninterrupted run."""
+    from safetensors import SafetensorError
+
+    import welore.shards as shards
+
+    args = [str(model_dir), "--stream", "--ratio", "0.4", "-q", "-o"]
+    assert run(capsys, "compress", *args, str(tmp_path / "whole"))[0] == 0
+    real, count = shards.save_file, [0]
+
+    def fills(*a, **k):
+        count[0] += 1
+        if count[0] == 3:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(shards, "save_file", fills)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", *args, str(out))
+    _assert_clean_error(code, err, "No space left on device")
+    assert not out.exists() and not list((tmp_path / ".out.partial").rglob("*.tmp"))
+    monkeypatch.setattr(shards, "save_file", real)
+    assert run(capsys, "compress", *args, str(out), "--resume")[0] == 0
+    for f in (tmp_path / "whole").glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+
+
 def test_not_a_model_file(capsys, tmp_path):
     f = tmp_path / "weights.gguf"
     f.write_bytes(b"\x00" * 64)

@@ -110,8 +110,13 @@ class ShardReader:
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file so that it appears whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk: what was finished before stays, for --resume
+        tmp.unlink(missing_ok=True)
+        raise WeloreError(f"cannot write {path}: {e}; the blocks finished so far are kept for --resume") from e
 
 
 def write_index(directory: Path, total: int) -> None:
