@@ -22,8 +22,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                                              # loop vs cached (30 steps each, ~15 min)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
-    python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --steps 900 --eval-every 180
-                                          # the recipe for ~20 min (900 x 256 tokens at ~195 tokens/s)
+    python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
+                                          # the recipe for 20 minutes of training each
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default: the sweep's choice (recovery.json)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="instead of --steps: the steps that fit this much training time (a 20-step probe first)")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--sweep", action="store_true", help="lr x warmup for recipe30-lrc-kd on a short budget")
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
@@ -174,15 +176,28 @@ def main() -> None:
         runs = results.setdefault("runs", {})
         cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}.safetensors"
         for name in a.runs:
-            key = name if a.steps == 500 else f"{name}-{a.steps}"  # other budgets are kept beside the 500-step runs
-            runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, a.steps, cache if RUNS[name][2] else None)
+            steps = a.steps
+            if a.minutes:  # as many steps as fit the training time, at the tokens/s of a probe run just before
+                probe = finetune(work, f"probe-{name}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
+                                 lr, warmup, 20)
+                steps = int(a.minutes * 60 * probe["tokens_per_s"] / (a.batch_size * a.seqlen))
+                a.eval_every = max(1, steps // 5)
+                print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
+            key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
+            runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None)
+            runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
             (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive
-        rows = [r for r in runs.values() if r["steps"] == a.steps]
-        png = "recovery.png" if a.steps == 500 else f"recovery-{a.steps}.png"
-        plot(rows, dense, work / png, f"recovery of the compressed SmolLM2-135M: {a.steps} steps x "
-             f"{a.batch_size} x {a.seqlen} tokens of C4 train")
+        if a.minutes:
+            rows = [r for r in runs.values() if r.get("budget_minutes") == a.minutes]
+            png, what = f"recovery-{a.minutes:g}min.png", f"{a.minutes:g} minutes of training"
+        else:
+            rows = [r for r in runs.values() if r["steps"] == a.steps and not r.get("budget_minutes")]
+            png = "recovery.png" if a.steps == 500 else f"recovery-{a.steps}.png"
+            what = f"{a.steps} steps"
+        plot(rows, dense, work / png, f"recovery of the compressed SmolLM2-135M: {what}, "
+             f"{a.batch_size} x {a.seqlen} tokens of C4 train per step")
         for r in rows:
             f = r["final"]
             print(f"{r['run']:20s} wt2 {f['wikitext2_ppl']:9.2f} ({f['wikitext2_ppl'] / dense['wikitext2_ppl']:.2f}x) "
