@@ -56,7 +56,7 @@ from .layers import LowRankLinear
 from .progress import bar
 from .sequential import spill_calibrated
 from .shards import ShardReader, shard_name, write_index, write_shard
-from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svds
+from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svd, truncated_svds
 from .targets import Target, find_targets, layer_of
 
 
@@ -190,29 +190,45 @@ def _prepare(work: Path, job: dict, resume: bool) -> None:
 
 
 def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool, device) -> None:
-    """Pass 1: singular values, fingerprints and spilled factors of this process' blocks (the SVDs on
-    `device`: batched by shape on CUDA)."""
+    """Pass 1: singular values, fingerprints and spilled factors of this process' blocks. On the CPU one
+    matrix at a time, so one matrix's fp32 factors are alive, not the block's (7B shape: ~1.2 GB); on
+    CUDA the block's matrices of one shape go through one batched SVD."""
     spill.mkdir(exist_ok=True)
     for b in bar(mine, desc="Pass 1/2: SVD per block", unit="block", progress=progress):
         path = spill / f"{b}.safetensors"
         if path.is_file():
             continue  # finished by an earlier run (--resume)
-        tensors, fingerprints, ws = {}, {}, []
-        for t in blocks[b]:
-            stored = reader.get(f"{t.name}.weight")
-            ws.append(stored.t() if t.kind == "conv1d" else stored)
-            if not torch.isfinite(ws[-1]).all():
-                raise WeloreError(f"weights of {t.name} contain NaN or Inf")
-            fingerprints[t.name] = fingerprint(stored)
-        start = time.perf_counter()
-        svds = truncated_svds(ws, [max_useful_rank(*t.shape) for t in blocks[b]], device)
-        block_s = time.perf_counter() - start
-        for t, w, (U, S, Vh) in zip(blocks[b], ws, svds):
+        tensors, fingerprints, block_s = {}, {}, 0.0
+        ranks = [max_useful_rank(*t.shape) for t in blocks[b]]
+        if device.type == "cuda":
+            ws = [_weight(reader, t, fingerprints) for t in blocks[b]]
+            start = time.perf_counter()
+            svds = truncated_svds(ws, ranks, device)
+            block_s = time.perf_counter() - start
+        for j, t in enumerate(blocks[b]):
+            if device.type == "cuda":
+                w, (U, S, Vh) = ws[j], svds[j]
+            else:
+                w = _weight(reader, t, fingerprints)
+                start = time.perf_counter()
+                U, S, Vh = truncated_svd(w, ranks[j])  # the in-memory path's call: the same bits
+                block_s += time.perf_counter() - start
             tensors[f"{t.name}.values"] = S
             if U.shape[1]:  # scaled and cast as from_svd does, so any rank is a slice of these
                 top = LowRankLinear.from_svd(U, S, Vh, U.shape[1], None, dtype=w.dtype)
                 tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
+            del U, Vh, w  # before the next matrix's SVD
         write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
+
+
+def _weight(reader: ShardReader, t: Target, fingerprints: dict) -> torch.Tensor:
+    """Target `t`'s weight as stored (out x in), checked finite; its fingerprint goes to `fingerprints`."""
+    stored = reader.get(f"{t.name}.weight")
+    w = stored.t() if t.kind == "conv1d" else stored
+    if not torch.isfinite(w).all():
+        raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+    fingerprints[t.name] = fingerprint(stored)
+    return w
 
 
 def _read_spectra(targets: list[Target], blocks, order, spill: Path) -> Spectra:
