@@ -31,14 +31,15 @@ class ShardReader:
     """Lazy read access to the safetensors weights of a model directory."""
 
     def __init__(self, directory: str | Path):
-        self.dir, self._handles = Path(directory), {}
+        self.dir = Path(directory)
         if (self.dir / INDEX).is_file():
             try:
                 self.weight_map: dict[str, str] = json.loads((self.dir / INDEX).read_text())["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise WeloreError(f"{self.dir / INDEX} is corrupt: {e}") from e
         elif (self.dir / SINGLE).is_file():
-            self.weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
+            with self._open(SINGLE) as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
         else:
             raise WeloreError(f"{self.dir} has no safetensors weights ({SINGLE} or {INDEX})")
         self._check()
@@ -51,10 +52,10 @@ class ShardReader:
         for key, file in self.weight_map.items():
             wanted.setdefault(file, set()).add(key)
         for file, keys in wanted.items():
-            missing = keys - set(self._open(file).keys())
+            with self._open(file) as f:
+                missing = keys - set(f.keys())
             if missing:
                 raise WeloreError(f"{self.dir / INDEX} puts {min(missing)} in {file}, which does not hold it")
-        self._handles.clear()
 
     def missing(self, model) -> list[str]:
         """`model`'s parameters that the checkpoint does not hold, in `name_as` names."""
@@ -74,16 +75,10 @@ class ShardReader:
         return self
 
     def _open(self, file: str):
-        # One file open at a time: a file stays mapped while open, and the pages read through the map
-        # count in the process' RSS until it is closed, so keeping every shard open would grow the
-        # RSS with the depth of the model. Blocks live in consecutive shards, so this rarely reopens.
-        if file not in self._handles:
-            self._handles.clear()
-            try:
-                self._handles[file] = safe_open(str(self.dir / file), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise WeloreError(f"{self.dir / file} is missing or corrupt: {e}") from e
-        return self._handles[file]
+        try:
+            return safe_open(str(self.dir / file), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise WeloreError(f"{self.dir / file} is missing or corrupt: {e}") from e
 
     def keys(self) -> list[str]:
         return list(self.stored)
@@ -92,9 +87,13 @@ class ShardReader:
         return key in self.stored
 
     def get(self, key: str) -> torch.Tensor:
+        # The file is opened for each tensor and closed at once: pages read through a file's map count
+        # in the process' RSS until the map is closed, so a handle kept open grows the RSS by what was
+        # read (a whole single-file checkpoint; a shard). Opening reads only the header.
         try:
             stored = self.stored[key]
-            return self._open(self.weight_map[stored]).get_tensor(stored)
+            with self._open(self.weight_map[stored]) as f:
+                return f.get_tensor(stored)
         except KeyError:
             raise WeloreError(f"{self.dir} has no tensor {key}") from None
         except SafetensorError as e:  # changed on disk since it was checked
