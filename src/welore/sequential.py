@@ -229,6 +229,16 @@ def _load(path: Path) -> list[torch.Tensor]:
     return [d[str(s)] for s in range(len(d))]
 
 
+def target_weight(reader: ShardReader, t: Target, fingerprints: dict) -> torch.Tensor:
+    """Target `t`'s weight as stored (out x in), checked finite; its fingerprint goes to `fingerprints`."""
+    stored = reader.get(f"{t.name}.weight")
+    w = stored.t() if t.kind == "conv1d" else stored
+    if not torch.isfinite(w).all():
+        raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+    fingerprints[t.name] = fingerprint(stored)
+    return w
+
+
 @torch.no_grad()
 def spill_block(reader: ShardReader, targets: list[Target], stats: dict, cfg: CompressConfig, path: Path) -> None:
     """Factorise one block's targets with `cfg.method` and write what the plan and the output need:
@@ -237,10 +247,7 @@ def spill_block(reader: ShardReader, targets: list[Target], stats: dict, cfg: Co
     slice) and, for refit, `.wgat` / `.agat` (`refit_terms` at that rank)."""
     fac, tensors, fps, seconds = cfg.factorizer, {}, {}, 0.0
     for t in targets:
-        stored = reader.get(f"{t.name}.weight")
-        w = stored.t() if t.kind == "conv1d" else stored
-        if not torch.isfinite(w).all():
-            raise WeloreError(f"weights of {t.name} contain NaN or Inf")
+        w = target_weight(reader, t, fps)
         st, rank = stats[t.name], max_useful_rank(*t.shape)
         start = time.perf_counter()
         if fac.is_weight_svd:  # as `analyze(keep_factors=True)`
@@ -260,5 +267,4 @@ def spill_block(reader: ShardReader, targets: list[Target], stats: dict, cfg: Co
             tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
             if cfg.refit:
                 tensors[f"{t.name}.wgat"], tensors[f"{t.name}.agat"] = refit_terms(w, top.down.weight, st.gram)
-        fps[t.name] = fingerprint(stored)
     write_shard(path, tensors, {"fingerprints": json.dumps(fps), "svd_seconds": str(seconds)})

@@ -54,9 +54,9 @@ from .factorize import refit_solve
 from .io import build_skeleton, check_output, read_tokenizer, versions, write_metadata
 from .layers import LowRankLinear
 from .progress import bar
-from .sequential import spill_calibrated
+from .sequential import spill_calibrated, target_weight
 from .shards import ShardReader, shard_name, write_index, write_shard
-from .spectrum import Spectra, fingerprint, max_useful_rank, truncated_svd, truncated_svds
+from .spectrum import Spectra, max_useful_rank, truncated_svd, truncated_svds
 from .targets import Target, find_targets, layer_of
 
 
@@ -201,7 +201,7 @@ def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool
         tensors, fingerprints, block_s = {}, {}, 0.0
         ranks = [max_useful_rank(*t.shape) for t in blocks[b]]
         if device.type == "cuda":
-            ws = [_weight(reader, t, fingerprints) for t in blocks[b]]
+            ws = [target_weight(reader, t, fingerprints) for t in blocks[b]]
             start = time.perf_counter()
             svds = truncated_svds(ws, ranks, device)
             block_s = time.perf_counter() - start
@@ -209,7 +209,7 @@ def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool
             if device.type == "cuda":
                 w, (U, S, Vh) = ws[j], svds[j]
             else:
-                w = _weight(reader, t, fingerprints)
+                w = target_weight(reader, t, fingerprints)
                 start = time.perf_counter()
                 U, S, Vh = truncated_svd(w, ranks[j])  # the in-memory path's call: the same bits
                 block_s += time.perf_counter() - start
@@ -219,16 +219,6 @@ def _spill_blocks(reader: ShardReader, blocks, mine, spill: Path, progress: bool
                 tensors[f"{t.name}.down"], tensors[f"{t.name}.up"] = top.down.weight, top.up.weight
             del U, Vh, w  # before the next matrix's SVD
         write_shard(path, tensors, {"fingerprints": json.dumps(fingerprints), "svd_seconds": str(block_s)})
-
-
-def _weight(reader: ShardReader, t: Target, fingerprints: dict) -> torch.Tensor:
-    """Target `t`'s weight as stored (out x in), checked finite; its fingerprint goes to `fingerprints`."""
-    stored = reader.get(f"{t.name}.weight")
-    w = stored.t() if t.kind == "conv1d" else stored
-    if not torch.isfinite(w).all():
-        raise WeloreError(f"weights of {t.name} contain NaN or Inf")
-    fingerprints[t.name] = fingerprint(stored)
-    return w
 
 
 def _read_spectra(targets: list[Target], blocks, order, spill: Path) -> Spectra:
