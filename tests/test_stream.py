@@ -84,27 +84,44 @@ CALIBRATED = ["--method", "whiten-fisher", "--allocation", "loss", "--calib-pass
               "--calib-seqlen", "24"]
 
 
+# welore's CLI with every process but the first lagging 0.2 s behind each barrier: a process that
+# acts on a file before a slower one has checked or read it fails every time, not one CI run in ten
+LAGGING_CLI = """
+import sys, time
+from accelerate import PartialState
+barrier = PartialState.wait_for_everyone
+def lagging(self):
+    barrier(self)
+    time.sleep(0.2 * self.process_index)
+PartialState.wait_for_everyone = lagging
+from welore.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("calibration", [[], CALIBRATED], ids=["svd", "calibrated"])
 def test_two_processes_write_thesame_output(tmp_path, model_dir, calibration):
     """Work split over 2 CPU processes (gloo, launched by accelerate's torchrun launcher, one thread
     each) gives the bytes one process with one thread gives: LAPACK's rounding depends on the thread
     count, not on how the work is shared out. Plain SVD splits the blocks; calibration (two passes,
-    with gradients) splits each block's targets."""
+    with gradients) splits each block's targets. The second process lags behind every barrier."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    welore_cli = str(Path(sys.executable).with_name("welore"))
     args = ["compress", str(model_dir), "--stream", "--ratio", "0.4", *calibration, "-q", "-o"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([welore_cli, *args, str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, "-m", "welore.cli", *args, str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
+    (tmp_path / "lagging.py").write_text(LAGGING_CLI)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", welore_cli, *args,
-              str(tmp_path / "two")]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "lagging.py"),
+              *args, str(tmp_path / "two")]
     two = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    # the launcher's own traceback buries the failing process': show that one's lines first
+    failing = "\n".join(line for line in two.stderr.splitlines() if "[rank1]" in line or "Error" in line)
+    assert two.returncode == 0, failing[-4000:] + "\n...\n" + two.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "stream.json").read_text())["processes"] == 2
     for f in ShardReader(tmp_path / "one").files():
         assert (tmp_path / "two" / f.name).read_bytes() == f.read_bytes()

@@ -114,18 +114,17 @@ class _Sweep:
 
     def _finish_block(self, kind: str, i: int, stats: dict | None, block: int, out: list[torch.Tensor]) -> None:
         """Spill `block` from its statistics (each process its share of the targets, merged), then
-        write `kind`/{i}: in that order, so a block whose output is on disk has its spill too."""
+        write `kind`/{i}: in that order, so a block whose output is on disk has its spill too. Process 0
+        writes only once every process has arrived, so each has already checked `_done` for this block:
+        none can skip the block (and its barriers) on seeing a file process 0 has just written."""
+        spill, n = self._file("spill", block), self.state.num_processes
         if stats is not None:
-            spill = self._file("spill", block)
-            if self.state.num_processes == 1:
-                spill_block(self.reader, self.blocks[block], stats, self.cfg, spill)
-            else:
-                r, n = self.state.process_index, self.state.num_processes
-                spill_block(self.reader, self.blocks[block][r::n], stats, self.cfg, _part(spill, r))
-                self.state.wait_for_everyone()
-                if self.state.is_main_process:
-                    _merge([_part(spill, k) for k in range(n)], spill)
+            r = self.state.process_index
+            spill_block(self.reader, self.blocks[block][r::n], stats, self.cfg, spill if n == 1 else _part(spill, r))
+        self.state.wait_for_everyone()
         if self.state.is_main_process:
+            if stats is not None and n > 1:
+                _merge([_part(spill, k) for k in range(n)], spill)
             _save(self._file(kind, i), out)
         self.state.wait_for_everyone()
 

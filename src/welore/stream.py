@@ -146,6 +146,7 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
                "output_bytes": sum(p.stat().st_size for p in written), "blocks": len(order),
                "shards": len(shards), "memory_kind": "peak RSS during compression (process 0)",
                **{k: v for k, v in process_memory().items() if k.startswith("cuda")}}  # SVDs on a GPU
+    state.wait_for_everyone()  # every process has read `work` before process 0 renames it
     if rank == 0:
         _finish(source, output, work, config, plan, cfg, len(shards), metrics)
     state.wait_for_everyone()
