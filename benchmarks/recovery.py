@@ -18,6 +18,7 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
 `--no-cache`: every run trains on the same batches, so the teacher's answers are computed once.
 
     python benchmarks/recovery.py --sweep                    # lr x warmup on a short budget (~15 min)
+    python benchmarks/recovery.py --mode-sweep lrc lora      # each mode's own lr on paper50, LM loss, 100 steps
     python benchmarks/recovery.py --speed                    # tokens/s and peak RSS per mode, teacher in the
                                                              # loop vs cached (30 steps each, ~15 min)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
@@ -134,6 +135,29 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int) -> dict:
     return {"steps": steps, "rows": rows, "ratios": ratio}
 
 
+def mode_sweep(work: Path, a, warmup: int, done: dict, lrs=(1e-4, 3e-4, 1e-3), steps: int = 100) -> dict:
+    """Each mode's learning rate on paper50 with the LM loss (the lr of the 500-step comparison was
+    chosen for lrc on recipe30; this asks whether another lr would reorder the modes). Chosen on
+    held-out C4 after `steps` steps, never on WikiText-2. Finished runs in `done` are kept."""
+    rows = done.get("rows", {})
+    a.eval_every = steps // 2
+    for mode in a.mode_sweep:
+        for lr in lrs:
+            name = f"modesweep-{mode}-lr{lr:g}"
+            if name not in rows:
+                rows[name] = finetune(work, name, "paper50", mode, 0.0, a, lr, warmup, steps)
+                print(json.dumps({k: rows[name][k] for k in ("run", "final", "tokens_per_s")}), flush=True)
+                (work / "mode-sweep.json").write_text(json.dumps(rows, indent=1))  # partial results survive
+    modes = list(dict.fromkeys(r["mode"] for r in rows.values()))
+    choice = {m: min((r for r in rows.values() if r["mode"] == m), key=lambda r: r["final"]["c4_ppl"])["lr"]
+              for m in modes}
+    for r in rows.values():
+        f = r["final"]
+        print(f"{r['run']:26s} C4 {f['c4_ppl']:9.2f}  WikiText-2 {f['wikitext2_ppl']:9.2f}", flush=True)
+    print("choice (held-out C4):", choice, flush=True)
+    return {"steps": steps, "rows": rows, "choice": choice}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="bench-out/recovery")
@@ -148,6 +172,8 @@ def main() -> None:
                     help="instead of --steps: the steps that fit this much training time (a 20-step probe first)")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--sweep", action="store_true", help="lr x warmup for recipe30-lrc-kd on a short budget")
+    ap.add_argument("--mode-sweep", nargs="+", default=None, choices=("lrc", "full", "lora", "galore"), metavar="MODE",
+                    help="lr of each MODE on paper50 with the LM loss, 100 steps per lr (chosen on held-out C4)")
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
@@ -162,6 +188,8 @@ def main() -> None:
     warmup = a.warmup if a.warmup is not None else choice["warmup"]
     if a.speed:
         results["speed"] = speed(work, a, lr, warmup, a.speed)
+    elif a.mode_sweep:
+        results["mode_sweep"] = mode_sweep(work, a, warmup, results.get("mode_sweep", {}))
     elif a.sweep:
         rows = []
         for lr in (3e-5, 1e-4, 3e-4, 1e-3):
@@ -184,6 +212,7 @@ def main() -> None:
                 a.eval_every = max(1, steps // 5)
                 print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
+            key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
             runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None)
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
