@@ -10,6 +10,7 @@ tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
   (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
+  (c) paper50-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
 Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
 `--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
 run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
@@ -45,6 +46,10 @@ RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, KD[loss])
         for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
 RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("paper50", "recipe30") for loss in KD})
 RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
+# LoRA on the LRC factors only (no dense N-LRC), rank matched again: does LoRA beat lrc by adapting
+# the matrices lrc leaves frozen, or by how it parametrises the update?
+RUNS["paper50-lorafactors-lm"] = ("paper50", "lora", 0.0)
+EXTRA = {"paper50-lorafactors-lm": ["--lora-targets", r"\.(down|up)$"]}
 
 
 def compressed(work: Path, name: str) -> Path:
@@ -63,13 +68,13 @@ def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
 
 
 def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: float, warmup: int, steps: int,
-             cache: Path | None = None) -> dict:
+             cache: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     out = work / "runs" / name
     args = ["finetune", str(compressed(work, model)), "-o", str(out), "--train", mode, "--steps", str(steps),
             "--batch-size", str(a.batch_size), "--seqlen", str(a.seqlen), "--lr", str(lr), "--warmup", str(warmup),
             "--eval-every", str(a.eval_every), "--eval-tokens", str(a.eval_tokens), "--save-every", "0",
             "--overwrite", "-q", *(["--teacher", "--kd-weight", str(kd)] if kd else []),
-            *(["--teacher-cache", str(cache)] if cache else [])]
+            *(["--teacher-cache", str(cache)] if cache else []), *extra]
     wall, rss = welore(args)
     rec = json.loads((out / "finetune.json").read_text())
     m = rec["metrics"]
@@ -82,7 +87,8 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
             "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
 
 
-COLORS = {"lrc": "C0", "full": "C1", "lora": "C2", "galore": "C3"}  # a colour per mode, solid: distillation
+# a colour per mode (or per variant, the run name's second part), solid: distillation
+COLORS = {"lrc": "C0", "full": "C1", "lora": "C2", "galore": "C3", "lorafactors": "C4"}
 
 
 def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
@@ -98,7 +104,7 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
         for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
             for r in (r for r in rows if r["model"] == model):
                 ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS[r["mode"]], label=r["run"])
+                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS.get(r["run"].split("-")[1], COLORS[r["mode"]]), label=r["run"])
             ax.axhline(dense[key], color="k", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
@@ -207,13 +213,14 @@ def main() -> None:
             steps = a.steps
             if a.minutes:  # as many steps as fit the training time, at the tokens/s of a probe run just before
                 probe = finetune(work, f"probe-{name}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
-                                 lr, warmup, 20)
+                                 lr, warmup, 20, None, EXTRA.get(name, ()))
                 steps = int(a.minutes * 60 * probe["tokens_per_s"] / (a.batch_size * a.seqlen))
                 a.eval_every = max(1, steps // 5)
                 print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
-            runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None)
+            runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None,
+                                 EXTRA.get(name, ()))
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)

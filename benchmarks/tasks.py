@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from recovery import MODELS, compressed
@@ -39,7 +39,7 @@ def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) 
     """The run's finetune.json if it was made with these settings."""
     done = work / "tasks" / task / f"{model}-{mode}" / mode / "finetune.json"
     rec = json.loads(done.read_text()) if done.is_file() else None
-    return rec if rec and rec["config"] == asdict(replace(cfg, mode=mode)) else None
+    return rec if rec and replace(cfg, mode=mode).same_settings(rec["config"]) else None
 
 
 def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> None:

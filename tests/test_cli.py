@@ -368,6 +368,8 @@ def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     (["--lr", "0"], "learning rate must be > 0"),
     (["--steps", "-1"], "steps must be > 0"),
     (["--resume"], "nothing to resume"),
+    (["--train", "lora", "--lora-targets", "(down"], "not a valid regex"),
+    (["--train", "lora", "--lora-targets", "nothing"], "no linear layer in the blocks matches"),
 ])
 def test_finetune_bad_input(capsys, compressed_dir, tmp_path, args, needle):
     code, _, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", *args)

@@ -33,6 +33,7 @@ def test_flags_map_onto_the_config():
     (dict(galore_rank=0), "galore rank must be > 0"),
     (dict(weight_decay=-1.0), "weight decay"),
     (dict(seqlen=4), "at least 8"),
+    (dict(mode="lora", lora_targets="(down"), "not a valid regex"),
 ])
 def test_finetune_config_is_validated_on_construction(kwargs, message):
     with pytest.raises(WeloreError, match=message):
@@ -41,3 +42,11 @@ def test_finetune_config_is_validated_on_construction(kwargs, message):
 
 def test_resume_identity_leaves_out_the_stop():
     assert FinetuneConfig(stop_after=3).to_dict() == FinetuneConfig().to_dict()
+
+
+def test_a_record_without_a_later_setting_matches_at_its_default():
+    old = FinetuneConfig(mode="lora").to_dict()
+    del old["lora_targets"]  # written before the setting existed
+    assert FinetuneConfig(mode="lora").same_settings(old)
+    assert not FinetuneConfig(mode="lora", lora_targets="down").same_settings(old)
+    assert not FinetuneConfig(mode="lora", lr=1.0).same_settings(old)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from welore import WeloreError, load_compressed
+from welore.compress import low_rank_modules
 from welore.config import FinetuneConfig
 from welore.train import finetune, matched_lora_rank, prepare_mode
 from welore.trainer import Batches, make_trainer, training_arguments
@@ -72,6 +74,20 @@ def test_lora_rank_is_matched_to_lrc(compressed_dir):
     lora = sum(p.numel() for p in prepare_mode(model, FinetuneConfig(mode="lora"))[0].parameters() if p.requires_grad)
     per_rank = lora / rank
     assert abs(lora - lrc) <= per_rank / 2 + 1
+
+
+def test_lora_targets_select_the_adapted_linears(compressed_dir):
+    factors = r"\.(down|up)$"
+    model = load_compressed(compressed_dir).model
+    lrc = sum(m.down.weight.numel() + m.up.weight.numel() for m in low_rank_modules(model).values())
+    model, _, info = prepare_mode(model, FinetuneConfig(mode="lora", lora_targets=factors))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted and all(re.search(factors, n) for n in adapted)
+    assert info["lora_matrices"] == 2 * len(low_rank_modules(model))  # every LRC's two factors, no dense N-LRC
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert abs(lora - lrc) <= lora / info["lora_rank"] / 2 + 1  # still matched to lrc's count
+    with pytest.raises(WeloreError, match="no linear layer in the blocks matches"):
+        prepare_mode(load_compressed(compressed_dir).model, FinetuneConfig(mode="lora", lora_targets="nothing"))
 
 
 @pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])

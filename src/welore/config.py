@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .allocate import RULES, check_allocation_args
@@ -135,6 +136,10 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata=_help("seed of the data order and of LoRA's initialisation"))
     lora_rank: int | None = field(default=None, metadata=_help("default: matched to lrc's trainable parameters"))
     lora_alpha: float | None = field(default=None, metadata=_help("default: 2 x rank"))
+    lora_targets: str | None = field(default=None, metadata=_help(
+        "with --train lora: a regex searched in module names; LoRA adapts the block linears it matches (default: "
+        "all of them, the dense N-LRCs and both factors of each LRC; '\\.(down|up)$': the LRC factors only)",
+        metavar="REGEX"))
     galore_rank: int = field(default=64, metadata=_help("rank of GaLore's gradient projection"))
     galore_update_gap: int = field(default=50, metadata=_help("steps between GaLore projection updates"))
     galore_scale: float = field(default=0.25, metadata=_help("GaLore's update scale"))
@@ -168,6 +173,11 @@ class FinetuneConfig:
             raise WeloreError("warmup, eval_every and save_every must be >= 0")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise WeloreError("weight decay and max grad norm must be >= 0")
+        if self.lora_targets is not None:  # like --lora-rank, read by the lora mode only (compare runs several)
+            try:
+                re.compile(self.lora_targets)
+            except re.error as e:
+                raise WeloreError(f"--lora-targets {self.lora_targets!r} is not a valid regex: {e}") from None
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise WeloreError(f"lora rank must be > 0, got {self.lora_rank}")
         if not 0 <= self.kd_weight <= 1:
@@ -196,6 +206,12 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         """The settings that define the run (what a resumed run must match)."""
         return {k: v for k, v in asdict(self).items() if k != "stop_after"}
+
+    def same_settings(self, recorded: dict) -> bool:
+        """Whether `recorded` (a config written by a run) has these settings. A setting the record
+        lacks (added after it was written) counts as its default, so older runs still match."""
+        defaults = FinetuneConfig().to_dict()
+        return all(recorded.get(k, defaults[k]) == v for k, v in self.to_dict().items())
 
 
 def from_namespace(cls, namespace) -> object:

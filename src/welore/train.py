@@ -66,15 +66,18 @@ class FinetuneResult:
 # modes: what trains, and with which optimizer
 
 
-def lora_targets(model: nn.Module) -> list[str]:
-    """Every nn.Linear inside the blocks: dense N-LRCs and both factors of each LRC."""
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and layer_of(n) is not None]
+def lora_targets(model: nn.Module, pattern: str | None = None) -> list[str]:
+    """Every nn.Linear inside the blocks (dense N-LRCs and both factors of each LRC), or those of
+    them whose name `pattern` (a regex) is found in."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and layer_of(n) is not None]
+    return names if pattern is None else [n for n in names if re.search(pattern, n)]
 
 
-def matched_lora_rank(model: nn.Module) -> int:
-    """The LoRA rank whose trainable parameter count is closest to the LRC factors' count."""
+def matched_lora_rank(model: nn.Module, pattern: str | None = None) -> int:
+    """The LoRA rank (on the targets `pattern` selects) whose trainable parameter count is closest
+    to the LRC factors' count."""
     lrc = sum(m.down.weight.numel() + m.up.weight.numel() for m in low_rank_modules(model).values())
-    names = set(lora_targets(model))
+    names = set(lora_targets(model, pattern))
     per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n in names)
     return max(1, round(lrc / per_rank)) if per_rank else 1
 
@@ -84,11 +87,14 @@ def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict
     info: dict = {}
     optim: dict = {"optim": "adamw_torch"}
     if cfg.mode == "lora":
-        rank = cfg.lora_rank or matched_lora_rank(model)
-        info["lora_rank"] = rank
+        targets = lora_targets(model, cfg.lora_targets)
+        if not targets:
+            raise WeloreError(f"no linear layer in the blocks matches --lora-targets {cfg.lora_targets!r}")
+        rank = cfg.lora_rank or matched_lora_rank(model, cfg.lora_targets)
+        info.update(lora_rank=rank, lora_matrices=len(targets))
         set_trainable(model, "none")
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank,
-                                                 target_modules=lora_targets(model), lora_dropout=0.0))
+                                                 target_modules=targets, lora_dropout=0.0))
     else:
         set_trainable(model, "lrc" if cfg.mode == "lrc" else "full")
     if cfg.mode == "galore":
@@ -192,7 +198,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         last, saved = _last_checkpoint(ckpt)
         if saved["model_fingerprint"] != fingerprint:
             raise WeloreError(f"checkpoint {ckpt} is from a different model than {model_dir}")
-        if saved["config"] != cfg.to_dict():
+        if not cfg.same_settings(saved["config"]):
             raise WeloreError(f"checkpoint {ckpt} was made with different settings; resume with the same ones")
         log, evals = saved["log"], saved["evals"]
     elif ckpt.exists():
