@@ -10,7 +10,7 @@ tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
   (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
-  (c) paper50-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
+  (c) paper50 / recipe30-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
 Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
 `--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
 run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
@@ -48,8 +48,8 @@ RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("pape
 RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
 # LoRA on the LRC factors only (no dense N-LRC), rank matched again: does LoRA beat lrc by adapting
 # the matrices lrc leaves frozen, or by how it parametrises the update?
-RUNS["paper50-lorafactors-lm"] = ("paper50", "lora", 0.0)
-EXTRA = {"paper50-lorafactors-lm": ["--lora-targets", r"\.(down|up)$"]}
+RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("paper50", "recipe30")})
+EXTRA = {name: ["--lora-targets", r"\.(down|up)$"] for name in RUNS if "-lorafactors-" in name}
 
 
 def compressed(work: Path, name: str) -> Path:
