@@ -141,11 +141,12 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int) -> dict:
     return {"steps": steps, "rows": rows, "ratios": ratio}
 
 
-def mode_sweep(work: Path, a, warmup: int, done: dict, lrs=(1e-4, 3e-4, 1e-3), steps: int = 100) -> dict:
+def mode_sweep(work: Path, a, warmup: int, results: dict, lrs=(1e-4, 3e-4, 1e-3), steps: int = 100) -> dict:
     """Each mode's learning rate on paper50 with the LM loss (the lr of the 500-step comparison was
     chosen for lrc on recipe30; this asks whether another lr would reorder the modes). Chosen on
-    held-out C4 after `steps` steps, never on WikiText-2. Finished runs in `done` are kept."""
-    rows = done.get("rows", {})
+    held-out C4 after `steps` steps, never on WikiText-2. Runs already in `results` are kept, and
+    each new one is written to recovery.json as it finishes, so an interrupted sweep resumes."""
+    rows = results.setdefault("mode_sweep", {}).setdefault("rows", {})
     a.eval_every = steps // 2
     for mode in a.mode_sweep:
         for lr in lrs:
@@ -153,7 +154,7 @@ def mode_sweep(work: Path, a, warmup: int, done: dict, lrs=(1e-4, 3e-4, 1e-3), s
             if name not in rows:
                 rows[name] = finetune(work, name, "paper50", mode, 0.0, a, lr, warmup, steps)
                 print(json.dumps({k: rows[name][k] for k in ("run", "final", "tokens_per_s")}), flush=True)
-                (work / "mode-sweep.json").write_text(json.dumps(rows, indent=1))  # partial results survive
+                (work / "recovery.json").write_text(json.dumps(results, indent=1))
     modes = list(dict.fromkeys(r["mode"] for r in rows.values()))
     choice = {m: min((r for r in rows.values() if r["mode"] == m), key=lambda r: r["final"]["c4_ppl"])["lr"]
               for m in modes}
@@ -195,7 +196,7 @@ def main() -> None:
     if a.speed:
         results["speed"] = speed(work, a, lr, warmup, a.speed)
     elif a.mode_sweep:
-        results["mode_sweep"] = mode_sweep(work, a, warmup, results.get("mode_sweep", {}))
+        results["mode_sweep"] = mode_sweep(work, a, warmup, results)
     elif a.sweep:
         rows = []
         for lr in (3e-5, 1e-4, 3e-4, 1e-3):
