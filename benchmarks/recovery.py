@@ -11,6 +11,8 @@ tokens (the batch of step s depends on (seed, s) only), with the same schedule:
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
   (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
   (c) paper50 / recipe30-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
+  (d) recipe20 / recipe30-lrc-wiki: the recovery recipe on Wikipedia text instead of C4 (`--data FILE`):
+      the passages of BoolQ's training split, written by `wiki_passages` (see there for the checks)
 Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
 `--eval-tokens` each; the dense model is measured on the same windows), as curves in one PNG, and per
 run: trainable parameters, peak RSS (the process' own), tokens/s of the training steps, wall time.
@@ -26,12 +28,16 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
     python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
                                           # the recipe for 20 minutes of training each
+    python benchmarks/recovery.py --runs recipe20-lrc-wiki recipe30-lrc-wiki --minutes 20
+                                          # the same on Wikipedia text
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 from pathlib import Path
 
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
@@ -50,6 +56,43 @@ RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
 # the matrices lrc leaves frozen, or by how it parametrises the update?
 RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("paper50", "recipe30")})
 EXTRA = {name: ["--lora-targets", r"\.(down|up)$"] for name in RUNS if "-lorafactors-" in name}
+# the recipe on Wikipedia text: is the WikiText-2 gap C4's domain, or the compression?
+RUNS.update({f"{model}-lrc-wiki": (model, "lrc", 0.0) for model in ("recipe20", "recipe30")})
+BOOLQ_HELD_OUT = 300  # the BoolQ examples benchmarks/tasks.py scores (seed 0): their passages are never trained on
+
+
+def wiki_passages(work: Path) -> Path:
+    """Wikipedia text for recovery: the passages of BoolQ's training split, the shared data's only
+    Wikipedia text besides WikiText-2 test (the evaluation text). Left out: every passage of the
+    examples benchmarks/tasks.py holds out for BoolQ (the split of welore.tasks.task_splits, seed 0).
+    Refused: any passage from an article that WikiText-2 test also holds (by title; there are none)."""
+    out = work / "boolq-train-passages.txt"
+    if out.is_file():
+        return out
+    from welore.data import corpus_path, data_dir
+
+    rows = [json.loads(line) for line in (data_dir() / "tasks" / "boolq" / "boolq_dev.jsonl").open()]
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)  # task_splits' order: its first BOOLQ_HELD_OUT are the held-out examples
+    held_out = {rows[i]["passage"] for i in order[:BOOLQ_HELD_OUT]}
+    wt2 = corpus_path("wikitext2").read_text(encoding="utf-8")
+    wt2_titles = {t.strip().lower() for t in re.findall(r"^ = ([^=].*?) = \s*$", wt2, re.M)}
+    passages = list(dict.fromkeys(r["passage"] for r in rows if r["passage"] not in held_out))
+    shared = {r["title"] for r in rows if r["title"].lower() in wt2_titles}
+    if shared:
+        raise SystemExit(f"BoolQ passages from WikiText-2 test articles: {sorted(shared)}")
+    tmp = out.with_suffix(".partial")
+    tmp.write_text("\n\n".join(passages), encoding="utf-8")
+    tmp.rename(out)
+    print(f"wrote {out}: {len(passages):,} passages of {len(rows) - BOOLQ_HELD_OUT:,} BoolQ training examples, "
+          f"{sum(len(p.split()) for p in passages):,} words; WikiText-2 test has {len(wt2_titles)} articles, none "
+          "of them among the passages' titles", flush=True)
+    return out
+
+
+def extra_args(work: Path, name: str) -> list[str]:
+    """A run's flags beyond the common ones."""
+    return EXTRA.get(name, []) + (["--data", str(wiki_passages(work))] if name.endswith("-wiki") else [])
 
 
 def compressed(work: Path, name: str) -> Path:
@@ -83,12 +126,12 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
             "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
             "cache": m.get("teacher_cache"), "cache_build_s": m.get("teacher_cache_build_s"),
-            "evals": rec["evals"], "final": rec["evals"][-1],
+            "data": (rec.get("data") or {}).get("corpus", "c4"), "evals": rec["evals"], "final": rec["evals"][-1],
             "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
 
 
 # a colour per mode (or per variant, the run name's second part), solid: distillation
-COLORS = {"lrc": "C0", "full": "C1", "lora": "C2", "galore": "C3", "lorafactors": "C4"}
+COLORS = {"lrc": "C0", "full": "C1", "lora": "C2", "galore": "C3", "lorafactors": "C4", "wiki": "C5"}
 
 
 def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
@@ -104,7 +147,7 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
         for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
             for r in (r for r in rows if r["model"] == model):
                 ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS.get(r["run"].split("-")[1], COLORS[r["mode"]]), label=r["run"])
+                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS.get(r["run"].split("-")[-1 if "-wiki" in r["run"] else 1], COLORS[r["mode"]]), label=r["run"])
             ax.axhline(dense[key], color="k", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
@@ -214,14 +257,14 @@ def main() -> None:
             steps = a.steps
             if a.minutes:  # as many steps as fit the training time, at the tokens/s of a probe run just before
                 probe = finetune(work, f"probe-{name}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
-                                 lr, warmup, 20, None, EXTRA.get(name, ()))
+                                 lr, warmup, 20, None, extra_args(work, name))
                 steps = int(a.minutes * 60 * probe["tokens_per_s"] / (a.batch_size * a.seqlen))
                 a.eval_every = max(1, steps // 5)
                 print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
             runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None,
-                                 EXTRA.get(name, ()))
+                                 extra_args(work, name))
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
@@ -234,7 +277,7 @@ def main() -> None:
             png = "recovery.png" if a.steps == 500 else f"recovery-{a.steps}.png"
             what = f"{a.steps} steps"
         plot(rows, dense, work / png, f"recovery of the compressed SmolLM2-135M: {what}, "
-             f"{a.batch_size} x {a.seqlen} tokens of C4 train per step")
+             f"{a.batch_size} x {a.seqlen} tokens of training text per step")
         for r in rows:
             f = r["final"]
             print(f"{r['run']:20s} wt2 {f['wikitext2_ppl']:9.2f} ({f['wikitext2_ppl'] / dense['wikitext2_ppl']:.2f}x) "

@@ -348,6 +348,25 @@ def test_recover_bad_input(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "compress", str(model_dir), "--stream", "-o", str(tmp_path / "o"), "--recover", "5", "-q")
     _assert_clean_error(code, err, "--recover trains in memory")
     assert not (tmp_path / "o").exists()
+    # a bad recovery text fails at once, before minutes of compression, and writes nothing
+    for args, needle in ([("--recover", "5", "--recover-data", str(tmp_path / "nope.txt")), "no such corpus file"],
+                         [("--recover-data", str(tmp_path / "nope.txt")), "--recover-data needs --recover"]):
+        code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), *args, "-q")
+        _assert_clean_error(code, err, needle)
+        assert not (tmp_path / "o").exists()
+
+
+def test_finetune_on_a_text_file(capsys, compressed_dir, tmp_path):
+    text = tmp_path / "notes.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Note {i}: the meeting moved to room {i % 5}."}) for i in range(300)))
+    fast = ["--steps", "2", "--seqlen", "32", "--batch-size", "2", "--eval-tokens", "128", "-q"]
+    code, stdout, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "ft"), "--data", str(text), *fast)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert rec["config"]["data"] == str(text) and "heldout_ppl" in rec["evals"][-1]
+    code, _, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "bad"), "--data", "nope.csv", *fast)
+    _assert_clean_error(code, err, "unknown task 'nope.csv'")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_finetune_and_compare(capsys, compressed_dir, tmp_path):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -126,6 +127,57 @@ def test_task_mode_trains_on_answers_only(compressed_dir, tokenizer, tmp_path):
     res = finetune(compressed_dir, tmp_path / "t", FinetuneConfig(data="coinflip", eval_examples=10,
                                                                   **dict(FAST, seqlen=128)), progress=False)
     assert 0 <= res.evals[-1]["accuracy"] <= 1
+
+
+def _text_file(path: Path, lines: int = 400) -> Path:
+    """A small text of a few repeated sentence shapes: learnable, so its held-out tail gets easier."""
+    path.write_text("\n".join(f"The {w} sat on mat number {i % 7}, and the {w} was happy." for i, w in
+                              zip(range(lines), ["cat", "dog", "bird", "fox"] * lines)))
+    return path
+
+
+def test_a_text_file_is_trained_on_less_its_held_out_tail(compressed_dir, tokenizer, tmp_path):
+    text = _text_file(tmp_path / "mine.txt")
+    cfg = FinetuneConfig(data=str(text), **FAST)
+    batches = Batches(tokenizer, cfg)
+    ids = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert batches.held_out.tolist() == ids[-cfg.eval_tokens:]  # the tail, set apart...
+    assert batches.windows.numel() <= len(ids) - cfg.eval_tokens  # ...and never trained on
+    assert batches.windows.flatten().tolist() == ids[: batches.windows.numel()]
+    res = finetune(compressed_dir, tmp_path / "o", cfg, progress=False)
+    first, last = res.evals[0], res.evals[-1]
+    assert {"c4_ppl", "wikitext2_ppl", "heldout_ppl"} <= first.keys()
+    assert last["heldout_ppl"] < 0.5 * first["heldout_ppl"]
+    rec = json.loads((tmp_path / "o" / "finetune.json").read_text())
+    assert rec["data"]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    # C4 runs say which text they trained on too, and are judged on C4's own held-out documents
+    assert "heldout_ppl" not in finetune(compressed_dir, tmp_path / "c", FinetuneConfig(**dict(FAST, steps=1)),
+                                         progress=False).evals[-1]
+
+
+def test_resume_refuses_an_edited_text_file(compressed_dir, tmp_path):
+    text = _text_file(tmp_path / "mine.txt")
+    cfg = dict(FAST, steps=4, save_every=2, data=str(text))
+    with pytest.raises(WeloreError, match="stopped"):
+        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**cfg, stop_after=2), progress=False)
+    _text_file(text, lines=401)
+    with pytest.raises(WeloreError, match="trained on other text"):
+        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**cfg), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("nope.txt", "no such corpus file"),
+    ("{short}", "needs at least"),
+    ("{c4}", "holds evaluation text"),
+])
+def test_bad_training_text(compressed_dir, tmp_path, data, message):
+    from welore.data import corpus_path
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to hold out anything.")
+    data = data.format(short=short, c4=corpus_path("c4"))
+    with pytest.raises(WeloreError, match=message):
+        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**dict(FAST, data=data)), progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [

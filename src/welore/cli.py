@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then recover quality: STEPS steps of LRC-only training on C4 text (the recipe of "
                         "FinetuneConfig.recovery; 500 steps of the default take ~12 min on 2 CPU cores), "
                         "written to OUTPUT/recovered/")
+    p.add_argument("--recover-data", default="c4", metavar="TEXT",
+                   help="with --recover: train on this text instead of C4 train, a .txt / .jsonl / .json / .parquet "
+                        "file of the domain you care about (its last 4096 tokens are held out to judge the run)")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")
@@ -196,6 +199,10 @@ def cmd_compress(a) -> int:
     if a.recover and (a.stream or a.resume):
         raise WeloreError("--recover trains in memory; after --stream, run `welore finetune OUTPUT -o "
                           "OUTPUT/recovered` if the model fits")
+    if a.recover_data != "c4" and not a.recover:
+        raise WeloreError("--recover-data needs --recover STEPS")
+    if a.recover:
+        FinetuneConfig.recovery(a.recover, data=a.recover_data)  # a bad recovery text fails before compressing
     if a.stream or a.resume:
         return _compress_streaming(a, cfg)
     # the recipe row shows what calibration buys; a run that is itself calibrated has no need of it
@@ -209,8 +216,9 @@ def cmd_compress(a) -> int:
     if a.recover:
         from .train import recover  # the training stack: see cmd_finetune
 
-        print(f"\nrecovering: {a.recover} steps of training the low-rank factors on C4 text", flush=True)
-        rec = recover(res.output, steps=a.recover, device=a.device, progress=not a.quiet)
+        text = "C4 text" if a.recover_data == "c4" else a.recover_data
+        print(f"\nrecovering: {a.recover} steps of training the low-rank factors on {text}", flush=True)
+        rec = recover(res.output, steps=a.recover, device=a.device, progress=not a.quiet, data=a.recover_data)
         print(text_table(rec.evals))
         print(f"wrote {rec.output}/ (the recovered model: use this one; finetune.json records the recovery)")
     return 0

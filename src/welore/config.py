@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .allocate import RULES, check_allocation_args
 from .allocate.rule import Rule
+from .data import check_training_text, is_text_file
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
 from .tasks import TASKS
@@ -120,7 +121,9 @@ class FinetuneConfig:
     """Settings of one fine-tuning run (see welore.finetune)."""
 
     mode: str = field(default="lrc", metadata=_help(f"what trains: {', '.join(MODES)}", aliases=["--train"]))
-    data: str = field(default="c4", metadata=_help(f"c4 (continual LM) or a task: {', '.join(TASKS)}"))
+    data: str = field(default="c4", metadata=_help(
+        f"c4 (continual LM on C4 train), a .txt / .jsonl / .json / .parquet file of your own text (continual LM; "
+        f"its last --eval-tokens tokens are held out), or a task: {', '.join(TASKS)}"))
     steps: int = field(default=100, metadata=_help("optimizer steps"))
     lr: float = field(default=1e-4, metadata=_help("peak learning rate"))
     batch_size: int = field(default=4, metadata=_help("sequences per micro-batch and process"))
@@ -130,7 +133,7 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0: none)"))
     eval_every: int = field(default=0, metadata=_help("steps between evaluations (0: only at the start and end)"))
-    eval_tokens: int = field(default=4096, metadata=_help("held-out tokens for perplexity (c4)"))
+    eval_tokens: int = field(default=4096, metadata=_help("held-out tokens for perplexity (c4, wikitext2, a text file)"))
     eval_examples: int = field(default=100, metadata=_help("held-out examples for accuracy (tasks)"))
     save_every: int = field(default=50, metadata=_help("steps between checkpoints (0: none)"))
     seed: int = field(default=0, metadata=_help("seed of the data order and of LoRA's initialisation"))
@@ -161,8 +164,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise WeloreError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.data not in DATA:
-            raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}")
+        if is_text_file(self.data):
+            check_training_text(self.data)
+        elif self.data not in DATA:
+            raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}, or a text file")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise WeloreError(f"learning rate must be > 0, got {self.lr}")
         for name in ("steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
@@ -190,6 +195,11 @@ class FinetuneConfig:
             raise WeloreError(f"teacher top-k must be > 0, got {self.teacher_top_k}")
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
+
+    @property
+    def is_text(self) -> bool:
+        """Continual language modelling (c4 or a text file), as opposed to a task."""
+        return self.data not in TASKS
 
     @classmethod
     def recovery(cls, steps: int = 500, **overrides) -> FinetuneConfig:

@@ -184,6 +184,37 @@ def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_fi
     return _ENCODED[key]
 
 
+def is_text_file(name: str) -> bool:
+    """Whether `name` names a text file (by its suffix) rather than a named corpus or a task."""
+    return Path(name).suffix.lower() in FILE_SUFFIXES
+
+
+def check_training_text(name: str) -> None:
+    """Refuse a training text file that is missing or is one of the evaluation corpora's files."""
+    path = corpus_path(name)  # refuses a missing file
+    try:
+        held_out = {corpus_path(c).resolve() for c in ("wikitext2", "c4")}
+    except WeloreError:  # no shared data folder: there is no evaluation file to collide with
+        held_out = set()
+    if path.resolve() in held_out:
+        raise WeloreError(f"{name} holds evaluation text (WikiText-2 test or the held-out C4 documents); "
+                          "train on other text")
+
+
+def training_text(tokenizer, corpus: str, held_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training ids, held-out ids) of a fine-tuning text: for "c4", C4 train documents and None (its
+    held-out documents are evaluated by name); for a text file, the file with its last `held_out`
+    tokens set apart, so a run on the user's own text is judged on unseen text of the same kind."""
+    if corpus == "c4":
+        return encode_corpus(tokenizer, "c4-train"), None
+    check_training_text(corpus)
+    ids = encode_corpus(tokenizer, corpus)
+    if ids.numel() < 2 * held_out:
+        raise WeloreError(f"{corpus} has {ids.numel():,} tokens; fine-tuning on it needs at least "
+                          f"{2 * held_out:,} (its last {held_out:,} are held out for evaluation)")
+    return ids[:-held_out], ids[-held_out:]
+
+
 def _tokenizer_key(tokenizer) -> str:
     """Content hash of a fast tokenizer's definition (else its identity)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -41,25 +41,34 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
     """Perplexity of `model` on `corpus`: a name (wikitext2, c4) or a .txt / .jsonl / .json / .parquet
     file whose `text_field` holds the documents (see module docstring)."""
     windows = perplexity_windows(tokenizer, corpus, seqlen, max_tokens, text_field)
-    n_windows = windows.shape[0]
+    start = time.perf_counter()
+    nll = mean_nll(model, windows, batch_size=batch_size, desc=f"Perplexity on {corpus}", progress=progress)
+    return Perplexity(corpus, _exp(nll), nll, windows.numel(), seqlen, time.perf_counter() - start,
+                      corpus_info(corpus, text_field)["sha256"])
+
+
+@torch.no_grad()
+def mean_nll(model, windows: torch.Tensor, *, batch_size: int = 1, desc: str = "Perplexity",
+             progress: bool = True) -> float:
+    """Mean next-token NLL (nats) of `model` over `windows` (n x seqlen token ids)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
-    start = time.perf_counter()
-    pbar = bar(total=n_windows * seqlen, desc=f"Perplexity on {corpus}", unit="tok", progress=progress)
-    for i in range(0, n_windows, batch_size):
+    pbar = bar(total=windows.numel(), desc=desc, unit="tok", progress=progress)
+    for i in range(0, windows.shape[0], batch_size):
         batch = windows[i: i + batch_size].to(device)
         total_nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         count += batch[:, 1:].numel()
         pbar.update(batch.numel())
-        pbar.set_postfix(ppl=f"{math.exp(min(total_nll / count, 700)):.2f}")
+        pbar.set_postfix(ppl=f"{_exp(total_nll / count):.2f}")
     pbar.close()
     model.train(was_training)
-    nll = total_nll / count
-    ppl = math.exp(nll) if nll < 700 else float("inf")
-    return Perplexity(corpus, ppl, nll, n_windows * seqlen, seqlen, time.perf_counter() - start,
-                      corpus_info(corpus, text_field)["sha256"])
+    return total_nll / count
+
+
+def _exp(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else float("inf")
 
 
 def perplexity_windows(tokenizer, corpus: str, seqlen: int, max_tokens: int | None = None,
@@ -71,12 +80,17 @@ def perplexity_windows(tokenizer, corpus: str, seqlen: int, max_tokens: int | No
         raise WeloreError(f"seqlen must be at least 2, got {seqlen}")
     if max_tokens is not None and max_tokens < seqlen:
         raise WeloreError(f"max_tokens ({max_tokens}) must be at least seqlen ({seqlen})")
-    ids = encode_corpus(tokenizer, corpus, max_tokens, text_field)
+    return cut_windows(encode_corpus(tokenizer, corpus, max_tokens, text_field), seqlen, max_tokens, corpus)
+
+
+def cut_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, name: str = "text") -> torch.Tensor:
+    """`ids` cut into non-overlapping windows of `seqlen` (the ragged tail dropped), at most
+    floor(max_tokens / seqlen) of them: (n x seqlen)."""
     n_windows = ids.numel() // seqlen
     if max_tokens is not None:
         n_windows = min(n_windows, max_tokens // seqlen)
     if n_windows == 0:
-        raise WeloreError(f"corpus {corpus} has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+        raise WeloreError(f"corpus {name} has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     return ids[: n_windows * seqlen].view(n_windows, seqlen)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -37,10 +38,11 @@ from transformers import TrainerCallback, set_seed
 
 from .compress import count_parameters, low_rank_modules, set_trainable
 from .config import FinetuneConfig
+from .data import corpus_info
 from .device import PeakMemory
 from .distill import KeepBest, load_teacher
 from .errors import WeloreError
-from .evaluate import perplexity, task_accuracy
+from .evaluate import cut_windows, mean_nll, perplexity, task_accuracy
 from .io import check_output, hash_file_heads, load_compressed, read_meta, save_compressed
 from .report import plot_loss_curves
 from .shards import ShardReader
@@ -134,11 +136,15 @@ def _weights_digest(model: nn.Module) -> str:
 
 
 def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -> dict:
+    """Held-out C4 and WikiText-2 perplexity (and, training on a text file, that of its held-out tail:
+    `eval_set` holds its token ids), or a task's accuracy on `eval_set`."""
     was_training = model.training
-    if cfg.data == "c4":
-        out = {f"{corpus}_ppl": perplexity(model, tokenizer, corpus, seqlen=min(cfg.seqlen, cfg.eval_tokens),
-                                           max_tokens=cfg.eval_tokens, progress=False).ppl
-               for corpus in ("c4", "wikitext2")}
+    if cfg.is_text:
+        seqlen = min(cfg.seqlen, cfg.eval_tokens)
+        out = {f"{corpus}_ppl": perplexity(model, tokenizer, corpus, seqlen=seqlen, max_tokens=cfg.eval_tokens,
+                                           progress=False).ppl for corpus in ("c4", "wikitext2")}
+        if eval_set is not None:
+            out["heldout_ppl"] = math.exp(min(mean_nll(model, cut_windows(eval_set, seqlen), progress=False), 700))
     else:
         acc = task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen, progress=progress)
         out = {"accuracy": acc.accuracy, "correct": acc.correct, "examples": acc.total, "ci95": list(acc.interval)}
@@ -150,9 +156,10 @@ class _RunState(TrainerCallback):
     """Evaluations every `eval_every` steps, the `stop_after` stop, and welore's state written into
     each Trainer checkpoint, so that a resume can check it is the same model and settings."""
 
-    def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str, keep: KeepBest | None):
+    def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str, keep: KeepBest | None,
+                 data: dict | None = None):
         self.cfg, self.evaluate, self.log, self.evals, self.fingerprint = cfg, evaluate, log, evals, fingerprint
-        self.keep = keep
+        self.keep, self.data = keep, data
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         done, cfg = state.global_step, self.cfg
@@ -169,7 +176,7 @@ class _RunState(TrainerCallback):
         if state.is_world_process_zero:
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE).write_text(json.dumps({
                 "step": state.global_step, "log": self.log, "evals": self.evals,
-                "model_fingerprint": self.fingerprint, "config": self.cfg.to_dict()}))
+                "model_fingerprint": self.fingerprint, "config": self.cfg.to_dict(), "data": self.data}))
             if self.keep:
                 self.keep.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -193,6 +200,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     check_output(output, overwrite)
     ckpt = output.with_name(output.name + ".ckpt")
     fingerprint = _model_fingerprint(model_dir)
+    # which text the run trains on, by content: a file edited between runs is other data
+    data_info = corpus_info("c4-train" if cfg.data == "c4" else cfg.data) if cfg.is_text else None
     last, log, evals = None, [], []
     if resume:
         last, saved = _last_checkpoint(ckpt)
@@ -200,6 +209,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
             raise WeloreError(f"checkpoint {ckpt} is from a different model than {model_dir}")
         if not cfg.same_settings(saved["config"]):
             raise WeloreError(f"checkpoint {ckpt} was made with different settings; resume with the same ones")
+        if saved.get("data") and data_info and saved["data"]["sha256"] != data_info["sha256"]:
+            raise WeloreError(f"checkpoint {ckpt} was trained on other text than {cfg.data} has now")
         log, evals = saved["log"], saved["evals"]
     elif ckpt.exists():
         shutil.rmtree(ckpt)  # a stale checkpoint of an earlier run with this output
@@ -217,14 +228,17 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                               max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
                               device=device, **optim)
     batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
-    eval_set = None if cfg.data == "c4" else task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)[1]
+    eval_set = batches.held_out if cfg.is_text else task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)[1]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     msg = f"[{cfg.mode}] trainable parameters: {trainable:,} / {total:,} ({trainable / total:.2%})"
     print(msg + (f"  {info}" if info else ""), flush=True)
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
-    keep = KeepBest("c4_ppl" if cfg.data == "c4" else "accuracy") if cfg.keep_best else None
-    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint, keep)
+    # the guard judges on held-out text of the training kind: C4's own held-out documents, a file's tail
+    guard = "accuracy" if not cfg.is_text else "c4_ppl" if eval_set is None else "heldout_ppl"
+    keep = KeepBest(guard) if cfg.keep_best else None
+    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint, keep,
+                    data_info)
     stream = batches.stream(index=cfg.teacher_cache is not None)
     teacher, teacher_info = load_teacher(cfg, meta, tokenizer, args.device, stream, args.world_size, progress)
     trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
@@ -259,7 +273,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                "train_seconds": steps.seconds, "tokens_per_s": steps.tokens / steps.seconds if steps.seconds else None,
                "device": str(args.device), "processes": args.world_size, "weights_digest": digests,
                **mem.report(), **info, "returned_step": returned, **teacher_info}
-    record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "metrics": metrics, "evals": evals,
+    record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "data": data_info, "metrics": metrics, "evals": evals,
               "log": log, "resumed_from_step": int(last.name.split("-")[-1]) if last else None}
     settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}
 

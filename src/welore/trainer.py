@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import FinetuneConfig
-from .data import encode_corpus
+from .data import training_text
 from .device import pick_device
 from .errors import WeloreError
 from .evaluate import encode_example
@@ -63,21 +63,23 @@ class StepStream(torch.utils.data.Dataset):
 
 
 class Batches:
-    """Fine-tuning batches: token windows of the C4 training documents, or task examples with the loss
-    on the answer tokens only (labels -100 elsewhere). `get(step, micro)` is the global micro-batch
+    """Fine-tuning batches: token windows of the C4 training documents or of a text file (less its
+    held-out tail, `held_out`), or task examples with the loss on the answer tokens only (labels -100
+    elsewhere). `get(step, micro)` is the global micro-batch
     (`rows` sequences), a function of (seed, step, micro) only."""
 
     def __init__(self, tokenizer, cfg: FinetuneConfig, rows: int | None = None):
         self.cfg, self.rows = cfg, rows or cfg.batch_size
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        if cfg.data == "c4":
-            ids = encode_corpus(tokenizer, "c4-train")
+        if cfg.is_text:
+            ids, self.held_out = training_text(tokenizer, cfg.data, cfg.eval_tokens)
             n = ids.numel() // cfg.seqlen
             if n == 0:
                 raise WeloreError("the training corpus is shorter than one sequence")
             self.windows = ids[: n * cfg.seqlen].view(n, cfg.seqlen)
             self.size = n
         else:
+            self.held_out = None
             train, _ = task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)
             if not train:
                 raise WeloreError(f"task {cfg.data} has no training examples")
@@ -87,7 +89,7 @@ class Batches:
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         # the trailing 0 keeps the draws of the single-process runs made before the stream was global
         idx = torch.from_numpy(np.random.default_rng([self.cfg.seed, step, micro, 0]).integers(0, self.size, self.rows))
-        if self.cfg.data == "c4":
+        if self.cfg.is_text:
             x = self.windows[idx]
             return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
         rows = [self.examples[i] for i in idx]
