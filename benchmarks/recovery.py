@@ -30,6 +30,9 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                           # the recipe for 20 minutes of training each
     python benchmarks/recovery.py --runs recipe20-lrc-wiki recipe30-lrc-wiki --minutes 20
                                           # the same on Wikipedia text
+    python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
+                                          # finished runs (and dense, and their compressed starts) on
+                                          # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
 """
 
 from __future__ import annotations
@@ -90,6 +93,37 @@ def wiki_passages(work: Path) -> Path:
     return out
 
 
+FULL_EVAL_TOKENS = 32768  # 16x the runs' own evaluations; all of WikiText-2 test would take ~7 min a model
+
+
+def full_eval(work: Path, keys: list[str], results: dict) -> dict:
+    """The returned models of finished runs, their compressed starts and the dense model on the first
+    32,768 tokens of WikiText-2 test and of held-out C4 at seqlen 512: the runs' own evaluations see
+    2,048 tokens at seqlen 128, and WikiText-2's first 2,048 are a single article."""
+    done = results.setdefault("full_eval", {})
+    todo = {"dense": None}
+    for key in keys:
+        if key not in results.get("runs", {}):
+            raise SystemExit(f"no finished run {key} in {work / 'recovery.json'}")
+        model = results["runs"][key]["model"]
+        todo[model], todo[key] = compressed(work, model), work / "runs" / key
+    for name, path in todo.items():
+        if name in done:
+            continue
+        out = work / "full-eval" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        wall = None  # an evaluation written by an interrupted earlier call is read back, not redone
+        if not out.is_file():
+            wall, _ = welore(["evaluate", *([str(path)] if path else []), "--corpus", "wikitext2", "c4",
+                              "--seqlen", "512", "--max-tokens", str(FULL_EVAL_TOKENS), "-q", "-o", str(out)])
+        ppl = {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
+        done[name] = {**ppl, "wall_s": wall}
+        print(f"{name:28s} wikitext2 {ppl['wikitext2_ppl']:8.2f} ({ppl['wikitext2_ppl'] / done['dense']['wikitext2_ppl']:.2f}x)"
+              f"  c4 {ppl['c4_ppl']:7.2f} ({ppl['c4_ppl'] / done['dense']['c4_ppl']:.2f}x)", flush=True)
+        (work / "recovery.json").write_text(json.dumps(results, indent=1))
+    return done
+
+
 def extra_args(work: Path, name: str) -> list[str]:
     """A run's flags beyond the common ones."""
     return EXTRA.get(name, []) + (["--data", str(wiki_passages(work))] if name.endswith("-wiki") else [])
@@ -122,7 +156,7 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
     rec = json.loads((out / "finetune.json").read_text())
     m = rec["metrics"]
     return {"run": name, "model": model, "mode": mode, "loss": next(k for k, w in KD.items() if w == kd), "lr": lr, "warmup": warmup,
-            "steps": steps, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
+            "steps": steps, "batch_size": a.batch_size, "seqlen": a.seqlen, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
             "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
             "cache": m.get("teacher_cache"), "cache_build_s": m.get("teacher_cache_build_s"),
@@ -227,6 +261,8 @@ def main() -> None:
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
+    ap.add_argument("--full-eval", nargs="+", default=None, metavar="RUN",
+                    help="finished runs (keys of recovery.json) on 32,768 tokens of WikiText-2 and held-out C4, seqlen 512")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -236,7 +272,9 @@ def main() -> None:
     choice = results.get("sweep", {}).get("choice", {"lr": 1e-4, "warmup": 10})
     lr = a.lr if a.lr is not None else choice["lr"]
     warmup = a.warmup if a.warmup is not None else choice["warmup"]
-    if a.speed:
+    if a.full_eval:
+        full_eval(work, a.full_eval, results)
+    elif a.speed:
         results["speed"] = speed(work, a, lr, warmup, a.speed)
     elif a.mode_sweep:
         results["mode_sweep"] = mode_sweep(work, a, warmup, results)
@@ -253,28 +291,34 @@ def main() -> None:
     else:
         runs = results.setdefault("runs", {})
         cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}.safetensors"
+        shape = "" if (a.batch_size, a.seqlen) == (2, 128) else f"-{a.batch_size}x{a.seqlen}"  # in run keys and PNGs
         for name in a.runs:
             steps = a.steps
             if a.minutes:  # as many steps as fit the training time, at the tokens/s of a probe run just before
-                probe = finetune(work, f"probe-{name}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
+                probe = finetune(work, f"probe-{name}{shape}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
                                  lr, warmup, 20, None, extra_args(work, name))
                 steps = int(a.minutes * 60 * probe["tokens_per_s"] / (a.batch_size * a.seqlen))
                 a.eval_every = max(1, steps // 5)
                 print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
+            key += shape  # nor another batch shape's
             runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None,
                                  extra_args(work, name))
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
             (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive
+
+        def same_shape(r: dict) -> bool:  # runs before the shape was recorded had 2 x 128
+            return (r.get("batch_size", 2), r.get("seqlen", 128)) == (a.batch_size, a.seqlen)
+
         if a.minutes:
-            rows = [r for r in runs.values() if r.get("budget_minutes") == a.minutes]
-            png, what = f"recovery-{a.minutes:g}min.png", f"{a.minutes:g} minutes of training"
+            rows = [r for r in runs.values() if r.get("budget_minutes") == a.minutes and same_shape(r)]
+            png, what = f"recovery-{a.minutes:g}min{shape}.png", f"{a.minutes:g} minutes of training"
         else:
-            rows = [r for r in runs.values() if r["steps"] == a.steps and not r.get("budget_minutes")]
-            png = "recovery.png" if a.steps == 500 else f"recovery-{a.steps}.png"
+            rows = [r for r in runs.values() if r["steps"] == a.steps and not r.get("budget_minutes") and same_shape(r)]
+            png = f"recovery{shape}.png" if a.steps == 500 else f"recovery-{a.steps}{shape}.png"
             what = f"{a.steps} steps"
         plot(rows, dense, work / png, f"recovery of the compressed SmolLM2-135M: {what}, "
              f"{a.batch_size} x {a.seqlen} tokens of training text per step")

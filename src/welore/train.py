@@ -292,8 +292,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
 def recover(model_dir: str | Path, output: str | Path | None = None, steps: int = 500, *, overwrite: bool = False,
             device=None, progress: bool = True, **overrides) -> FinetuneResult:
     """Recover the quality of the compressed model in `model_dir` with the recovery recipe,
-    `FinetuneConfig.recovery(steps, **overrides)` (LRC-only, LM loss on C4 train). output: default
-    MODEL_DIR/recovered.
+    `FinetuneConfig.recovery(steps, **overrides)` (LRC-only, LM loss on C4 train, or on the text file
+    `data=FILE`: the domain the model should be good at). output: default MODEL_DIR/recovered.
 
     With a teacher among the overrides, its answers are cached once and the student trains from the
     cache (faster than the teacher in the loop even for one run: benchmarks/recovery.py --speed), in a
