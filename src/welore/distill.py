@@ -248,7 +248,8 @@ class TeacherCache:
 
 class KeepBest:
     """Remembers the trainable weights at the best evaluation (lowest held-out perplexity: C4's, or a
-    training file's held-out tail; or highest task accuracy) and puts them back at the end if the last evaluation is worse."""
+    training file's held-out tail; or highest task accuracy) and puts them back at the end if the
+    last evaluation is worse."""
 
     def __init__(self, metric: str):
         self.metric, self.sign = metric, (1 if metric.endswith("_ppl") else -1)

@@ -43,7 +43,7 @@ def perplexity(model, tokenizer, corpus: str = "wikitext2", *, seqlen: int = 512
     windows = perplexity_windows(tokenizer, corpus, seqlen, max_tokens, text_field)
     start = time.perf_counter()
     nll = mean_nll(model, windows, batch_size=batch_size, desc=f"Perplexity on {corpus}", progress=progress)
-    return Perplexity(corpus, _exp(nll), nll, windows.numel(), seqlen, time.perf_counter() - start,
+    return Perplexity(corpus, nll_to_ppl(nll), nll, windows.numel(), seqlen, time.perf_counter() - start,
                       corpus_info(corpus, text_field)["sha256"])
 
 
@@ -61,13 +61,14 @@ def mean_nll(model, windows: torch.Tensor, *, batch_size: int = 1, desc: str = "
         total_nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         count += batch[:, 1:].numel()
         pbar.update(batch.numel())
-        pbar.set_postfix(ppl=f"{_exp(total_nll / count):.2f}")
+        pbar.set_postfix(ppl=f"{nll_to_ppl(total_nll / count):.2f}")
     pbar.close()
     model.train(was_training)
     return total_nll / count
 
 
-def _exp(nll: float) -> float:
+def nll_to_ppl(nll: float) -> float:
+    """exp(nll), or inf past float range (a destroyed model's perplexity)."""
     return math.exp(nll) if nll < 700 else float("inf")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ from .data import corpus_info
 from .device import PeakMemory
 from .distill import KeepBest, load_teacher
 from .errors import WeloreError
-from .evaluate import cut_windows, mean_nll, perplexity, task_accuracy
+from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accuracy
 from .io import check_output, hash_file_heads, load_compressed, read_meta, save_compressed
 from .report import plot_loss_curves
 from .shards import ShardReader
@@ -144,7 +143,7 @@ def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -
         out = {f"{corpus}_ppl": perplexity(model, tokenizer, corpus, seqlen=seqlen, max_tokens=cfg.eval_tokens,
                                            progress=False).ppl for corpus in ("c4", "wikitext2")}
         if eval_set is not None:
-            out["heldout_ppl"] = math.exp(min(mean_nll(model, cut_windows(eval_set, seqlen), progress=False), 700))
+            out["heldout_ppl"] = nll_to_ppl(mean_nll(model, cut_windows(eval_set, seqlen), progress=False))
     else:
         acc = task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen, progress=progress)
         out = {"accuracy": acc.accuracy, "correct": acc.correct, "examples": acc.total, "ci95": list(acc.interval)}
