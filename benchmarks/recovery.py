@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 from pathlib import Path
 
@@ -73,11 +72,12 @@ def wiki_passages(work: Path) -> Path:
     if out.is_file():
         return out
     from welore.data import corpus_path, data_dir
+    from welore.tasks import task_splits
 
     rows = [json.loads(line) for line in (data_dir() / "tasks" / "boolq" / "boolq_dev.jsonl").open()]
-    order = list(range(len(rows)))
-    random.Random(0).shuffle(order)  # task_splits' order: its first BOOLQ_HELD_OUT are the held-out examples
-    held_out = {rows[i]["passage"] for i in order[:BOOLQ_HELD_OUT]}
+    # a held-out prompt starts with its passage (cut to a length), then "\nQuestion: "
+    held_out = [e.prompt.rsplit("\nQuestion: ", 1)[0] for e in task_splits("boolq", 0, BOOLQ_HELD_OUT)[1]]
+    held_out = {r["passage"] for r in rows if any(r["passage"].startswith(p) for p in held_out)}
     wt2 = corpus_path("wikitext2").read_text(encoding="utf-8")
     wt2_titles = {t.strip().lower() for t in re.findall(r"^ = ([^=].*?) = \s*$", wt2, re.M)}
     passages = list(dict.fromkeys(r["passage"] for r in rows if r["passage"] not in held_out))
@@ -181,7 +181,7 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
         for ax, key in zip(panel, ("wikitext2_ppl", "c4_ppl")):
             for r in (r for r in rows if r["model"] == model):
                 ax.plot([e["step"] for e in r["evals"]], [e[key] for e in r["evals"]], marker=".",
-                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS.get(r["run"].split("-")[-1 if "-wiki" in r["run"] else 1], COLORS[r["mode"]]), label=r["run"])
+                        ls={"kd": "-", "lm": "--"}.get(r["loss"], ":"), color=COLORS.get("wiki" if "-wiki" in r["run"] else r["run"].split("-")[1], COLORS[r["mode"]]), label=r["run"])
             ax.axhline(dense[key], color="k", lw=0.8, label="dense")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
