@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "written to OUTPUT/recovered/")
     p.add_argument("--recover-data", default="c4", metavar="TEXT",
                    help="with --recover: train on this text instead of C4 train, a .txt / .jsonl / .json / .parquet "
-                        "file of the domain you care about (its last 4096 tokens are held out to judge the run)")
+                        f"file of the domain you care about (its last {FinetuneConfig.eval_tokens} tokens are held "
+                        "out to judge the run)")
     p.add_argument("--spectra", help="reuse a spectra.safetensors from `welore analyze` (checked for staleness)")
     p.add_argument("-o", "--output", help="output directory (default: compressed/<model>-<allocation>-r<ratio>)")
     p.add_argument("--overwrite", action="store_true")

@@ -201,12 +201,17 @@ def check_training_text(name: str) -> None:
                           "train on other text")
 
 
+def training_corpus(data: str) -> str:
+    """The corpus a fine-tuning run's `data` trains on: C4's training documents for "c4", else the file."""
+    return "c4-train" if data == "c4" else data
+
+
 def training_text(tokenizer, corpus: str, held_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training ids, held-out ids) of a fine-tuning text: for "c4", C4 train documents and None (its
     held-out documents are evaluated by name); for a text file, the file with its last `held_out`
     tokens set apart, so a run on the user's own text is judged on unseen text of the same kind."""
     if corpus == "c4":
-        return encode_corpus(tokenizer, "c4-train"), None
+        return encode_corpus(tokenizer, training_corpus(corpus)), None
     check_training_text(corpus)
     ids = encode_corpus(tokenizer, corpus)
     if ids.numel() < 2 * held_out:

@@ -37,7 +37,7 @@ from transformers import TrainerCallback, set_seed
 
 from .compress import count_parameters, low_rank_modules, set_trainable
 from .config import FinetuneConfig
-from .data import corpus_info
+from .data import corpus_info, training_corpus
 from .device import PeakMemory
 from .distill import KeepBest, load_teacher
 from .errors import WeloreError
@@ -200,7 +200,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     ckpt = output.with_name(output.name + ".ckpt")
     fingerprint = _model_fingerprint(model_dir)
     # which text the run trains on, by content: a file edited between runs is other data
-    data_info = corpus_info("c4-train" if cfg.data == "c4" else cfg.data) if cfg.is_text else None
+    data_info = corpus_info(training_corpus(cfg.data)) if cfg.is_text else None
     last, log, evals = None, [], []
     if resume:
         last, saved = _last_checkpoint(ckpt)
