@@ -3,7 +3,8 @@ and say which differences are real (outside the 95% binomial intervals).
 
 Models: the dense default (written by `welore compress --threshold 0`: every matrix kept dense, so it
 fine-tunes through the same code) trained in full, and the paper's setting (WeLore svd, 50% effective
-rank reduction, min_ratio 0.5) in every mode: lrc / full / lora (rank matched) / galore. Same examples,
+rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each in
+every mode: lrc / full / lora (rank matched) / galore. Same examples,
 steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
 with its Wilson 95% interval. No keep-best guard: it would pick the weights by the very examples we
@@ -11,6 +12,7 @@ report on.
 
     python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
     python benchmarks/tasks.py --tasks coinflip --runs paper50-full paper50-lora
+    python benchmarks/tasks.py --tasks boolq --runs dense-full recipe20r-lrc
 
 Each run is kept in `WORK/tasks/TASK/RUN/` and reused while its settings are the same, so the runs can
 be done a few at a time; `tasks.json` gathers every finished run of each task.
@@ -31,13 +33,40 @@ from welore.compare import compare
 from welore.tasks import task_splits
 
 MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a welore directory
-RUNS = [("dense", "full"), ("paper50", "lrc"), ("paper50", "full"), ("paper50", "lora"), ("paper50", "galore")]
+# The 20% recipe after its 20 minutes of LRC-only recovery on C4: a compressed model with its language
+# back (WikiText-2 1.47x dense), where paper50 has none left. Made by benchmarks/recovery.py.
+RECOVERED = {"recipe20r": ("runs/recipe20-lrc-lm-20min", "python benchmarks/recovery.py --runs recipe20-lrc-lm "
+                                                          "--minutes 20")}
+MODES = ("lrc", "full", "lora", "galore")
+RUNS = [("dense", "full")] + [(m, mode) for m in ("paper50", "recipe20r") for mode in MODES]
 NAMES = [f"{m}-{mode}" for m, mode in RUNS]
+
+
+def model_dir(work: Path, model: str) -> Path:
+    """The welore directory a run starts from: compressed here, or a recovered one benchmarks/recovery.py made."""
+    if model not in RECOVERED:
+        return compressed(work, model)
+    path, command = RECOVERED[model]
+    if not (work / path / "welore.json").is_file():
+        raise SystemExit(f"{model} is not in {work / path}: make it first with `{command}`")
+    return work / path
+
+
+LR = 2e-4  # one learning rate for every mode, unless --lr says otherwise
+
+
+def variant(cfg: FinetuneConfig) -> str:
+    """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05', ..."""
+    return (f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
+
+
+def run_dir(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> Path:
+    return work / "tasks" / task / f"{model}-{mode}{variant(cfg)}"
 
 
 def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> dict | None:
     """The run's finetune.json if it was made with these settings."""
-    done = work / "tasks" / task / f"{model}-{mode}" / mode / "finetune.json"
+    done = run_dir(work, task, model, mode, cfg) / mode / "finetune.json"
     rec = json.loads(done.read_text()) if done.is_file() else None
     return rec if rec and replace(cfg, mode=mode).same_settings(rec["config"]) else None
 
@@ -46,7 +75,7 @@ def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) 
     """Train the run (in its own process, through welore.compare) unless it is finished already."""
     if finished(work, task, model, mode, cfg) is None:
         t = time.perf_counter()
-        compare(compressed(work, model), work / "tasks" / task / f"{model}-{mode}", cfg, [mode], overwrite=True,
+        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), cfg, [mode], overwrite=True,
                 progress=False)
         print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -79,8 +108,10 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=NAMES, choices=NAMES)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--eval-examples", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the train/held-out split and the training order (a replicate: a new split, not new examples)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -89,8 +120,8 @@ def main() -> None:
     for task in a.tasks:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
-                             keep_best=False, seed=0)
-        train, ev = task_splits(task, seed=0, n_eval=a.eval_examples)
+                             keep_best=False, seed=a.seed)
+        train, ev = task_splits(task, seed=a.seed, n_eval=a.eval_examples)
         for name in a.runs:
             run_once(work, task, *RUNS[NAMES.index(name)], cfg)
         rows = []
@@ -102,14 +133,15 @@ def main() -> None:
                          "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        base = chance(task, 0, a.eval_examples)
-        results[task] = {"train_examples": len(train), "eval_examples": len(ev), "chance": base, "rows": rows,
+        base = chance(task, a.seed, a.eval_examples)
+        key = task + variant(cfg)
+        results[key] = {"train_examples": len(train), "eval_examples": len(ev), "chance": base, "rows": rows,
                          "verdicts": verdicts(rows, base)}
-        print(f"\n## {task}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
+        print(f"\n## {key}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
         for r in rows:
             print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  trainable {r['trainable']:>11,}")
-        print("\n".join(results[task]["verdicts"]), flush=True)
+        print("\n".join(results[key]["verdicts"]), flush=True)
         (work / "tasks.json").write_text(json.dumps(results, indent=1))
 
 
