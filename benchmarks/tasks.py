@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,19 +81,27 @@ def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) 
         print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
-def chance(task: str, seed: int, n_eval: int) -> float:
-    """Expected accuracy of a uniform guess over each held-out example's options."""
+def baselines(task: str, seed: int, n_eval: int) -> dict:
+    """What needs no training, on the held-out examples: chance (a uniform guess over each example's
+    options) and the best constant answer (always the same option text, e.g. always " yes")."""
     ev = task_splits(task, seed=seed, n_eval=n_eval)[1]
-    return sum(1 / len(ex.options) for ex in ev) / len(ev)
+    answer, count = Counter(ex.options[ex.answer] for ex in ev).most_common(1)[0]
+    return {"chance": sum(1 / len(ex.options) for ex in ev) / len(ev), "constant": count / len(ev),
+            "constant_answer": answer}
 
 
-def verdicts(rows: list[dict], base: float) -> list[str]:
-    """Which accuracies are outside chance, and which pairs differ (disjoint intervals)."""
+def verdicts(rows: list[dict], base: dict) -> list[str]:
+    """Which accuracies are outside chance and the best constant answer, and which pairs differ
+    (disjoint intervals)."""
+    def side(lo: float, hi: float, x: float) -> str:
+        return "above" if lo > x else "below" if hi < x else "not distinguishable from"
+
     out = []
     for r in rows:
         lo, hi = r["ci95"]
-        side = "above" if lo > base else "below" if hi < base else "not distinguishable from"
-        out.append(f"{r['run']}: {r['after']:.3f} [{lo:.3f}, {hi:.3f}] is {side} chance ({base:.3f})")
+        out.append(f"{r['run']}: {r['after']:.3f} [{lo:.3f}, {hi:.3f}] is {side(lo, hi, base['chance'])} chance "
+                   f"({base['chance']:.3f}) and {side(lo, hi, base['constant'])} always answering "
+                   f"{base['constant_answer']!r} ({base['constant']:.3f})")
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             if a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1]:
@@ -133,10 +142,10 @@ def main() -> None:
                          "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        base = chance(task, a.seed, a.eval_examples)
+        base = baselines(task, a.seed, a.eval_examples)
         key = task + variant(cfg)
-        results[key] = {"train_examples": len(train), "eval_examples": len(ev), "chance": base, "rows": rows,
-                         "verdicts": verdicts(rows, base)}
+        results[key] = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
+                        "verdicts": verdicts(rows, base)}
         print(f"\n## {key}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
         for r in rows:
             print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
