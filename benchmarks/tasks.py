@@ -3,9 +3,8 @@ and say which differences are real (outside the 95% binomial intervals).
 
 Models: the dense default (written by `welore compress --threshold 0`: every matrix kept dense, so it
 fine-tunes through the same code) trained in full, and the paper's setting (WeLore svd, 50% effective
-rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each in
-every mode: lrc / full / lora (rank matched) / galore. Same examples,
-steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
+rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each
+in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
 with its Wilson 95% interval. No keep-best guard: it would pick the weights by the very examples we
 report on.
@@ -124,8 +123,6 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = json.loads((work / "tasks.json").read_text()) if (work / "tasks.json").is_file() else {}
-    results["args"] = vars(a)
     for task in a.tasks:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
@@ -144,14 +141,19 @@ def main() -> None:
                          "train_s": m["train_seconds"]})
         base = baselines(task, a.seed, a.eval_examples)
         key = task + variant(cfg)
-        results[key] = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
-                        "verdicts": verdicts(rows, base)}
+        entry = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
+                 "verdicts": verdicts(rows, base)}
         print(f"\n## {key}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
         for r in rows:
             print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  trainable {r['trainable']:>11,}")
-        print("\n".join(results[key]["verdicts"]), flush=True)
-        (work / "tasks.json").write_text(json.dumps(results, indent=1))
+        print("\n".join(entry["verdicts"]), flush=True)
+        # re-read just before writing, so another task or seed run at the same time keeps its results
+        results = json.loads((work / "tasks.json").read_text()) if (work / "tasks.json").is_file() else {}
+        results["args"], results[key] = vars(a), entry
+        tmp = work / "tasks.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(work / "tasks.json")
 
 
 if __name__ == "__main__":
