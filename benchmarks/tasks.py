@@ -48,7 +48,7 @@ def model_dir(work: Path, model: str) -> Path:
         return compressed(work, model)
     path, command = RECOVERED[model]
     if not (work / path / "welore.json").is_file():
-        raise SystemExit(f"{model} is not in {work / path}: make it first with `{command}`")
+        raise SystemExit(f"{model} is not in {work / path}: make it first with `{command} --work {work}`")
     return work / path
 
 
