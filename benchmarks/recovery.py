@@ -110,13 +110,7 @@ def full_eval(work: Path, keys: list[str], results: dict) -> dict:
     for name, path in todo.items():
         if name in done:
             continue
-        out = work / "full-eval" / f"{name}.json"
-        out.parent.mkdir(exist_ok=True)
-        wall = None  # an evaluation written by an interrupted earlier call is read back, not redone
-        if not out.is_file():
-            wall, _ = welore(["evaluate", *([str(path)] if path else []), "--corpus", "wikitext2", "c4",
-                              "--seqlen", "512", "--max-tokens", str(FULL_EVAL_TOKENS), "-q", "-o", str(out)])
-        ppl = {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
+        ppl, wall = evaluated(work / "full-eval" / f"{name}.json", path, 512, FULL_EVAL_TOKENS)
         done[name] = {**ppl, "wall_s": wall}
         print(f"{name:28s} wikitext2 {ppl['wikitext2_ppl']:8.2f} ({ppl['wikitext2_ppl'] / done['dense']['wikitext2_ppl']:.2f}x)"
               f"  c4 {ppl['c4_ppl']:7.2f} ({ppl['c4_ppl'] / done['dense']['c4_ppl']:.2f}x)", flush=True)
@@ -136,12 +130,20 @@ def compressed(work: Path, name: str) -> Path:
     return out
 
 
-def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
-    out = work / f"dense-ppl-{seqlen}-{tokens}.json"
+def evaluated(out: Path, model: Path | None, seqlen: int, tokens: int) -> tuple[dict, float | None]:
+    """WikiText-2 and held-out C4 perplexity of `model` (None: the dense default) by `welore evaluate`
+    in its own process, written to `out`; an `out` left by an earlier call is read back, not redone.
+    Returns ({corpus}_ppl, wall seconds, or None when read back)."""
+    wall = None
     if not out.is_file():
-        welore(["evaluate", "--corpus", "wikitext2", "c4", "--seqlen", str(seqlen), "--max-tokens", str(tokens),
-                "-q", "-o", str(out)])
-    return {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        wall, _ = welore(["evaluate", *([str(model)] if model else []), "--corpus", "wikitext2", "c4",
+                          "--seqlen", str(seqlen), "--max-tokens", str(tokens), "-q", "-o", str(out)])
+    return {f"{r['corpus']}_ppl": r["ppl"] for r in json.loads(out.read_text())["results"]}, wall
+
+
+def dense_ppl(work: Path, seqlen: int, tokens: int) -> dict:
+    return evaluated(work / f"dense-ppl-{seqlen}-{tokens}.json", None, seqlen, tokens)[0]
 
 
 def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: float, warmup: int, steps: int,

@@ -38,6 +38,7 @@ MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a 
 RECOVERED = {"recipe20r": ("runs/recipe20-lrc-lm-20min", "python benchmarks/recovery.py --runs recipe20-lrc-lm "
                                                           "--minutes 20")}
 MODES = ("lrc", "full", "lora", "galore")
+LR = 2e-4  # one learning rate for every mode, unless --lr says otherwise
 RUNS = [("dense", "full")] + [(m, mode) for m in ("paper50", "recipe20r") for mode in MODES]
 NAMES = [f"{m}-{mode}" for m, mode in RUNS]
 
@@ -50,9 +51,6 @@ def model_dir(work: Path, model: str) -> Path:
     if not (work / path / "welore.json").is_file():
         raise SystemExit(f"{model} is not in {work / path}: make it first with `{command} --work {work}`")
     return work / path
-
-
-LR = 2e-4  # one learning rate for every mode, unless --lr says otherwise
 
 
 def variant(cfg: FinetuneConfig) -> str:
@@ -80,10 +78,9 @@ def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) 
         print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
-def baselines(task: str, seed: int, n_eval: int) -> dict:
-    """What needs no training, on the held-out examples: chance (a uniform guess over each example's
-    options) and the best constant answer (always the same option text, e.g. always " yes")."""
-    ev = task_splits(task, seed=seed, n_eval=n_eval)[1]
+def baselines(ev: list) -> dict:
+    """What needs no training, on the held-out examples `ev`: chance (a uniform guess over each
+    example's options) and the best constant answer (always the same option text, e.g. always " yes")."""
     answer, count = Counter(ex.options[ex.answer] for ex in ev).most_common(1)[0]
     return {"chance": sum(1 / len(ex.options) for ex in ev) / len(ev), "constant": count / len(ev),
             "constant_answer": answer}
@@ -139,7 +136,7 @@ def main() -> None:
                          "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        base = baselines(task, a.seed, a.eval_examples)
+        base = baselines(ev)
         key = task + variant(cfg)
         entry = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
                  "verdicts": verdicts(rows, base)}
