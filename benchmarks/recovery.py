@@ -10,7 +10,7 @@ tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
   (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
-  (c) paper50 / recipe30-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
+  (c) {paper50,recipe30,recipe20}-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
   (d) recipe20 / recipe30-lrc-wiki: the recovery recipe on Wikipedia text instead of C4 (`--data FILE`):
       the passages of BoolQ's training split, written by `wiki_passages` (see there for the checks)
 Held-out WikiText-2 and C4 perplexity every `--eval-every` steps (windows of the training seqlen,
@@ -30,6 +30,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                           # the recipe for 20 minutes of training each
     python benchmarks/recovery.py --runs recipe20-lrc-wiki recipe30-lrc-wiki --minutes 20
                                           # the same on Wikipedia text
+    python benchmarks/recovery.py --runs recipe20-lorafactors-lm recipe20-lrc-lm --minutes 20 --seqlen 512 --batch-size 1
+                                          # LoRA on the factors vs the factors, 20 minutes at 1 x 512 each
     python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
                                           # finished runs (and dense, and their compressed starts) on
                                           # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
@@ -56,7 +58,7 @@ RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("pape
 RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
 # LoRA on the LRC factors only (no dense N-LRC), rank matched again: does LoRA beat lrc by adapting
 # the matrices lrc leaves frozen, or by how it parametrises the update?
-RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("paper50", "recipe30")})
+RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("paper50", "recipe30", "recipe20")})
 EXTRA = {name: ["--lora-targets", r"\.(down|up)$"] for name in RUNS if "-lorafactors-" in name}
 # the recipe on Wikipedia text: is the WikiText-2 gap C4's domain, or the compression?
 RUNS.update({f"{model}-lrc-wiki": (model, "lrc", 0.0) for model in ("recipe20", "recipe30")})
@@ -271,7 +273,8 @@ def main() -> None:
     dense = dense_ppl(work, a.seqlen, a.eval_tokens)
     results = json.loads((work / "recovery.json").read_text()) if (work / "recovery.json").is_file() else {}
     results["dense"] = dense
-    choice = results.get("sweep", {}).get("choice", {"lr": 1e-4, "warmup": 10})
+    # without a sweep in this work dir: the recorded sweep's choice (README, "Recovery by distillation")
+    choice = results.get("sweep", {}).get("choice", {"lr": 3e-4, "warmup": 10})
     lr = a.lr if a.lr is not None else choice["lr"]
     warmup = a.warmup if a.warmup is not None else choice["warmup"]
     if a.full_eval:

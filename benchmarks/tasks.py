@@ -12,6 +12,7 @@ report on.
     python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
     python benchmarks/tasks.py --tasks coinflip --runs paper50-full paper50-lora
     python benchmarks/tasks.py --tasks boolq --runs dense-full recipe20r-lrc
+    python benchmarks/tasks.py --tasks coinflip --seed 1 --report    # the finished runs again, no training
 
 Each run is kept in `WORK/tasks/TASK/RUN/` and reused while its settings are the same, so the runs can
 be done a few at a time; `tasks.json` gathers every finished run of each task.
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0,
                     help="the train/held-out split and the training order (a replicate: a new split, not new examples)")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: print (and gather into tasks.json) the runs already finished with these settings")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,7 @@ def main() -> None:
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                              keep_best=False, seed=a.seed)
         train, ev = task_splits(task, seed=a.seed, n_eval=a.eval_examples)
-        for name in a.runs:
+        for name in [] if a.report else a.runs:
             run_once(work, task, *RUNS[NAMES.index(name)], cfg)
         rows = []
         for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
@@ -136,8 +139,11 @@ def main() -> None:
                          "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        base = baselines(ev)
         key = task + variant(cfg)
+        if not rows:  # --report before any run of these settings finished: nothing to gather
+            print(f"{key}: no finished runs in {work / 'tasks' / task} with these settings")
+            continue
+        base = baselines(ev)
         entry = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
                  "verdicts": verdicts(rows, base)}
         print(f"\n## {key}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
