@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default: the sweep's choice (recovery.json)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the sweep's choice (recovery.json), else the recorded one, 3e-4")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=None,
