@@ -9,7 +9,8 @@ Runs, each `welore finetune` in its own process, nothing else on the CPU, on the
 tokens (the batch of step s depends on (seed, s) only), with the same schedule:
   (a) paper50: lrc / full / lora (rank matched to lrc's trainable parameters) / galore, each with
       the LM loss and with distillation (`--teacher`, KL at temperature 2)
-  (b) recipe30: lrc with distillation and without, and with half of each (`--kd-weight 0.5`, "mix")
+  (b) recipe30 (and recipe20): lrc with distillation and without, and with half of each (`--kd-weight
+      0.5`, "mix"); `--kd-temperature` other than 2 is kept apart (`-T1` in the run key and cache name)
   (c) {paper50,recipe30,recipe20}-lorafactors-lm: LoRA on the LRC factors only (`--lora-targets`), rank matched again
   (d) recipe20 / recipe30-lrc-wiki: the recovery recipe on Wikipedia text instead of C4 (`--data FILE`):
       the passages of BoolQ's training split, written by `wiki_passages` (see there for the checks)
@@ -32,6 +33,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                           # the same on Wikipedia text
     python benchmarks/recovery.py --runs recipe20-lorafactors-lm recipe20-lrc-lm --minutes 20 --seqlen 512 --batch-size 1
                                           # LoRA on the factors vs the factors, 20 minutes at 1 x 512 each
+    python benchmarks/recovery.py --runs recipe20-lrc-kd --steps 264 --seqlen 512 --batch-size 1 --eval-every 52 \
+        --kd-temperature 1                # distillation at T = 1 on the tokens of the 20-minute lrc run above
     python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
                                           # finished runs (and dense, and their compressed starts) on
                                           # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
@@ -54,8 +57,7 @@ MODELS = {
 KD = {"lm": 0.0, "kd": 1.0, "mix": 0.5}  # the loss: --kd-weight of the distillation term (0: no teacher)
 RUNS = {f"paper50-{mode}-{loss}": ("paper50", mode, KD[loss])
         for mode in ("lrc", "full", "lora", "galore") for loss in ("lm", "kd")}
-RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("paper50", "recipe30") for loss in KD})
-RUNS["recipe20-lrc-lm"] = ("recipe20", "lrc", 0.0)
+RUNS.update({f"{model}-lrc-{loss}": (model, "lrc", KD[loss]) for model in ("paper50", "recipe30", "recipe20") for loss in KD})
 # LoRA on the LRC factors only (no dense N-LRC), rank matched again: does LoRA beat lrc by adapting
 # the matrices lrc leaves frozen, or by how it parametrises the update?
 RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("paper50", "recipe30", "recipe20")})
@@ -154,7 +156,7 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
     args = ["finetune", str(compressed(work, model)), "-o", str(out), "--train", mode, "--steps", str(steps),
             "--batch-size", str(a.batch_size), "--seqlen", str(a.seqlen), "--lr", str(lr), "--warmup", str(warmup),
             "--eval-every", str(a.eval_every), "--eval-tokens", str(a.eval_tokens), "--save-every", "0",
-            "--overwrite", "-q", *(["--teacher", "--kd-weight", str(kd)] if kd else []),
+            "--overwrite", "-q", *(["--teacher", "--kd-weight", str(kd), "--kd-temperature", str(a.kd_temperature)] if kd else []),
             *(["--teacher-cache", str(cache)] if cache else []), *extra]
     wall, rss = welore(args)
     rec = json.loads((out / "finetune.json").read_text())
@@ -265,6 +267,7 @@ def main() -> None:
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
+    ap.add_argument("--kd-temperature", type=float, default=2.0, help="distillation runs: the softmax temperature")
     ap.add_argument("--full-eval", nargs="+", default=None, metavar="RUN",
                     help="finished runs (keys of recovery.json) on 32,768 tokens of WikiText-2 and held-out C4, seqlen 512")
     a = ap.parse_args()
@@ -295,7 +298,8 @@ def main() -> None:
         plot(rows, dense, work / "sweep.png", "recipe30, lrc + distillation, 50 steps: lr x warmup")
     else:
         runs = results.setdefault("runs", {})
-        cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}.safetensors"
+        temp = "" if a.kd_temperature == 2.0 else f"-T{a.kd_temperature:g}"  # in cache names and run keys
+        cache = None if a.no_cache else work / f"teacher-{a.steps}x{a.batch_size}x{a.seqlen}{temp}.safetensors"
         shape = "" if (a.batch_size, a.seqlen) == (2, 128) else f"-{a.batch_size}x{a.seqlen}"  # in run keys and PNGs
         for name in a.runs:
             steps = a.steps
@@ -308,6 +312,7 @@ def main() -> None:
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
             key += shape  # nor another batch shape's
+            key += temp if RUNS[name][2] else ""  # nor another temperature's
             runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None,
                                  extra_args(work, name))
             runs[key]["budget_minutes"] = a.minutes
