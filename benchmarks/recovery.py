@@ -49,6 +49,8 @@ from pathlib import Path
 
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
 
+from welore.io import atomic_file
+
 MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
     "recipe30": ["--param-ratio", "0.3", "--allocation", "loss", "--method", "whiten-fisher"],
@@ -118,8 +120,14 @@ def full_eval(work: Path, keys: list[str], results: dict) -> dict:
         done[name] = {**ppl, "wall_s": wall}
         print(f"{name:28s} wikitext2 {ppl['wikitext2_ppl']:8.2f} ({ppl['wikitext2_ppl'] / done['dense']['wikitext2_ppl']:.2f}x)"
               f"  c4 {ppl['c4_ppl']:7.2f} ({ppl['c4_ppl'] / done['dense']['c4_ppl']:.2f}x)", flush=True)
-        (work / "recovery.json").write_text(json.dumps(results, indent=1))
+        save(work, results)
     return done
+
+
+def save(work: Path, results: dict) -> None:
+    """recovery.json, written whole or not at all (partial results survive a killed run)."""
+    with atomic_file(work / "recovery.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
 
 
 def extra_args(work: Path, name: str) -> list[str]:
@@ -237,7 +245,7 @@ def mode_sweep(work: Path, a, warmup: int, results: dict, lrs=(1e-4, 3e-4, 1e-3)
             if name not in rows:
                 rows[name] = finetune(work, name, "paper50", mode, 0.0, a, lr, warmup, steps)
                 print(json.dumps({k: rows[name][k] for k in ("run", "final", "tokens_per_s")}), flush=True)
-                (work / "recovery.json").write_text(json.dumps(results, indent=1))
+                save(work, results)
     modes = list(dict.fromkeys(r["mode"] for r in rows.values()))
     choice = {m: min((r for r in rows.values() if r["mode"] == m), key=lambda r: r["final"]["c4_ppl"])["lr"]
               for m in modes}
@@ -318,7 +326,7 @@ def main() -> None:
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)
-            (work / "recovery.json").write_text(json.dumps(results, indent=1))  # partial results survive
+            save(work, results)  # partial results survive
 
         def same_shape(r: dict) -> bool:  # runs before the shape was recorded had 2 x 128
             return (r.get("batch_size", 2), r.get("seqlen", 128)) == (a.batch_size, a.seqlen)
@@ -337,7 +345,7 @@ def main() -> None:
             print(f"{r['run']:20s} wt2 {f['wikitext2_ppl']:9.2f} ({f['wikitext2_ppl'] / dense['wikitext2_ppl']:.2f}x) "
                   f"c4 {f['c4_ppl']:9.2f} trainable {r['trainable']:>11,} tok/s {r['tokens_per_s']:6.0f} "
                   f"RSS {r['peak_rss_gib']:.2f} GiB wall {r['wall_s']:.0f} s")
-    (work / "recovery.json").write_text(json.dumps(results, indent=1))
+    save(work, results)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from recovery import MODELS, compressed
 
 from welore import FinetuneConfig
 from welore.compare import compare
+from welore.io import atomic_file
 from welore.tasks import task_splits
 
 MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a welore directory
@@ -154,9 +155,8 @@ def main() -> None:
         # re-read just before writing, so another task or seed run at the same time keeps its results
         results = json.loads((work / "tasks.json").read_text()) if (work / "tasks.json").is_file() else {}
         results["args"], results[key] = vars(a), entry
-        tmp = work / "tasks.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(work / "tasks.json")
+        with atomic_file(work / "tasks.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
