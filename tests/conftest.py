@@ -4,6 +4,7 @@ and a model with planted exactly-low-rank matrices."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,22 @@ def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """Converted GGUF models (welore.models.gguf_cache_dir) go to this session's own directory,
+    removed at the end (~540 MB for the default): the first load is cold, the user's cache untouched,
+    and subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("welore-cache")
+    old = os.environ.get("WELORE_CACHE")
+    os.environ["WELORE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("WELORE_CACHE", None)
+    else:
+        os.environ["WELORE_CACHE"] = old
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=ARCHS)

@@ -55,3 +55,37 @@ def test_device_and_dtype_parsing():
     assert parse_dtype("auto") is None and parse_dtype("bf16") == torch.bfloat16
     with pytest.raises(WeloreError, match="unknown dtype"):
         parse_dtype("float8")
+
+
+def test_gguf_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from welore.models import gguf_cache_dir
+
+    monkeypatch.setenv("WELORE_CACHE", str(tmp_path / "c"))
+    assert gguf_cache_dir() == tmp_path / "c"
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("WELORE_CACHE", off)
+        assert gguf_cache_dir() is None
+    monkeypatch.delenv("WELORE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gguf_cache_dir() == tmp_path / "xdg" / "welore"
+
+
+def test_a_cache_that_cannot_be_written_only_warns(llama, tokenizer, tmp_path, caplog):
+    """A read-only or full cache costs time, never the load; and no partial entry is left behind."""
+    from welore.models import _write_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with caplog.at_level("WARNING"):
+        _write_cache(blocker / "entry", llama, tokenizer)
+    assert "could not cache" in caplog.text and blocker.read_text() == "not a directory"
+    # a second process that converted at the same time finds the first one's entry: quietly kept
+    entry = tmp_path / "entry"
+    _write_cache(entry, llama, tokenizer)
+    before = (entry / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _write_cache(entry, llama, tokenizer)
+    assert caplog.text == "" and (entry / "model.safetensors").stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "file"]
+    assert load_model(entry, device="cpu").model.config.model_type == "llama"

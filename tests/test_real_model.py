@@ -19,9 +19,25 @@ def compressed(tmp_path_factory):
 
 
 def test_default_model_is_found_and_loads():
+    """The first load converts the GGUF file and caches the result (conftest points the cache at a
+    fresh directory); the second reads the cache: the same tensors, tokenizer and chat template."""
+    import shutil
+
+    from welore.models import _gguf_cache_entry
+
     path = default_model_path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50e6
+    entry = _gguf_cache_entry(path)
+    shutil.rmtree(entry, ignore_errors=True)
+    converted = load_model(None, device="cpu")
+    assert (entry / "model.safetensors").is_file() and (entry / "tokenizer.json").is_file()
     loaded = load_model(None, device="cpu")
+    assert loaded.source == converted.source == str(path) and loaded.name == converted.name
+    want, got = converted.model.state_dict(), loaded.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    text = "WeLore: low-rank weights, from GaLore's low-rank gradients. 123 éà"
+    assert loaded.tokenizer(text).input_ids == converted.tokenizer(text).input_ids
+    assert loaded.tokenizer.chat_template == converted.tokenizer.chat_template is not None
     assert loaded.model.config.model_type == "llama" and loaded.tokenizer is not None
     targets = find_targets(loaded.model)
     assert len(targets) == 30 * 7  # 30 blocks x (q, k, v, o, gate, up, down)
@@ -76,14 +92,17 @@ def test_loss_allocation_with_whiten_fisher_stays_usable(tmp_path_factory):
 
 
 def test_quiet_hides_the_gguf_bar_and_generate_uses_the_chat_template():
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "welore", "generate", "default", "What is the capital of France?",
            "--max-new-tokens", "8"]
-    quiet = subprocess.run([*cmd, "-q"], capture_output=True, text=True)
+    # converting the GGUF file (no cache) is where transformers' de-quantizing bar shows
+    quiet = subprocess.run([*cmd, "-q"], capture_output=True, text=True, env={**os.environ, "WELORE_CACHE": "off"})
     assert quiet.returncode == 0, quiet.stderr
     assert "de-quantizing" not in quiet.stderr and "%|" not in quiet.stderr  # no bar of any library
     assert "Paris" in quiet.stdout  # the instruct model answers through its chat template
-    loud = subprocess.run(cmd, capture_output=True, text=True)
-    assert "de-quantizing" in loud.stderr  # the switch is what hides it
+    loud = subprocess.run(cmd, capture_output=True, text=True)  # from the cache: its loading bar
+    assert loud.returncode == 0 and "%|" in loud.stderr, loud.stderr  # the switch is what hides it
+    assert "Paris" in loud.stdout

