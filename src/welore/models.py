@@ -6,7 +6,7 @@ Sources, in the order they are tried:
   * a `.gguf` file;
     (transformers converts a GGUF file in ~25 s, mostly parsing its metadata in Python: the converted
     model and tokenizer are kept in a cache directory, see `gguf_cache_dir`, and later loads read
-    them back as a plain Hugging Face directory in ~2 s, the same tensors bit for bit);
+    them back as a plain Hugging Face directory in ~1 s, the same tensors bit for bit);
   * a `.safetensors` file with a `config.json` beside it (loads that directory);
   * a welore-compressed directory (has `welore.json`) -> `welore.io.load_compressed`;
   * a Hugging Face model directory (has `config.json`; safetensors or bin weights);
