@@ -89,3 +89,41 @@ def test_a_cache_that_cannot_be_written_only_warns(llama, tokenizer, tmp_path, c
     assert caplog.text == "" and (entry / "model.safetensors").stat().st_mtime_ns == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "file"]
     assert load_model(entry, device="cpu").model.config.model_type == "llama"
+
+
+def test_a_damaged_cache_entry_is_converted_again(llama, tokenizer, tmp_path, monkeypatch, caplog):
+    """The GGUF conversion itself is transformers' (the real file: tests/test_real_model.py); here a
+    stand-in returns a tiny model, to check what happens around it when the entry is damaged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import welore.models as wm
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"stand-in")
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    conversions = []
+
+    def model_from(src, *args, **kw):
+        if "gguf_file" in kw:
+            conversions.append(kw["gguf_file"])
+            llama.hf_quantizer = None  # what from_pretrained sets on a model it loads
+            return llama
+        return real_model(src, *args, **kw)
+
+    monkeypatch.setattr(wm.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(wm.AutoTokenizer, "from_pretrained",
+                        lambda src, *a, **kw: tokenizer if "gguf_file" in kw else real_tok(src, *a, **kw))
+    monkeypatch.setenv("WELORE_CACHE", str(tmp_path / "cache"))
+    entry = wm._gguf_cache_entry(gguf)
+    first = load_model(gguf, device="cpu")
+    assert conversions == ["tiny.gguf"] and (entry / "model.safetensors").is_file()
+    assert first.source == str(gguf) and first.name == "tiny"
+    load_model(gguf, device="cpu")
+    assert len(conversions) == 1  # read from the cache
+    (entry / "model.safetensors").write_bytes(b"truncated")
+    with caplog.at_level("WARNING"):
+        again = load_model(gguf, device="cpu")
+    assert "ignoring the cached conversion" in caplog.text and len(conversions) == 2
+    want = llama.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in again.model.state_dict().items())
+    assert load_model(gguf, device="cpu").model is not llama and len(conversions) == 2  # rebuilt, read again
