@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from welore.allocate import RankPlan
+from welore.blockwise import find_blocks
 from welore.data import encode_corpus, random_windows
 from welore.evaluate import perplexity
 from welore.io import load_compressed, save_compressed
@@ -35,8 +36,8 @@ from welore.models import load_model
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the model's largest ModuleList (no architecture's attribute names)."""
-    return max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    """The transformer blocks, found as streaming finds them (no architecture's attribute names)."""
+    return find_blocks(model)[1]
 
 
 class _Stop(Exception):

@@ -115,21 +115,22 @@ def _load_gguf(path: Path, dev, torch_dtype, with_tok: bool, name: str) -> Loade
         except WeloreError as e:  # a damaged entry: convert again, and replace it
             logging.getLogger(__name__).warning("ignoring the cached conversion %s: %s", entry, e)
             shutil.rmtree(entry, ignore_errors=True)
+    # only the float32 dequantization is cached (any dtype is a cast of it), with the tokenizer too,
+    # so the tokenizer is converted whenever the model is first cached
+    caching = entry is not None and torch_dtype is None
     kwargs = {"gguf_file": path.name}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
-        # the cache keeps the tokenizer too, so it is converted whenever the model is first cached
-        tok = (AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-               if with_tok or (entry is not None and torch_dtype is None) else None)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tok or caching else None
     except Exception as e:  # the GGUF reader raises many types for a bad file
         raise WeloreError(f"cannot load GGUF model {path}: {one_line(e)}") from e
     # the weights were dequantized on load: a plain float model, which Trainer may train and whose
     # saved config must not claim a GGUF quantization
     if model.hf_quantizer is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    if entry is not None and torch_dtype is None:  # the float32 dequantization, from which any dtype is a cast
+    if caching:
         _write_cache(entry, model, tok)
     return LoadedModel(_ready(model, dev), tok if with_tok else None, str(path), name)
 
@@ -148,7 +149,9 @@ def _from_cache(entry: Path, path: Path, dev, torch_dtype, with_tok: bool, name:
 def _write_cache(entry: Path, model: PreTrainedModel, tok) -> None:
     """Best effort: a cache that cannot be written (read-only home, full disk) only costs time.
     Written beside the entry and renamed into place, so a reader never sees half of one, and two
-    processes converting at once (torchrun) both succeed: the second rename finds the first's."""
+    processes converting at once (torchrun) both succeed: the second rename finds the first's.
+    Not `io.atomic_dir`: that replaces an existing directory, and an entry another process may be
+    reading must never be replaced."""
     tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
