@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 import torch
 
@@ -68,6 +71,38 @@ def test_gguf_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("WELORE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert gguf_cache_dir() == tmp_path / "xdg" / "welore"
+
+
+def test_gguf_cache_entries_are_keyed_by_content(monkeypatch, tmp_path):
+    """Two installs of the same file (two virtual environments) share one ~540 MB entry; any other
+    bytes get their own."""
+    from welore.models import _gguf_cache_entry
+
+    monkeypatch.setenv("WELORE_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "venv-a" / "m.gguf", tmp_path / "venv-b" / "m.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    assert _gguf_cache_entry(a) == _gguf_cache_entry(b) and _gguf_cache_entry(a).parent == tmp_path / "cache"
+    b.write_bytes(b"GGUF" + bytes(range(256)) * 63 + bytes(255) + b"x")
+    assert _gguf_cache_entry(a) != _gguf_cache_entry(b)
+    monkeypatch.setenv("WELORE_CACHE", "off")
+    assert _gguf_cache_entry(a) is None
+
+
+def test_writing_the_cache_prunes_day_old_partial_entries(llama, tokenizer, tmp_path):
+    """What a writer killed mid-write left goes at the next write, once a day old; a fresh one (a
+    writer still at work) stays."""
+    from welore.models import _write_cache
+
+    old, fresh = tmp_path / "m-1.partial-111", tmp_path / "m-2.partial-222"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    day_ago = time.time() - 86400 - 60
+    os.utime(old, (day_ago, day_ago))
+    _write_cache(tmp_path / "m-3", llama, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-2.partial-222", "m-3"]
 
 
 def test_a_cache_that_cannot_be_written_only_warns(llama, tokenizer, tmp_path, caplog):

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -95,15 +96,21 @@ def gguf_cache_dir() -> Path | None:
 
 
 def _gguf_cache_entry(path: Path) -> Path | None:
-    """The cache directory of one GGUF file: keyed by its name, size and modification time, and by
-    the versions of the code that converts it (a newer transformers may convert differently)."""
+    """The cache directory of one GGUF file: keyed by its content (so every virtual environment that
+    installs the same file shares one entry, where a key on its path would add ~540 MB per install)
+    and by the versions of the code that converts it (a newer transformers may convert differently).
+    Hashing costs ~0.2 s for the 98 MB default, a fraction of a second against the ~25 s it saves."""
     root = gguf_cache_dir()
     if root is None:
         return None
     from importlib.metadata import version
 
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{version('transformers')}|{version('gguf')}|1"
+    try:
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:  # unreadable: no cache, and the conversion says why in one line
+        return None
+    key = f"{digest}|{version('transformers')}|{version('gguf')}|2"
     return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -153,6 +160,7 @@ def _write_cache(entry: Path, model: PreTrainedModel, tok) -> None:
     Not `io.atomic_dir`: that replaces an existing directory, and an entry another process may be
     reading must never be replaced."""
     tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+    _prune_partials(entry.parent)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
@@ -163,6 +171,19 @@ def _write_cache(entry: Path, model: PreTrainedModel, tok) -> None:
             logging.getLogger(__name__).warning("could not cache the converted GGUF model in %s: %s", entry, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune_partials(root: Path, max_age_s: float = 86400.0) -> None:
+    """Remove what writers killed mid-write left behind (a `.partial-PID` directory of up to the model's
+    size). By age, not by PID: a PID says nothing about a process on another host sharing the cache
+    over NFS, and no conversion takes a day."""
+    now = time.time()
+    for stale in root.glob("*.partial-*"):
+        try:
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def _load_hf(source: str, dev, torch_dtype, with_tok: bool, name: str, local: bool) -> LoadedModel:
