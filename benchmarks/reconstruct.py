@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from welore.allocate import RankPlan
-from welore.blockwise import find_blocks
+from welore.blockwise import Blockwise, find_blocks
 from welore.data import encode_corpus, random_windows
 from welore.evaluate import perplexity
 from welore.io import load_compressed, save_compressed
@@ -40,33 +40,13 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return find_blocks(model)[1]
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def block_inputs(model: nn.Module, windows: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict]:
+def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for every window, and the keyword arguments the model's own
-    forward hands its blocks (masks, rotary embeddings), recorded by a hook that stops the forward."""
-    seen: dict = {}
-
-    def hook(_, args, kwargs):
-        seen["h"] = args[0] if args else kwargs["hidden_states"]
-        seen["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        raise _Stop
-
-    handle = blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    states = []
-    try:
-        for i in range(0, len(windows), batch):
-            try:
-                model(windows[i:i + batch], use_cache=False)
-            except _Stop:
-                pass
-            states.append(seen["h"])
-    finally:
-        handle.remove()
-    return torch.cat(states), {**seen["kw"], "use_cache": False}
+    forward hands its blocks (masks, rotary embeddings): streaming's capture, on the model in memory."""
+    hidden, extras = Blockwise(model, model.state_dict()).capture(windows)
+    args, kwargs = extras[0][0]  # the same for every window and block (seqlen is fixed)
+    assert not args, "blocks called with positional arguments beyond the hidden states"
+    return torch.cat(hidden), {**kwargs, "use_cache": False}
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -126,8 +106,8 @@ def main() -> None:
     comp = load_compressed(a.model)
     model, tok = comp.model, comp.tokenizer
     windows = random_windows(encode_corpus(tok, "c4-train"), a.seqs, a.seqlen, torch.Generator().manual_seed(12345))
-    xd, kw = block_inputs(dense, windows, a.batch)
-    xc, _ = block_inputs(model, windows, a.batch)
+    xd, kw = block_inputs(dense, windows)
+    xc, _ = block_inputs(model, windows)
 
     def ppl() -> float:
         return perplexity(model, tok, "wikitext2", seqlen=512, max_tokens=a.eval_tokens, progress=False).ppl
