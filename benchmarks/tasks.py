@@ -6,13 +6,15 @@ fine-tunes through the same code) trained in full, and the paper's setting (WeLo
 rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each
 in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
-with its Wilson 95% interval. No keep-best guard: it would pick the weights by the very examples we
-report on.
+with its Wilson 95% interval. No keep-best guard by default; `--keep-best` turns it on, judged every
+tenth of the run on validation examples set aside from the train split (`--val-examples`, at most a
+fifth of it), never on the held-out examples reported.
 
     python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
     python benchmarks/tasks.py --tasks coinflip --runs paper50-full paper50-lora
     python benchmarks/tasks.py --tasks boolq --runs dense-full recipe20r-lrc
     python benchmarks/tasks.py --tasks coinflip --seed 1 --report    # the finished runs again, no training
+    python benchmarks/tasks.py --tasks coinflip --runs recipe20r-lrc --keep-best   # returns its best validated step
 
 Each run is kept in `WORK/tasks/TASK/RUN/` and reused while its settings are the same, so the runs can
 be done a few at a time; `tasks.json` gathers every finished run of each task.
@@ -32,7 +34,8 @@ from recovery import MODELS, compressed
 from welore import FinetuneConfig
 from welore.compare import compare
 from welore.io import atomic_file
-from welore.tasks import task_splits
+from welore.report import returned_eval
+from welore.trainer import task_data
 
 MODELS["dense"] = ["--threshold", "0"]  # nothing dropped: the dense model as a welore directory
 # The 20% recipe after its 20 minutes of LRC-only recovery on C4: a compressed model with its language
@@ -56,8 +59,10 @@ def model_dir(work: Path, model: str) -> Path:
 
 
 def variant(cfg: FinetuneConfig) -> str:
-    """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05', ..."""
-    return (f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
+    """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05',
+    '-keepbest50', ..."""
+    return ((f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
+            + (f"-keepbest{cfg.val_examples}" if cfg.keep_best else ""))
 
 
 def run_dir(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> Path:
@@ -119,6 +124,10 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0,
                     help="the train/held-out split and the training order (a replicate: a new split, not new examples)")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="return the weights of the best of 11 evaluations on validation examples set aside from the "
+                         "train split (never on the held-out examples reported)")
+    ap.add_argument("--val-examples", type=int, default=50, help="with --keep-best (at most a fifth of the train split)")
     ap.add_argument("--report", action="store_true",
                     help="train nothing: print (and gather into tasks.json) the runs already finished with these settings")
     a = ap.parse_args()
@@ -127,17 +136,20 @@ def main() -> None:
     for task in a.tasks:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
-                             keep_best=False, seed=a.seed)
-        train, ev = task_splits(task, seed=a.seed, n_eval=a.eval_examples)
+                             keep_best=a.keep_best, val_examples=a.val_examples,
+                             eval_every=max(1, a.steps // 10) if a.keep_best else 0, seed=a.seed)
+        train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
             run_once(work, task, *RUNS[NAMES.index(name)], cfg)
         rows = []
         for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
             if (rec := finished(work, task, model, mode, cfg)) is None:
                 continue
-            first, last, m = rec["evals"][0], rec["evals"][-1], rec["metrics"]
+            first, m = rec["evals"][0], rec["metrics"]
+            last = returned_eval(rec["evals"], m["returned_step"])  # the weights the run returned
             rows.append({"run": name, "before": first["accuracy"], "after": last["accuracy"],
                          "ci95_before": first["ci95"], "ci95": last["ci95"], "examples": last["examples"],
+                         "returned_step": m["returned_step"], "last_step": rec["evals"][-1].get("accuracy"),
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
         key = task + variant(cfg)
@@ -145,12 +157,14 @@ def main() -> None:
             print(f"{key}: no finished runs in {work / 'tasks' / task} with these settings")
             continue
         base = baselines(ev)
-        entry = {"train_examples": len(train), "eval_examples": len(ev), **base, "rows": rows,
+        entry = {"train_examples": len(train), "val_examples": len(val), "eval_examples": len(ev), **base, "rows": rows,
                  "verdicts": verdicts(rows, base)}
-        print(f"\n## {key}: {len(train)} train / {len(ev)} held-out examples, {a.steps} steps x {a.batch_size}")
+        print(f"\n## {key}: {len(train)} train / {len(val)} validation / {len(ev)} held-out examples, "
+              f"{a.steps} steps x {a.batch_size}")
         for r in rows:
             print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
-                  f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  trainable {r['trainable']:>11,}")
+                  f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (step {r['returned_step']}; last step "
+                  f"{r['last_step']:.3f})  trainable {r['trainable']:>11,}")
         print("\n".join(entry["verdicts"]), flush=True)
         # re-read just before writing, so another task or seed run at the same time keeps its results
         results = json.loads((work / "tasks.json").read_text()) if (work / "tasks.json").is_file() else {}

@@ -3,7 +3,7 @@ import torch
 
 from welore import WeloreError
 from welore.evaluate import encode_example, option_scores, task_accuracy
-from welore.tasks import TASKS, Example, first_number, load_examples, task_splits
+from welore.tasks import TASKS, Example, first_number, load_examples, split_validation, task_splits
 
 SIZES = {"boolq": 3270, "csqa": 9741, "strategyqa": 2290, "svamp": 1000, "coinflip": 500, "date": 369,
          "tracking": 750}
@@ -45,6 +45,15 @@ def test_small_tasks_can_hold_out_300_examples_and_keep_some_to_train_on():
     assert len(train) == 369 // 10 and len(ev) == 369 - 369 // 10
 
 
+def test_validation_is_set_aside_from_train_and_at_most_a_fifth_of_it():
+    train, _ = task_splits("coinflip", n_eval=300)
+    rest, val = split_validation(train, 50)
+    assert len(val) == 40 and rest + val == train  # 200 train examples: a fifth
+    assert split_validation(train, 10) == (train[:-10], train[-10:])
+    assert split_validation(train, 0) == (train, [])
+    assert split_validation(train[:4], 3) == (train[:4], [])  # too few to spare one
+
+
 @pytest.mark.parametrize("task", ["boolq", "csqa", "svamp"])
 def test_splits_are_disjoint_and_reproducible(task):
     train, ev = task_splits(task, seed=3, n_eval=50)
@@ -83,11 +92,19 @@ class PrefersToken(torch.nn.Module):
 
 
 def test_option_scoring_picks_the_most_likely_option(tokenizer):
-    a, b = tokenizer.encode(" the")[0], tokenizer.encode(" of")[0]
-    options = (tokenizer.decode([a]), tokenizer.decode([b]))
+    # two options of one token each, and different ones (" the" and " of" both begin with the same " ")
+    options = ("x", "q")
+    (a,), (b,) = (tokenizer.encode(o) for o in options)
     examples = [Example("Some prompt\nAnswer:", options, 1), Example("Other\nAnswer:", options, 0)]
+    assert a != b and all(encode_example(tokenizer, ex.prompt, o, 64)[0][-1] == t
+                          for ex in examples for o, t in zip(options, (a, b)))
     acc = task_accuracy(PrefersToken(b), tokenizer, examples, "t", progress=False)
     assert (acc.correct, acc.total) == (1, 2)
+    # the choice loss: -log of the answer's share of the options' probabilities, averaged
+    p = [torch.tensor(option_scores(PrefersToken(b), [encode_example(tokenizer, ex.prompt, o, 64) for o in options]))
+         .softmax(0)[ex.answer] for ex in examples]
+    assert acc.choice_nll == pytest.approx(-sum(x.log().item() for x in p) / 2)
+    assert p[0] > 0.9 > 0.1 > p[1]  # the model's preference is sharp both ways
     assert task_accuracy(PrefersToken(a), tokenizer, examples[1:], "t", progress=False).accuracy == 1.0
 
 

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from safetensors.torch import load_file
 from welore import WeloreError, load_compressed
 from welore.compress import low_rank_modules
 from welore.config import FinetuneConfig
+from welore.report import finetune_row, returned_eval
 from welore.train import finetune, matched_lora_rank, prepare_mode
-from welore.trainer import Batches, make_trainer, training_arguments
+from welore.trainer import Batches, make_trainer, task_data, training_arguments
 
 FAST = dict(steps=12, lr=3e-3, batch_size=2, seqlen=64, warmup=2, eval_tokens=256, save_every=0)
 
@@ -127,6 +129,34 @@ def test_task_mode_trains_on_answers_only(compressed_dir, tokenizer, tmp_path):
     res = finetune(compressed_dir, tmp_path / "t", FinetuneConfig(data="coinflip", eval_examples=10,
                                                                   **dict(FAST, seqlen=128)), progress=False)
     assert 0 <= res.evals[-1]["accuracy"] <= 1
+
+
+def test_a_guarded_task_run_chooses_by_validation_examples_it_never_trains_on(compressed_dir, tokenizer, tmp_path):
+    cfg = FinetuneConfig(data="coinflip", eval_examples=20, val_examples=8, eval_every=1,
+                         **dict(FAST, steps=3, seqlen=128))
+    train, val, ev = task_data(cfg)
+    assert len(val) == 8 and len(train) + len(val) == 500 - 20  # coin flip has 500 examples
+    assert not {e.prompt for e in val} & ({e.prompt for e in train} | {e.prompt for e in ev})
+    assert len(Batches(tokenizer, cfg).examples) == len(train)  # set aside: never trained on
+    assert len(task_data(replace(cfg, keep_best=False))[0]) == 480  # no guard, no validation split
+    res = finetune(compressed_dir, tmp_path / "t", cfg, progress=False)
+    # the eval examples are scored at the start and the end only; the guard reads the validation ones
+    assert [("accuracy" in e, "val_choice_nll" in e) for e in res.evals] == [(True, True)] + [(False, True)] * 2 + [
+        (True, True)]
+    best = min(res.evals, key=lambda e: e["val_choice_nll"])  # the first of equals, as the guard keeps it
+    assert res.metrics["returned_step"] == best["step"]
+    returned = returned_eval(res.evals, best["step"])
+    assert {"accuracy", "ci95", "val_accuracy"} <= returned.keys()  # scored on the eval examples, once chosen
+    row = finetune_row("lrc", json.loads((tmp_path / "t" / "finetune.json").read_text()))
+    assert row["accuracy after"] == returned["accuracy"]  # `welore compare` reports the returned weights
+
+
+def test_a_task_run_wrecked_by_its_learning_rate_returns_its_start(compressed_dir, tmp_path):
+    cfg = FinetuneConfig(data="coinflip", eval_examples=20, val_examples=8, **dict(FAST, steps=3, seqlen=128, lr=50.0))
+    res = finetune(compressed_dir, tmp_path / "t", cfg, progress=False)
+    assert not res.evals[-1]["val_choice_nll"] <= res.evals[0]["val_choice_nll"]  # worse, or NaN
+    assert res.metrics["returned_step"] == 0
+    assert returned_eval(res.evals, 0)["accuracy"] == res.evals[0]["accuracy"]
 
 
 def _text_file(path: Path, lines: int = 400) -> Path:

@@ -293,6 +293,9 @@ def cmd_finetune(a) -> int:
     m = res.metrics
     print(f"trainable {m['trainable_params']:,} / {m['total_params']:,}; {m['tokens_per_s']:.0f} tokens/s; "
           f"peak memory {m['peak_memory_gib']:.2f} GiB ({m['memory_kind']}); wrote {res.output}/")
+    if m["returned_step"] != res.config.steps:
+        print(f"returned the weights of step {m['returned_step']}, the best held-out evaluation (--no-keep-best: "
+              "the last step's)")
     return 0
 
 

@@ -157,7 +157,10 @@ class FinetuneConfig:
         "reused by every run on the same batches (no teacher in memory or in the loop)"))
     teacher_top_k: int = field(default=64, metadata=_help("with --teacher-cache: tokens kept per position"))
     keep_best: bool = field(default=True, metadata=_help(
-        "return the weights of the best held-out evaluation (start included), never a worse model"))
+        "return the weights of the best held-out evaluation (start included), never a worse model; on a task "
+        "judged on --val-examples set aside from its train split, never on the eval examples it reports"))
+    val_examples: int = field(default=50, metadata=_help(
+        "with --keep-best on a task: train examples set aside (at most a fifth) to choose the returned weights"))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
@@ -174,8 +177,8 @@ class FinetuneConfig:
                      "galore_rank", "galore_update_gap"):
             if getattr(self, name) <= 0:
                 raise WeloreError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
-        if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise WeloreError("warmup, eval_every and save_every must be >= 0")
+        if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0 or self.val_examples < 0:
+            raise WeloreError("warmup, eval_every, save_every and val_examples must be >= 0")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise WeloreError("weight decay and max grad norm must be >= 0")
         if self.lora_targets is not None:  # like --lora-rank, read by the lora mode only (compare runs several)

@@ -248,17 +248,18 @@ class TeacherCache:
 
 class KeepBest:
     """Remembers the trainable weights at the best evaluation (lowest held-out perplexity: C4's, or a
-    training file's held-out tail; or highest task accuracy) and puts them back at the end if the
-    last evaluation is worse."""
+    training file's held-out tail; lowest choice loss or highest accuracy on a task's validation
+    examples) and puts them back at the end if the last evaluation is worse."""
 
     def __init__(self, metric: str):
-        self.metric, self.sign = metric, (1 if metric.endswith("_ppl") else -1)
+        self.metric, self.sign = metric, (1 if metric.endswith(("_ppl", "_nll")) else -1)
         self.best: tuple[float, int] | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
     def seen(self, model: nn.Module, step: int, scores: dict) -> None:
         """Called after each evaluation (step 0 included) with its scores."""
         value = self.sign * scores[self.metric]
+        value = math.inf if math.isnan(value) else value  # a wrecked model scores NaN: never the best
         if self.best is None or value < self.best[0]:
             self.best = (value, step)
             self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}

@@ -109,6 +109,9 @@ class Accuracy:
     correct: int
     total: int
     seconds: float
+    # mean -log p(answer) with p the softmax of the options' summed log-probabilities (None: no option
+    # examples): a continuous score, so that checkpoints can be told apart when accuracies tie
+    choice_nll: float | None = None
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -183,11 +186,13 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct, start = 0, time.perf_counter()
+    correct, nll, chosen, start = 0, 0.0, 0, time.perf_counter()
     for ex in bar(examples, desc=f"Accuracy on {task}", unit="ex", progress=progress):
         if ex.options:
             scores = option_scores(model, [encode_example(tokenizer, ex.prompt, o, max_len) for o in ex.options])
             correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.answer)
+            nll += (torch.logsumexp(torch.tensor(scores, dtype=torch.float64), 0) - scores[ex.answer]).item()
+            chosen += 1
         else:
             ids, _ = encode_example(tokenizer, ex.prompt, "", max_len - max_new_tokens)
             x = torch.tensor([ids], device=device)
@@ -197,4 +202,5 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
             text = tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
             correct += int(first_number(text.split("\n")[0]) == ex.answer)
     model.train(was_training)
-    return Accuracy(task, correct / len(examples), correct, len(examples), time.perf_counter() - start)
+    return Accuracy(task, correct / len(examples), correct, len(examples), time.perf_counter() - start,
+                    nll / chosen if chosen else None)

@@ -197,9 +197,17 @@ def gradients_markdown(rec, summary: list[dict], corr: dict, title: str, ratio: 
     return md
 
 
+def returned_eval(evals: list[dict], step: int) -> dict:
+    """The evaluation of the weights a fine-tuning run returned (`step`: its metrics' returned_step):
+    the last step's, or with the keep-the-best guard perhaps an earlier one."""
+    return next(e for e in reversed(evals) if e["step"] == step)
+
+
 def finetune_row(mode: str, rec: dict) -> dict:
-    """One row of `welore compare`'s table from a run's finetune.json."""
-    met, first, last = rec["metrics"], rec["evals"][0], rec["evals"][-1]
+    """One row of `welore compare`'s table from a run's finetune.json: before training, and the
+    weights the run returned."""
+    met, first = rec["metrics"], rec["evals"][0]
+    last = returned_eval(rec["evals"], met.get("returned_step", rec["evals"][-1]["step"]))
     row = {"mode": mode, "trainable params": met["trainable_params"],
            "trainable %": 100 * met["trainable_params"] / met["total_params"],
            "peak memory GiB": met["peak_memory_gib"], "tokens/s": met["tokens_per_s"],

@@ -7,7 +7,8 @@ continuation. Training uses `prompt + options[answer]` with the loss on the answ
 
 Splits are fixed by a seed: a task that ships one split is shuffled with it and cut into eval
 (the first `n_eval`, at most 90% of the task) and train (the rest); CommonsenseQA uses its own train /
-dev files.
+dev files. Fine-tuning with the keep-the-best guard also sets a validation split aside from train
+(`split_validation`): the guard chooses by it, so the eval examples stay unseen until they are reported.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def task_splits(task: str, seed: int = 0, n_eval: int = 200) -> tuple[list[Examp
     random.Random(seed).shuffle(order)
     n_eval = min(n_eval, len(examples) - max(1, len(examples) // 10))  # >= 10% of a task is left to train on
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def split_validation(train: list[Example], n_val: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the last `n_val` examples of a train split (at most a fifth of it) set
+    aside, to choose which checkpoint a run returns without looking at the eval examples it reports."""
+    n = min(n_val, len(train) // 5)
+    return (train[:-n], train[-n:]) if n else (train, [])
 
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")

@@ -43,11 +43,10 @@ from .distill import KeepBest, load_teacher
 from .errors import WeloreError
 from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accuracy
 from .io import check_output, hash_file_heads, load_compressed, read_meta, save_compressed
-from .report import plot_loss_curves
+from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
 from .targets import layer_of
-from .tasks import task_splits
-from .trainer import Batches, StepLog, make_trainer, training_arguments
+from .trainer import Batches, StepLog, make_trainer, task_data, training_arguments
 
 STATE = "welore_state.json"  # welore's part of a Trainer checkpoint: log, evaluations, model identity
 
@@ -134,9 +133,10 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -> dict:
+def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool, test: bool = True) -> dict:
     """Held-out C4 and WikiText-2 perplexity (and, training on a text file, that of its held-out tail:
-    `eval_set` holds its token ids), or a task's accuracy on `eval_set`."""
+    `eval_set` holds its token ids), or for a task (`eval_set` = (validation, eval) examples) the
+    accuracy on the eval examples (unless not `test`) and on the validation ones (if any)."""
     was_training = model.training
     if cfg.is_text:
         seqlen = min(cfg.seqlen, cfg.eval_tokens)
@@ -145,10 +145,34 @@ def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool) -
         if eval_set is not None:
             out["heldout_ppl"] = nll_to_ppl(mean_nll(model, cut_windows(eval_set, seqlen), progress=False))
     else:
-        acc = task_accuracy(model, tokenizer, eval_set, cfg.data, max_len=cfg.seqlen, progress=progress)
-        out = {"accuracy": acc.accuracy, "correct": acc.correct, "examples": acc.total, "ci95": list(acc.interval)}
+        val, ev = eval_set
+        out = {}
+        if test:
+            acc = task_accuracy(model, tokenizer, ev, cfg.data, max_len=cfg.seqlen, progress=progress)
+            out = {"accuracy": acc.accuracy, "correct": acc.correct, "examples": acc.total, "ci95": list(acc.interval)}
+        if val:
+            acc = task_accuracy(model, tokenizer, val, cfg.data, max_len=cfg.seqlen, progress=False)
+            out["val_accuracy"] = acc.accuracy
+            if acc.choice_nll is not None:
+                out["val_choice_nll"] = acc.choice_nll
     model.train(was_training)
     return out
+
+
+def _guard(cfg: FinetuneConfig, eval_set) -> str | None:
+    """What the keep-the-best guard judges by: held-out text of the training kind (C4's own held-out
+    documents, a text file's tail), or a task's validation examples (never its reported eval ones:
+    choosing by them would flatter the accuracy reported), by their choice loss where they have options."""
+    if not cfg.keep_best:
+        return None
+    if cfg.is_text:
+        return "c4_ppl" if eval_set is None else "heldout_ppl"
+    val = eval_set[0]
+    if not val:
+        print(f"[{cfg.mode}] no validation examples to judge by (--val-examples 0, or a train split under 5 "
+              "examples): the run returns its last step", flush=True)
+        return None
+    return "val_choice_nll" if val[0].options else "val_accuracy"
 
 
 class _RunState(TrainerCallback):
@@ -227,17 +251,19 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                               max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
                               device=device, **optim)
     batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
-    eval_set = batches.held_out if cfg.is_text else task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)[1]
+    eval_set = batches.held_out if cfg.is_text else task_data(cfg)[1:]  # text ids, or (validation, eval) examples
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     msg = f"[{cfg.mode}] trainable parameters: {trainable:,} / {total:,} ({trainable / total:.2%})"
     print(msg + (f"  {info}" if info else ""), flush=True)
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
-    # the guard judges on held-out text of the training kind: C4's own held-out documents, a file's tail
-    guard = "accuracy" if not cfg.is_text else "c4_ppl" if eval_set is None else "heldout_ppl"
-    keep = KeepBest(guard) if cfg.keep_best else None
-    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False), log, evals, fingerprint, keep,
-                    data_info)
+    guard = _guard(cfg, eval_set)
+    keep = KeepBest(guard) if guard else None
+    # a task guarded by validation examples scores only those during the run: the eval examples are
+    # scored at the start, at the end, and on the weights returned
+    during = cfg.is_text or keep is None
+    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False, test=during), log, evals,
+                    fingerprint, keep, data_info)
     stream = batches.stream(index=cfg.teacher_cache is not None)
     teacher, teacher_info = load_teacher(cfg, meta, tokenizer, args.device, stream, args.world_size, progress)
     trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
@@ -257,6 +283,9 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     if keep:  # never a model worse than the best evaluated, the start included
         keep.seen(trainer.model, cfg.steps, evals[-1])
         returned = keep.restore(trainer.model, cfg.steps)
+        chosen = returned_eval(evals, returned)
+        if not cfg.is_text and "accuracy" not in chosen:  # weights chosen mid-run: score them on the eval examples
+            chosen.update(_evaluate(trainer.model, tokenizer, cfg, (None, eval_set[1]), progress))
     digests = gather_object([_weights_digest(trainer.model)])  # one per process: data parallelism must agree
     if len(set(digests)) > 1:
         raise WeloreError(f"the {len(digests)} processes ended with different weights; nothing was written")

@@ -31,7 +31,7 @@ from .device import pick_device
 from .errors import WeloreError
 from .evaluate import encode_example
 from .progress import bar
-from .tasks import task_splits
+from .tasks import Example, split_validation, task_splits
 
 # deprecation notices raised inside the libraries' own code paths, not by anything welore calls:
 # Trainer asks models `is_gradient_checkpointing`, and galore-torch's AdamW announces its future
@@ -62,6 +62,13 @@ class StepStream(torch.utils.data.Dataset):
         return {**item, self.INDEX: torch.tensor(k)} if self.index else item
 
 
+def task_data(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, validation, eval) examples of the task `cfg.data`. Validation examples are set aside
+    from the train split only for the keep-the-best guard; without it every train example trains."""
+    train, ev = task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)
+    return (*split_validation(train, cfg.val_examples if cfg.keep_best else 0), ev)
+
+
 class Batches:
     """Fine-tuning batches: token windows of the C4 training documents or of a text file (less its
     held-out tail, `held_out`), or task examples with the loss on the answer tokens only (labels -100
@@ -80,7 +87,7 @@ class Batches:
             self.size = n
         else:
             self.held_out = None
-            train, _ = task_splits(cfg.data, seed=cfg.seed, n_eval=cfg.eval_examples)
+            train = task_data(cfg)[0]
             if not train:
                 raise WeloreError(f"task {cfg.data} has no training examples")
             self.examples = [encode_example(tokenizer, ex.prompt, ex.target, cfg.seqlen) for ex in train]
