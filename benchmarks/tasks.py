@@ -7,7 +7,7 @@ rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recove
 in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
 with its Wilson 95% interval. No keep-best guard by default; `--keep-best` turns it on, judged every
-tenth of the run on validation examples set aside from the train split (`--val-examples`, at most a
+fifth of the run on validation examples set aside from the train split (`--val-examples`, at most a
 fifth of it), never on the held-out examples reported.
 
     python benchmarks/tasks.py                       # coin flip + date, 100 steps (~10 min a run on 2 cores)
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="the train/held-out split and the training order (a replicate: a new split, not new examples)")
     ap.add_argument("--keep-best", action="store_true",
-                    help="return the weights of the best of 11 evaluations on validation examples set aside from the "
+                    help="return the weights of the best of 6 evaluations (every fifth of the run) on validation examples set aside from the "
                          "train split (never on the held-out examples reported)")
     ap.add_argument("--val-examples", type=int, default=50, help="with --keep-best (at most a fifth of the train split)")
     ap.add_argument("--report", action="store_true",
@@ -137,7 +137,7 @@ def main() -> None:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                              keep_best=a.keep_best, val_examples=a.val_examples,
-                             eval_every=max(1, a.steps // 10) if a.keep_best else 0, seed=a.seed)
+                             eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed)
         train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
             run_once(work, task, *RUNS[NAMES.index(name)], cfg)
