@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -106,6 +108,19 @@ def test_option_scoring_picks_the_most_likely_option(tokenizer):
     assert acc.choice_nll == pytest.approx(-sum(x.log().item() for x in p) / 2)
     assert p[0] > 0.9 > 0.1 > p[1]  # the model's preference is sharp both ways
     assert task_accuracy(PrefersToken(a), tokenizer, examples[1:], "t", progress=False).accuracy == 1.0
+
+
+def test_a_diverged_model_gets_nothing_right(tokenizer):
+    """NaN scores pick nothing; argmax over NaNs would pick the first option, right half the time."""
+    class Diverged(PrefersToken):
+        def forward(self, input_ids, use_cache=False, cache=None):
+            out = super().forward(input_ids)
+            out.logits.fill_(float("nan"))
+            return out
+
+    examples = [Example("A\nAnswer:", (" no", " yes"), i % 2) for i in range(4)]
+    acc = task_accuracy(Diverged(0), tokenizer, examples, "t", progress=False)
+    assert acc.correct == 0 and math.isnan(acc.choice_nll)
 
 
 def test_shared_prompt_scores_equal_one_forward_per_option(tiny, tokenizer):

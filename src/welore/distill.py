@@ -248,34 +248,38 @@ class TeacherCache:
 
 class KeepBest:
     """Remembers the trainable weights at the best evaluation (lowest held-out perplexity: C4's, or a
-    training file's held-out tail; lowest choice loss or highest accuracy on a task's validation
-    examples) and puts them back at the end if the last evaluation is worse."""
+    training file's held-out tail; on a task, highest accuracy on its validation examples, ties broken
+    by their choice loss) and puts them back at the end if the last evaluation is worse.
+    `metrics`: the score to judge by, then tie-breakers; names ending in _ppl or _nll are lower-better."""
 
-    def __init__(self, metric: str):
-        self.metric, self.sign = metric, (1 if metric.endswith(("_ppl", "_nll")) else -1)
-        self.best: tuple[float, int] | None = None
+    def __init__(self, *metrics: str):
+        self.metrics = metrics
+        self.signs = [1 if m.endswith(("_ppl", "_nll")) else -1 for m in metrics]
+        self.best: tuple[tuple[float, ...], int] | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
     def seen(self, model: nn.Module, step: int, scores: dict) -> None:
         """Called after each evaluation (step 0 included) with its scores."""
-        value = self.sign * scores[self.metric]
-        value = math.inf if math.isnan(value) else value  # a wrecked model scores NaN: never the best
-        if self.best is None or value < self.best[0]:
-            self.best = (value, step)
+        key = tuple(s * scores[m] for m, s in zip(self.metrics, self.signs))
+        if any(map(math.isnan, key)):  # a wrecked model scores NaN: never the best
+            key = (math.inf,) * len(key)
+        if self.best is None or key < self.best[0]:
+            self.best = (key, step)
             self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def save(self, checkpoint: Path) -> None:
         """Into a Trainer checkpoint: a resumed run keeps the guard's memory."""
         if self.weights is not None:
             save_file({n: w.contiguous() for n, w in self.weights.items()}, str(checkpoint / BEST),
-                      metadata={"format": "pt", "score": repr(self.best[0]), "step": str(self.best[1])})
+                      metadata={"format": "pt", "score": json.dumps(self.best[0]), "step": str(self.best[1])})
 
     def load(self, checkpoint: Path, model: nn.Module) -> None:
         if (checkpoint / BEST).is_file():
             with safe_open(str(checkpoint / BEST), framework="pt") as f:
                 meta = f.metadata()
                 self.weights = {k: f.get_tensor(k) for k in f.keys()}
-            self.best = (float(meta["score"]), int(meta["step"]))
+            score = meta["score"]  # a JSON list; a lone float in checkpoints of earlier versions
+            self.best = (tuple(json.loads(score)) if score.startswith("[") else (float(score),), int(meta["step"]))
 
     def restore(self, model: nn.Module, last_step: int) -> int:
         """Put the best weights back (if they are not the last ones); returns the step they are from."""

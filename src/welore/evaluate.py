@@ -190,7 +190,8 @@ def task_accuracy(model, tokenizer, examples, task: str = "", *, max_len: int = 
     for ex in bar(examples, desc=f"Accuracy on {task}", unit="ex", progress=progress):
         if ex.options:
             scores = option_scores(model, [encode_example(tokenizer, ex.prompt, o, max_len) for o in ex.options])
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.answer)
+            # a NaN score (a diverged model) picks nothing: the example counts as wrong
+            correct += int(all(map(math.isfinite, scores)) and max(range(len(scores)), key=scores.__getitem__) == ex.answer)
             nll += (torch.logsumexp(torch.tensor(scores, dtype=torch.float64), 0) - scores[ex.answer]).item()
             chosen += 1
         else:

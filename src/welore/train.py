@@ -159,20 +159,23 @@ def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool, t
     return out
 
 
-def _guard(cfg: FinetuneConfig, eval_set) -> str | None:
-    """What the keep-the-best guard judges by: held-out text of the training kind (C4's own held-out
-    documents, a text file's tail), or a task's validation examples (never its reported eval ones:
-    choosing by them would flatter the accuracy reported), by their choice loss where they have options."""
+def _guard(cfg: FinetuneConfig, eval_set) -> tuple[str, ...]:
+    """What the keep-the-best guard judges by (a score, then tie-breakers; () for no guard): held-out
+    text of the training kind (C4's own held-out documents, a text file's tail), or a task's validation
+    examples, never its reported eval ones (choosing by them would flatter the accuracy reported).
+    On a task, accuracy first: the choice loss alone prefers a model that answers 50/50 (loss ln 2)
+    to one that is right more often but sometimes confidently wrong (benchmarks/tasks.py, coin flip);
+    it only breaks the ties of a few dozen examples' accuracies."""
     if not cfg.keep_best:
-        return None
+        return ()
     if cfg.is_text:
-        return "c4_ppl" if eval_set is None else "heldout_ppl"
+        return ("c4_ppl",) if eval_set is None else ("heldout_ppl",)
     val = eval_set[0]
     if not val:
         print(f"[{cfg.mode}] no validation examples to judge by (--val-examples 0, or a train split under 5 "
               "examples): the run returns its last step", flush=True)
-        return None
-    return "val_choice_nll" if val[0].options else "val_accuracy"
+        return ()
+    return ("val_accuracy", "val_choice_nll") if val[0].options else ("val_accuracy",)
 
 
 class _RunState(TrainerCallback):
@@ -258,7 +261,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
     guard = _guard(cfg, eval_set)
-    keep = KeepBest(guard) if guard else None
+    keep = KeepBest(*guard) if guard else None
     # a task guarded by validation examples scores only those during the run: the eval examples are
     # scored at the start, at the end, and on the weights returned
     during = cfg.is_text or keep is None
