@@ -46,7 +46,7 @@ from .io import check_output, hash_file_heads, load_compressed, read_meta, save_
 from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
 from .targets import layer_of
-from .trainer import Batches, StepLog, make_trainer, task_data, training_arguments
+from .trainer import Batches, StepLog, make_trainer, training_arguments
 
 STATE = "welore_state.json"  # welore's part of a Trainer checkpoint: log, evaluations, model identity
 
@@ -254,7 +254,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                               max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
                               device=device, **optim)
     batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
-    eval_set = batches.held_out if cfg.is_text else task_data(cfg)[1:]  # text ids, or (validation, eval) examples
+    eval_set = batches.held_out  # a text file's tail (None: C4's own held-out documents), or (validation, eval) examples
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     msg = f"[{cfg.mode}] trainable parameters: {trainable:,} / {total:,} ({trainable / total:.2%})"
     print(msg + (f"  {info}" if info else ""), flush=True)

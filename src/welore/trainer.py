@@ -72,7 +72,7 @@ def task_data(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], list[E
 class Batches:
     """Fine-tuning batches: token windows of the C4 training documents or of a text file (less its
     held-out tail, `held_out`), or task examples with the loss on the answer tokens only (labels -100
-    elsewhere). `get(step, micro)` is the global micro-batch
+    elsewhere; `held_out` = the (validation, eval) examples, none of them trained on). `get(step, micro)` is the global micro-batch
     (`rows` sequences), a function of (seed, step, micro) only."""
 
     def __init__(self, tokenizer, cfg: FinetuneConfig, rows: int | None = None):
@@ -86,8 +86,8 @@ class Batches:
             self.windows = ids[: n * cfg.seqlen].view(n, cfg.seqlen)
             self.size = n
         else:
-            self.held_out = None
-            train = task_data(cfg)[0]
+            train, val, ev = task_data(cfg)
+            self.held_out = (val, ev)
             if not train:
                 raise WeloreError(f"task {cfg.data} has no training examples")
             self.examples = [encode_example(tokenizer, ex.prompt, ex.target, cfg.seqlen) for ex in train]
