@@ -35,6 +35,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                           # LoRA on the factors vs the factors, 20 minutes at 1 x 512 each
     python benchmarks/recovery.py --runs recipe20-lrc-kd --steps 264 --seqlen 512 --batch-size 1 --eval-every 52 \
         --kd-temperature 1                # distillation at T = 1 on the tokens of the 20-minute lrc run above
+    python benchmarks/recovery.py --runs paper50-galore-lm --galore-scale 0.25
+                                          # GaLore at a quarter of the other modes' step (welore's default until stop 28)
     python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
                                           # finished runs (and dense, and their compressed starts) on
                                           # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
@@ -49,6 +51,7 @@ from pathlib import Path
 
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
 
+from welore.config import FinetuneConfig
 from welore.io import atomic_file
 
 MODELS = {
@@ -66,6 +69,9 @@ RUNS.update({f"{model}-lorafactors-lm": (model, "lora", 0.0) for model in ("pape
 EXTRA = {name: ["--lora-targets", r"\.(down|up)$"] for name in RUNS if "-lorafactors-" in name}
 # the recipe on Wikipedia text: is the WikiText-2 gap C4's domain, or the compression?
 RUNS.update({f"{model}-lrc-wiki": (model, "lrc", 0.0) for model in ("recipe20", "recipe30")})
+# welore's GaLore scale until stop 28 (now 1): the GaLore runs made at it keep their keys, others get
+# a suffix (-gscale1)
+OLD_GALORE_SCALE = 0.25
 BOOLQ_HELD_OUT = 300  # the BoolQ examples benchmarks/tasks.py scores (seed 0): their passages are never trained on
 
 
@@ -130,9 +136,10 @@ def save(work: Path, results: dict) -> None:
         tmp.write_text(json.dumps(results, indent=1))
 
 
-def extra_args(work: Path, name: str) -> list[str]:
+def extra_args(work: Path, name: str, galore_scale: float | None = None) -> list[str]:
     """A run's flags beyond the common ones."""
-    return EXTRA.get(name, []) + (["--data", str(wiki_passages(work))] if name.endswith("-wiki") else [])
+    gscale = ["--galore-scale", f"{galore_scale:g}"] if galore_scale is not None and RUNS[name][1] == "galore" else []
+    return EXTRA.get(name, []) + (["--data", str(wiki_passages(work))] if name.endswith("-wiki") else []) + gscale
 
 
 def compressed(work: Path, name: str) -> Path:
@@ -274,6 +281,8 @@ def main() -> None:
                     help="lr of each MODE on paper50 with the LM loss, 100 steps per lr (chosen on held-out C4)")
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
+    ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
+                    help="GaLore runs: the update scale (its matrices move lr x scale a step)")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
     ap.add_argument("--kd-temperature", type=float, default=2.0, help="distillation runs: the softmax temperature")
     ap.add_argument("--full-eval", nargs="+", default=None, metavar="RUN",
@@ -321,8 +330,11 @@ def main() -> None:
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
             key += shape  # nor another batch shape's
             key += temp if RUNS[name][2] else ""  # nor another temperature's
+            gscale = a.galore_scale if RUNS[name][1] == "galore" else None
+            key += "" if gscale in (None, OLD_GALORE_SCALE) else f"-gscale{gscale:g}"  # nor GaLore's at another scale
             runs[key] = finetune(work, key, *RUNS[name], a, lr, warmup, steps, cache if RUNS[name][2] else None,
-                                 extra_args(work, name))
+                                 extra_args(work, name, gscale))
+            runs[key]["galore_scale"] = gscale
             runs[key]["budget_minutes"] = a.minutes
             print(json.dumps({k: runs[key][k] for k in ("run", "final", "tokens_per_s", "peak_rss_gib", "wall_s")}),
                   flush=True)

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from recovery import MODELS, compressed
+from recovery import MODELS, OLD_GALORE_SCALE, compressed
 
 from welore import FinetuneConfig
 from welore.compare import compare
@@ -60,27 +60,34 @@ def model_dir(work: Path, model: str) -> Path:
 
 def variant(cfg: FinetuneConfig) -> str:
     """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05',
-    '-keepbest50', ..."""
+    '-keepbest50', '-gscale1' (a GaLore run's --galore-scale), ..."""
     return ((f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
-            + (f"-keepbest{cfg.val_examples}" if cfg.keep_best else ""))
+            + (f"-keepbest{cfg.val_examples}" if cfg.keep_best else "")
+            + (f"-gscale{cfg.galore_scale:g}" if cfg.galore_scale != OLD_GALORE_SCALE else ""))
+
+
+def mode_config(cfg: FinetuneConfig, mode: str) -> FinetuneConfig:
+    """`cfg` for one mode: --galore-scale is a GaLore run's setting only, so the other modes' runs
+    keep their names and stay found."""
+    return replace(cfg, mode=mode, galore_scale=cfg.galore_scale if mode == "galore" else OLD_GALORE_SCALE)
 
 
 def run_dir(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> Path:
-    return work / "tasks" / task / f"{model}-{mode}{variant(cfg)}"
+    return work / "tasks" / task / f"{model}-{mode}{variant(mode_config(cfg, mode))}"
 
 
 def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> dict | None:
     """The run's finetune.json if it was made with these settings."""
     done = run_dir(work, task, model, mode, cfg) / mode / "finetune.json"
     rec = json.loads(done.read_text()) if done.is_file() else None
-    return rec if rec and replace(cfg, mode=mode).same_settings(rec["config"]) else None
+    return rec if rec and mode_config(cfg, mode).same_settings(rec["config"]) else None
 
 
 def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> None:
     """Train the run (in its own process, through welore.compare) unless it is finished already."""
     if finished(work, task, model, mode, cfg) is None:
         t = time.perf_counter()
-        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), cfg, [mode], overwrite=True,
+        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), mode_config(cfg, mode), [mode], overwrite=True,
                 progress=False)
         print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -128,6 +135,8 @@ def main() -> None:
                     help="return the weights of the best of 6 evaluations (every fifth of the run) on validation examples set aside from the "
                          "train split (never on the held-out examples reported)")
     ap.add_argument("--val-examples", type=int, default=50, help="with --keep-best (at most a fifth of the train split)")
+    ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
+                    help="GaLore's update scale: its matrices move lr x scale per step (1: the other modes' step)")
     ap.add_argument("--report", action="store_true",
                     help="train nothing: print (and gather into tasks.json) the runs already finished with these settings")
     a = ap.parse_args()
@@ -137,7 +146,8 @@ def main() -> None:
         cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                              warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                              keep_best=a.keep_best, val_examples=a.val_examples,
-                             eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed)
+                             eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
+                             galore_scale=a.galore_scale)
         train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
             run_once(work, task, *RUNS[NAMES.index(name)], cfg)

@@ -31,6 +31,8 @@ def test_flags_map_onto_the_config():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="adapter"), "unknown training mode"),
     (dict(galore_rank=0), "galore rank must be > 0"),
+    (dict(galore_scale=0.0), "galore scale must be > 0"),
+    (dict(galore_scale=float("nan")), "galore scale must be > 0"),
     (dict(weight_decay=-1.0), "weight decay"),
     (dict(seqlen=4), "at least 8"),
     (dict(mode="lora", lora_targets="(down"), "not a valid regex"),

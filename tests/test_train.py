@@ -55,6 +55,30 @@ def test_each_mode_learns_a_memorisable_batch(compressed_dir, tokenizer, mode, t
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_galore_scale_multiplies_the_step_of_the_projected_matrices_only(compressed_dir, tokenizer, tmp_path):
+    # GaLore moves a projected matrix by lr x scale x (Adam's direction, projected back): at scale 0.25
+    # and one --lr for every mode, its matrices would take a quarter of the other modes' step
+    batch = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2)).get(0, 0)
+    steps, projected = {}, set()
+    for scale in (1.0, 0.25):
+        cfg = FinetuneConfig(mode="galore", lr=1e-3, galore_rank=4, galore_scale=scale)
+        model, optim, _ = prepare_mode(load_compressed(compressed_dir).model, cfg)
+        optimizer = make_trainer(model, training_arguments(tmp_path, steps=1, lr=cfg.lr, batch_size=2, device="cpu",
+                                                           **optim)).create_optimizer()
+        names = {id(p): n for n, p in model.named_parameters()}
+        projected = {names[id(p)] for g in optimizer.param_groups if "rank" in g for p in g["params"]}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(**batch).loss.backward()
+        optimizer.step()
+        steps[scale] = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    assert projected and len(projected) < len(steps[1.0])
+    for n, step in steps[1.0].items():
+        assert step.abs().max() > 0, f"{n} did not move"
+        # atol: the steps are differences of weights, rounded at the weights' own magnitude
+        torch.testing.assert_close(steps[0.25][n], 0.25 * step if n in projected else step, rtol=1e-4,
+                                   atol=1e-4 * step.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
 def test_each_mode_lowers_held_out_perplexity(compressed_dir, tmp_path, mode):
     res = finetune(compressed_dir, tmp_path / mode, FinetuneConfig(mode=mode, galore_rank=4, **FAST), progress=False)

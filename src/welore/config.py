@@ -145,7 +145,10 @@ class FinetuneConfig:
         metavar="REGEX"))
     galore_rank: int = field(default=64, metadata=_help("rank of GaLore's gradient projection"))
     galore_update_gap: int = field(default=50, metadata=_help("steps between GaLore projection updates"))
-    galore_scale: float = field(default=0.25, metadata=_help("GaLore's update scale"))
+    # 1, not GaLore's pretraining 0.25 (which it paired with lr 1e-2): a projected matrix moves by lr x
+    # scale a step, so at 0.25 and the --lr every mode shares, GaLore took a quarter of the others' step
+    galore_scale: float = field(default=1.0, metadata=_help(
+        "GaLore's update scale: its projected matrices move lr x scale a step (1: the other modes' step)"))
     teacher: str | None = field(default=None, metadata=_help(
         "distil from this dense model (the flag alone: the base model recorded in welore.json)", nargs="?",
         const="base"))
@@ -179,6 +182,8 @@ class FinetuneConfig:
                 raise WeloreError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
         if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0 or self.val_examples < 0:
             raise WeloreError("warmup, eval_every, save_every and val_examples must be >= 0")
+        if not (self.galore_scale > 0 and math.isfinite(self.galore_scale)):
+            raise WeloreError(f"galore scale must be > 0, got {self.galore_scale}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise WeloreError("weight decay and max grad norm must be >= 0")
         if self.lora_targets is not None:  # like --lora-rank, read by the lora mode only (compare runs several)
