@@ -137,8 +137,8 @@ def save(work: Path, results: dict) -> None:
 
 
 def extra_args(work: Path, name: str, galore_scale: float | None = None) -> list[str]:
-    """A run's flags beyond the common ones."""
-    gscale = ["--galore-scale", f"{galore_scale:g}"] if galore_scale is not None and RUNS[name][1] == "galore" else []
+    """A run's flags beyond the common ones (`galore_scale`: a GaLore run's, None for the others)."""
+    gscale = [] if galore_scale is None else ["--galore-scale", f"{galore_scale:g}"]
     return EXTRA.get(name, []) + (["--data", str(wiki_passages(work))] if name.endswith("-wiki") else []) + gscale
 
 
