@@ -60,35 +60,31 @@ def model_dir(work: Path, model: str) -> Path:
 
 def variant(cfg: FinetuneConfig) -> str:
     """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05',
-    '-keepbest50', '-gscale1' (a GaLore run's --galore-scale), ..."""
+    '-keepbest50', '-gscale1' (a GaLore run at a --galore-scale other than 0.25, the scale of the runs
+    made before the flag existed, which keep their names), ..."""
     return ((f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
             + (f"-keepbest{cfg.val_examples}" if cfg.keep_best else "")
-            + (f"-gscale{cfg.galore_scale:g}" if cfg.galore_scale != OLD_GALORE_SCALE else ""))
-
-
-def mode_config(cfg: FinetuneConfig, mode: str) -> FinetuneConfig:
-    """`cfg` for one mode: --galore-scale is a GaLore run's setting only, so the other modes' runs
-    keep their names and stay found."""
-    return replace(cfg, mode=mode, galore_scale=cfg.galore_scale if mode == "galore" else OLD_GALORE_SCALE)
+            + (f"-gscale{cfg.galore_scale:g}" if cfg.mode == "galore" and cfg.galore_scale != OLD_GALORE_SCALE else ""))
 
 
 def run_dir(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> Path:
-    return work / "tasks" / task / f"{model}-{mode}{variant(mode_config(cfg, mode))}"
+    return work / "tasks" / task / f"{model}-{mode}{variant(replace(cfg, mode=mode))}"
 
 
 def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> dict | None:
-    """The run's finetune.json if it was made with these settings."""
+    """The run's finetune.json if it was made with the settings it reads (so --galore-scale never hides
+    another mode's run)."""
     done = run_dir(work, task, model, mode, cfg) / mode / "finetune.json"
     rec = json.loads(done.read_text()) if done.is_file() else None
-    return rec if rec and mode_config(cfg, mode).same_settings(rec["config"]) else None
+    return rec if rec and replace(cfg, mode=mode).same_settings(rec["config"]) else None
 
 
 def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> None:
     """Train the run (in its own process, through welore.compare) unless it is finished already."""
     if finished(work, task, model, mode, cfg) is None:
         t = time.perf_counter()
-        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), mode_config(cfg, mode), [mode], overwrite=True,
-                progress=False)
+        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), replace(cfg, mode=mode), [mode],
+                overwrite=True, progress=False)
         print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
@@ -162,7 +158,7 @@ def main() -> None:
                          "returned_step": m["returned_step"], "last_step": rec["evals"][-1].get("accuracy"),
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        key = task + variant(cfg)
+        key = task + variant(replace(cfg, mode="galore"))  # the table's GaLore row is at --galore-scale: say which
         if not rows:  # --report before any run of these settings finished: nothing to gather
             print(f"{key}: no finished runs in {work / 'tasks' / task} with these settings")
             continue

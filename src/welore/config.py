@@ -22,6 +22,10 @@ from .factorize import METHODS, Factorizer, get_method
 from .tasks import TASKS
 
 MODES = ("lrc", "full", "lora", "galore")
+# settings that one mode reads and the others ignore, and those read only when distilling
+MODE_SETTINGS = {"lora": ("lora_rank", "lora_alpha", "lora_targets"),
+                 "galore": ("galore_rank", "galore_update_gap", "galore_scale")}
+TEACHER_SETTINGS = ("kd_weight", "kd_temperature", "teacher_cache", "teacher_top_k")
 DATA = ("c4", *TASKS)
 
 
@@ -222,14 +226,24 @@ class FinetuneConfig:
                       "eval_every": max(1, steps // 5), **overrides})
 
     def to_dict(self) -> dict:
-        """The settings that define the run (what a resumed run must match)."""
+        """Every setting, as finetune.json records it."""
         return {k: v for k, v in asdict(self).items() if k != "stop_after"}
 
+    def read_settings(self) -> dict:
+        """The settings this run reads, i.e. what defines it (what a resumed run must match): to_dict()
+        less another mode's settings, distillation's without a teacher, and the other kind of data's."""
+        unread = {name for mode, names in MODE_SETTINGS.items() if mode != self.mode for name in names}
+        unread |= set(TEACHER_SETTINGS) if self.teacher is None else set()
+        unread |= {"eval_examples", "val_examples"} if self.is_text else {"eval_tokens"}
+        unread |= set() if self.is_text or self.keep_best else {"val_examples"}
+        return {k: v for k, v in self.to_dict().items() if k not in unread}
+
     def same_settings(self, recorded: dict) -> bool:
-        """Whether `recorded` (a config written by a run) has these settings. A setting the record
-        lacks (added after it was written) counts as its default, so older runs still match."""
+        """Whether `recorded` (a config written by a run) has the settings this run reads. A setting the
+        record lacks (added after it was written) counts as its default, so older runs still match; one
+        this run does not read (GaLore's scale in an lrc run) never makes it another run."""
         defaults = FinetuneConfig().to_dict()
-        return all(recorded.get(k, defaults[k]) == v for k, v in self.to_dict().items())
+        return all(recorded.get(k, defaults[k]) == v for k, v in self.read_settings().items())
 
 
 def from_namespace(cls, namespace) -> object:
