@@ -280,3 +280,13 @@ def test_two_processes_match_one(compressed_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("data, extra", [("coinflip", dict(eval_examples=20, val_examples=8, seqlen=128)), ("c4", {})])
+def test_evaluations_during_a_run_leave_its_training_untouched(compressed_dir, tmp_path, data, extra):
+    # the guard evaluates (and snapshots the best weights) every eval_every steps: that must not move the
+    # losses of the steps in between, or a guarded run would be another run than the unguarded one
+    logs = [[e["loss"] for e in finetune(compressed_dir, tmp_path / str(every), FinetuneConfig(
+        data=data, eval_every=every, **dict(FAST, steps=6, **extra)), progress=False).log if "loss" in e]
+        for every in (0, 2)]
+    assert len(logs[0]) == 6 and logs[0] == logs[1]
