@@ -44,6 +44,7 @@ RECOVERED = {"recipe20r": ("runs/recipe20-lrc-lm-20min", "python benchmarks/reco
                                                           "--minutes 20")}
 MODES = ("lrc", "full", "lora", "galore")
 LR = 2e-4  # one learning rate for every mode, unless --lr says otherwise
+STEPS = 100
 RUNS = [("dense", "full")] + [(m, mode) for m in ("paper50", "recipe20r") for mode in MODES]
 NAMES = [f"{m}-{mode}" for m, mode in RUNS]
 
@@ -60,9 +61,10 @@ def model_dir(work: Path, model: str) -> Path:
 
 def variant(cfg: FinetuneConfig) -> str:
     """How a run's settings differ from the defaults, as a name suffix: '', '-seed1', '-lr5e-05',
-    '-keepbest50', '-gscale1' (a GaLore run at a --galore-scale other than 0.25, the scale of the runs
+    '-steps300', '-keepbest50', '-gscale1' (a GaLore run at a --galore-scale other than 0.25, the scale of the runs
     made before the flag existed, which keep their names), ..."""
     return ((f"-seed{cfg.seed}" if cfg.seed else "") + (f"-lr{cfg.lr:g}" if cfg.lr != LR else "")
+            + (f"-steps{cfg.steps}" if cfg.steps != STEPS else "")  # never overwrite the 100-step runs
             + (f"-keepbest{cfg.val_examples}" if cfg.keep_best else "")
             + (f"-gscale{cfg.galore_scale:g}" if cfg.mode == "galore" and cfg.galore_scale != OLD_GALORE_SCALE else ""))
 
@@ -121,7 +123,7 @@ def main() -> None:
     ap.add_argument("--work", default="bench-out/recovery")
     ap.add_argument("--tasks", nargs="+", default=["coinflip", "date"])
     ap.add_argument("--runs", nargs="+", default=NAMES, choices=NAMES)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--eval-examples", type=int, default=300)
