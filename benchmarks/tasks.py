@@ -69,25 +69,25 @@ def variant(cfg: FinetuneConfig) -> str:
             + (f"-gscale{cfg.galore_scale:g}" if cfg.mode == "galore" and cfg.galore_scale != OLD_GALORE_SCALE else ""))
 
 
-def run_dir(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> Path:
-    return work / "tasks" / task / f"{model}-{mode}{variant(replace(cfg, mode=mode))}"
+def run_dir(work: Path, task: str, model: str, cfg: FinetuneConfig) -> Path:
+    """Where the run of `model` in mode `cfg.mode` is kept."""
+    return work / "tasks" / task / f"{model}-{cfg.mode}{variant(cfg)}"
 
 
-def finished(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> dict | None:
+def finished(work: Path, task: str, model: str, cfg: FinetuneConfig) -> dict | None:
     """The run's finetune.json if it was made with the settings it reads (so --galore-scale never hides
     another mode's run)."""
-    done = run_dir(work, task, model, mode, cfg) / mode / "finetune.json"
+    done = run_dir(work, task, model, cfg) / cfg.mode / "finetune.json"
     rec = json.loads(done.read_text()) if done.is_file() else None
-    return rec if rec and replace(cfg, mode=mode).same_settings(rec["config"]) else None
+    return rec if rec and cfg.same_settings(rec["config"]) else None
 
 
-def run_once(work: Path, task: str, model: str, mode: str, cfg: FinetuneConfig) -> None:
+def run_once(work: Path, task: str, model: str, cfg: FinetuneConfig) -> None:
     """Train the run (in its own process, through welore.compare) unless it is finished already."""
-    if finished(work, task, model, mode, cfg) is None:
+    if finished(work, task, model, cfg) is None:
         t = time.perf_counter()
-        compare(model_dir(work, model), run_dir(work, task, model, mode, cfg), replace(cfg, mode=mode), [mode],
-                overwrite=True, progress=False)
-        print(f"{task} {model}-{mode}: {time.perf_counter() - t:.0f} s", flush=True)
+        compare(model_dir(work, model), run_dir(work, task, model, cfg), cfg, [cfg.mode], overwrite=True, progress=False)
+        print(f"{task} {model}-{cfg.mode}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
 def baselines(ev: list) -> dict:
@@ -148,10 +148,11 @@ def main() -> None:
                              galore_scale=a.galore_scale)
         train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
-            run_once(work, task, *RUNS[NAMES.index(name)], cfg)
+            model, mode = RUNS[NAMES.index(name)]
+            run_once(work, task, model, replace(cfg, mode=mode))
         rows = []
         for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
-            if (rec := finished(work, task, model, mode, cfg)) is None:
+            if (rec := finished(work, task, model, replace(cfg, mode=mode))) is None:
                 continue
             first, m = rec["evals"][0], rec["metrics"]
             last = returned_eval(rec["evals"], m["returned_step"])  # the weights the run returned

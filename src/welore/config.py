@@ -235,7 +235,8 @@ class FinetuneConfig:
         unread = {name for mode, names in MODE_SETTINGS.items() if mode != self.mode for name in names}
         unread |= set(TEACHER_SETTINGS) if self.teacher is None else set()
         unread |= {"eval_examples", "val_examples"} if self.is_text else {"eval_tokens"}
-        unread |= set() if self.is_text or self.keep_best else {"val_examples"}
+        if not self.keep_best:
+            unread.add("val_examples")  # the guard's only
         return {k: v for k, v in self.to_dict().items() if k not in unread}
 
     def same_settings(self, recorded: dict) -> bool:
