@@ -4,7 +4,8 @@ and say which differences are real (outside the 95% binomial intervals).
 Models: the dense default (written by `welore compress --threshold 0`: every matrix kept dense, so it
 fine-tunes through the same code) trained in full, and the paper's setting (WeLore svd, 50% effective
 rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each
-in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
+in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr (full fine-tuning's
+own with --full-lr) and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
 with its Wilson 95% interval. No keep-best guard by default; `--keep-best` turns it on, judged every
 fifth of the run on validation examples set aside from the train split (`--val-examples`, at most a
@@ -15,6 +16,7 @@ fifth of it), never on the held-out examples reported.
     python benchmarks/tasks.py --tasks boolq --runs dense-full recipe20r-lrc
     python benchmarks/tasks.py --tasks coinflip --seed 1 --report    # the finished runs again, no training
     python benchmarks/tasks.py --tasks coinflip --runs recipe20r-lrc --keep-best   # returns its best validated step
+    python benchmarks/tasks.py --tasks coinflip --keep-best --steps 300 --full-lr 5e-5 --seed 1   # full at its own lr
 
 Each run is kept in `WORK/tasks/TASK/RUN/` and reused while its settings are the same, so the runs can
 be done a few at a time; `tasks.json` gathers every finished run of each task.
@@ -118,6 +120,13 @@ def verdicts(rows: list[dict], base: dict) -> list[str]:
     return out
 
 
+def run_config(cfg: FinetuneConfig, mode: str, full_lr: float | None) -> FinetuneConfig:
+    """The settings of the run in `mode`: the shared ones, with full fine-tuning at its own learning rate
+    when `full_lr` is given (moving all weights at the rate that suits low-rank factors or adapters can
+    undo what full fine-tuning learns: README, coin flip at 300 steps)."""
+    return replace(cfg, mode=mode, lr=full_lr if mode == "full" and full_lr is not None else cfg.lr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="bench-out/recovery")
@@ -126,6 +135,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--full-lr", type=float, default=None,
+                    help="full fine-tuning's learning rate (default: --lr, the rate every mode shares)")
     ap.add_argument("--eval-examples", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0,
                     help="the train/held-out split and the training order (a replicate: a new split, not new examples)")
@@ -149,10 +160,10 @@ def main() -> None:
         train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
             model, mode = RUNS[NAMES.index(name)]
-            run_once(work, task, model, replace(cfg, mode=mode))
+            run_once(work, task, model, run_config(cfg, mode, a.full_lr))
         rows = []
         for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
-            if (rec := finished(work, task, model, replace(cfg, mode=mode))) is None:
+            if (rec := finished(work, task, model, run_config(cfg, mode, a.full_lr))) is None:
                 continue
             first, m = rec["evals"][0], rec["metrics"]
             last = returned_eval(rec["evals"], m["returned_step"])  # the weights the run returned
@@ -161,7 +172,8 @@ def main() -> None:
                          "returned_step": m["returned_step"], "last_step": rec["evals"][-1].get("accuracy"),
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
-        key = task + variant(replace(cfg, mode="galore"))  # the table's GaLore row is at --galore-scale: say which
+        # the table's GaLore row is at --galore-scale and its full rows at --full-lr: say which
+        key = task + variant(replace(cfg, mode="galore")) + (f"-fulllr{a.full_lr:g}" if a.full_lr is not None else "")
         if not rows:  # --report before any run of these settings finished: nothing to gather
             print(f"{key}: no finished runs in {work / 'tasks' / task} with these settings")
             continue
@@ -169,7 +181,7 @@ def main() -> None:
         entry = {"train_examples": len(train), "val_examples": len(val), "eval_examples": len(ev), **base, "rows": rows,
                  "verdicts": verdicts(rows, base)}
         print(f"\n## {key}: {len(train)} train / {len(val)} validation / {len(ev)} held-out examples, "
-              f"{a.steps} steps x {a.batch_size}")
+              f"{a.steps} steps x {a.batch_size}, lr {a.lr:g}" + (f" (full {a.full_lr:g})" if a.full_lr is not None else ""))
         for r in rows:
             print(f"{r['run']:16s} before {r['before']:.3f} after {r['after']:.3f} "
                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (step {r['returned_step']}; last step "
