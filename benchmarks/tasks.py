@@ -35,6 +35,7 @@ from recovery import MODELS, OLD_GALORE_SCALE, compressed
 
 from welore import FinetuneConfig
 from welore.compare import compare
+from welore.errors import WeloreError
 from welore.io import atomic_file
 from welore.report import returned_eval
 from welore.trainer import task_data
@@ -152,11 +153,15 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     for task in a.tasks:
-        cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
-                             warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
-                             keep_best=a.keep_best, val_examples=a.val_examples,
-                             eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
-                             galore_scale=a.galore_scale)
+        try:  # a bad setting (--lr, --full-lr, a task name, ...) is one line, before any run starts
+            cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
+                                 warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
+                                 keep_best=a.keep_best, val_examples=a.val_examples,
+                                 eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
+                                 galore_scale=a.galore_scale)
+            run_config(cfg, "full", a.full_lr)
+        except WeloreError as e:
+            ap.error(str(e))
         train, val, ev = task_data(cfg)
         for name in [] if a.report else a.runs:
             model, mode = RUNS[NAMES.index(name)]
