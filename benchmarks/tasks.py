@@ -121,11 +121,17 @@ def verdicts(rows: list[dict], base: dict) -> list[str]:
     return out
 
 
-def run_config(cfg: FinetuneConfig, mode: str, full_lr: float | None) -> FinetuneConfig:
-    """The settings of the run in `mode`: the shared ones, with full fine-tuning at its own learning rate
-    when `full_lr` is given (moving all weights at the rate that suits low-rank factors or adapters can
-    undo what full fine-tuning learns: README, coin flip at 300 steps)."""
-    return replace(cfg, mode=mode, lr=full_lr if mode == "full" and full_lr is not None else cfg.lr)
+def run_configs(a: argparse.Namespace, task: str) -> dict[str, FinetuneConfig]:
+    """Each mode's settings on `task`: the shared ones, with full fine-tuning at its own learning rate when
+    --full-lr is given (moving all weights at the rate that suits low-rank factors or adapters can undo
+    what full fine-tuning learns: README, coin flip at 300 steps)."""
+    cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
+                         warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
+                         keep_best=a.keep_best, val_examples=a.val_examples,
+                         eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
+                         galore_scale=a.galore_scale)
+    return {mode: replace(cfg, mode=mode, lr=a.full_lr if mode == "full" and a.full_lr is not None else a.lr)
+            for mode in MODES}
 
 
 def main() -> None:
@@ -152,23 +158,18 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    for task in a.tasks:
-        try:  # a bad setting (--lr, --full-lr, a task name, ...) is one line, before any run starts
-            cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
-                                 warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
-                                 keep_best=a.keep_best, val_examples=a.val_examples,
-                                 eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
-                                 galore_scale=a.galore_scale)
-            run_config(cfg, "full", a.full_lr)
-        except WeloreError as e:
-            ap.error(str(e))
-        train, val, ev = task_data(cfg)
+    try:  # a bad setting (--lr, --full-lr, a task name, ...) is one line, before any task's run starts
+        configs = {task: run_configs(a, task) for task in a.tasks}
+    except WeloreError as e:
+        ap.error(str(e))
+    for task, cfgs in configs.items():
+        train, val, ev = task_data(cfgs["lrc"])  # the same split for every mode
         for name in [] if a.report else a.runs:
             model, mode = RUNS[NAMES.index(name)]
-            run_once(work, task, model, run_config(cfg, mode, a.full_lr))
+            run_once(work, task, model, cfgs[mode])
         rows = []
         for name, (model, mode) in zip(NAMES, RUNS):  # every finished run of this task, not only this call's
-            if (rec := finished(work, task, model, run_config(cfg, mode, a.full_lr))) is None:
+            if (rec := finished(work, task, model, cfgs[mode])) is None:
                 continue
             first, m = rec["evals"][0], rec["metrics"]
             last = returned_eval(rec["evals"], m["returned_step"])  # the weights the run returned
@@ -178,7 +179,7 @@ def main() -> None:
                          "trainable": m["trainable_params"], "tokens_per_s": m["tokens_per_s"],
                          "train_s": m["train_seconds"]})
         # the table's GaLore row is at --galore-scale and its full rows at --full-lr: say which
-        key = task + variant(replace(cfg, mode="galore")) + (f"-fulllr{a.full_lr:g}" if a.full_lr is not None else "")
+        key = task + variant(cfgs["galore"]) + (f"-fulllr{a.full_lr:g}" if a.full_lr is not None else "")
         if not rows:  # --report before any run of these settings finished: nothing to gather
             print(f"{key}: no finished runs in {work / 'tasks' / task} with these settings")
             continue
