@@ -25,6 +25,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
     python benchmarks/recovery.py --mode-sweep lrc lora      # each mode's own lr on paper50, LM loss, 100 steps
     python benchmarks/recovery.py --speed                    # tokens/s and peak RSS per mode, teacher in the
                                                              # loop vs cached (30 steps each, ~15 min)
+    python benchmarks/recovery.py --speed 100 --speed-modes lrc full lora --batch-size 8 --seqlen 512
+                                          # some modes only, LM loss (on a GPU: CUDA peak memory too)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
     python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
@@ -179,10 +182,13 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
     return {"run": name, "model": model, "mode": mode, "loss": next(k for k, w in KD.items() if w == kd), "lr": lr, "warmup": warmup,
             "steps": steps, "batch_size": a.batch_size, "seqlen": a.seqlen, "tokens": m["train_tokens"], "trainable": m["trainable_params"],
             "tokens_per_s": m["tokens_per_s"], "train_s": m["train_seconds"], "wall_s": wall, "peak_rss_gib": rss,
+            "device": m.get("device"), "train_peak_gib": m.get("peak_memory_gib"), "train_memory_kind": m.get("memory_kind"),
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
             "cache": m.get("teacher_cache"), "cache_build_s": m.get("teacher_cache_build_s"),
             "data": (rec.get("data") or {}).get("corpus", "c4"), "evals": rec["evals"], "final": rec["evals"][-1],
-            "best": min(rec["evals"], key=lambda e: e["c4_ppl"])}
+            "best": min(rec["evals"], key=lambda e: e["c4_ppl"]),
+            # the rate after the first 5 steps (on a GPU the first ones pay for CUDA's start-up)
+            "steady_tokens_per_s": statistics.median(e["tokens_per_s"] for e in rec["log"][5:] or rec["log"])}
 
 
 # a colour per mode (or per variant, the run name's second part), solid: distillation
@@ -216,25 +222,34 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def speed(work: Path, a, lr: float, warmup: int, steps: int) -> dict:
+SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
+
+
+def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, ...] = SPEED_RUNS) -> dict:
     """Each mode for `steps` steps in its own process, back to back: the one clean comparison of
-    tokens/s and peak memory (the long runs' figures are not, when something else shared the CPU)."""
+    tokens/s and peak memory (the long runs' figures are not, when something else shared the CPU).
+    `which`: the modes run with the LM loss, and "kd" for the distillation rows (teacher in the loop,
+    building its cache, reading it). lrc and full are always run: the ratios need them."""
     a.eval_every = 0
     cache = work / f"teacher-speed-{steps}x{a.batch_size}x{a.seqlen}.safetensors"
     cache.unlink(missing_ok=True)
-    plan = [(f"{m}-lm", "paper50", m, 0.0, None) for m in ("lrc", "full", "lora", "galore")]
-    plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
-             ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
+    plan = [(f"{m}-lm", "paper50", m, 0.0, None) for m in SPEED_RUNS[:4] if m in {"lrc", "full", *which}]
+    if "kd" in which:
+        plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
+                 ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
     rows = {}
     for name, model, mode, kd, c in plan:
         r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c)
         rows[name] = {k: r[k] for k in ("trainable", "tokens", "tokens_per_s", "train_s", "wall_s", "peak_rss_gib",
-                                        "teacher_gib", "cache_build_s")}
+                                        "teacher_gib", "cache_build_s", "device", "train_peak_gib", "train_memory_kind")}
         print(name, json.dumps(rows[name]), flush=True)
     ratio = {"peak RSS lrc/full": rows["lrc-lm"]["peak_rss_gib"] / rows["full-lm"]["peak_rss_gib"],
-             "tokens/s lrc/full": rows["lrc-lm"]["tokens_per_s"] / rows["full-lm"]["tokens_per_s"],
-             "tokens/s kd cached/in loop": rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"],
-             "tokens/s kd in loop/lm": rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]}
+             "tokens/s lrc/full": rows["lrc-lm"]["tokens_per_s"] / rows["full-lm"]["tokens_per_s"]}
+    if str(rows["lrc-lm"]["device"]).startswith("cuda"):  # on a GPU the memory that matters is the device's
+        ratio["CUDA peak allocated lrc/full"] = rows["lrc-lm"]["train_peak_gib"] / rows["full-lm"]["train_peak_gib"]
+    if "kd" in which:
+        ratio["tokens/s kd cached/in loop"] = rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"]
+        ratio["tokens/s kd in loop/lm"] = rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]
     print(json.dumps({k: round(v, 3) for k, v in ratio.items()}))
     return {"steps": steps, "rows": rows, "ratios": ratio}
 
@@ -281,6 +296,8 @@ def main() -> None:
                     help="lr of each MODE on paper50 with the LM loss, 100 steps per lr (chosen on held-out C4)")
     ap.add_argument("--speed", type=int, nargs="?", const=30, default=None, metavar="STEPS",
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
+    ap.add_argument("--speed-modes", nargs="+", default=list(SPEED_RUNS), choices=SPEED_RUNS, metavar="MODE",
+                    help="with --speed: the modes run with the LM loss (lrc and full always), and kd for the teacher rows")
     ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
                     help="GaLore runs: the update scale (its matrices move lr x scale a step)")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
@@ -300,7 +317,7 @@ def main() -> None:
     if a.full_eval:
         full_eval(work, a.full_eval, results)
     elif a.speed:
-        results["speed"] = speed(work, a, lr, warmup, a.speed)
+        results["speed"] = speed(work, a, lr, warmup, a.speed, tuple(a.speed_modes))
     elif a.mode_sweep:
         results["mode_sweep"] = mode_sweep(work, a, warmup, results)
     elif a.sweep:
@@ -323,9 +340,10 @@ def main() -> None:
             if a.minutes:  # as many steps as fit the training time, at the tokens/s of a probe run just before
                 probe = finetune(work, f"probe-{name}{shape}", *RUNS[name], argparse.Namespace(**{**vars(a), "eval_every": 0}),
                                  lr, warmup, 20, None, extra_args(work, name))
-                steps = int(a.minutes * 60 * probe["tokens_per_s"] / (a.batch_size * a.seqlen))
+                steps = int(a.minutes * 60 * probe["steady_tokens_per_s"] / (a.batch_size * a.seqlen))
                 a.eval_every = max(1, steps // 5)
-                print(f"{name}: {probe['tokens_per_s']:.0f} tokens/s in a 20-step probe -> {steps} steps", flush=True)
+                print(f"{name}: {probe['steady_tokens_per_s']:.0f} tokens/s in a 20-step probe (median of steps 6-20) "
+                      f"-> {steps} steps", flush=True)
             key = f"{name}-{a.minutes:g}min" if a.minutes else name if steps == 500 else f"{name}-{steps}"
             key += "" if lr == choice["lr"] else f"-lr{lr:g}"  # never overwrite the runs at the common lr
             key += shape  # nor another batch shape's

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-os.environ.setdefault("WELORE_DATA", str(DATA))
+# the shared data: WELORE_DATA where set (as welore itself reads it), else ../shared/data
+DATA = Path(os.environ.setdefault("WELORE_DATA", str(ROOT.parent / "shared" / "data")))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 256

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from galore_torch.galore_projector import GaLoreProjector
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import TrainerCallback, set_seed
@@ -103,7 +102,10 @@ def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict
             raise WeloreError(f"no block matrix has both sides above the GaLore rank {cfg.galore_rank}")
         info.update(galore_rank=cfg.galore_rank, galore_matrices=len(projected))
         # GaLore's optimizer state holds its projector objects; a resumed run loads them back from
-        # our own checkpoint, which torch.load's weights-only unpickler refuses unless allowed
+        # our own checkpoint, which torch.load's weights-only unpickler refuses unless allowed.
+        # Imported here: galore-torch imports bitsandbytes, which the other modes never need
+        from galore_torch.galore_projector import GaLoreProjector
+
         torch.serialization.add_safe_globals([GaLoreProjector])
         optim = {"optim": "galore_adamw", "optim_target_modules": "|".join(re.escape(n) for n in projected),
                  "optim_args": f"rank={cfg.galore_rank},update_proj_gap={cfg.galore_update_gap},"

@@ -164,6 +164,8 @@ class StepLog(TrainerCallback):
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the step's queued kernels (the optimizer's) belong to its time
         self._dt = time.perf_counter() - self._t0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
