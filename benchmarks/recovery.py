@@ -39,6 +39,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
         --kd-temperature 1                # distillation at T = 1 on the tokens of the 20-minute lrc run above
     python benchmarks/recovery.py --runs paper50-galore-lm --galore-scale 0.25
                                           # GaLore at a quarter of the other modes' step (welore's default until stop 28)
+    python benchmarks/recovery.py --runs recipe30-lrc-lm --minutes 1.2 --batch-size 8 --seqlen 512 --eval-tokens 32768
+                                          # on a GPU (README, stop 32): judged on the --full-eval sample below
     python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
                                           # finished runs (and dense, and their compressed starts) on
                                           # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
