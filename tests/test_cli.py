@@ -375,11 +375,36 @@ def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     assert code == 0, err
     assert "trainable" in stdout and (tmp_path / "ft" / "finetune.json").is_file()
     code, stdout, err = run(capsys, "compare", str(compressed_dir), "-o", str(tmp_path / "cmp"),
-                            "--modes", "lrc", "lora", *fast)
+                            "--modes", "lrc", "lora", "--lr", "2e-4", "--mode-lr", "lora=5e-4", *fast)
     assert code == 0, err
-    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["lrc", "lora"]
+    rec = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [(r["mode"], r["lr"]) for r in rec["rows"]] == [("lrc", 2e-4), ("lora", 5e-4)]
+    assert rec["lrs"] == {"lrc": 2e-4, "lora": 5e-4} and rec["config"]["lr"] == 2e-4
+    # each run really trained at its rate, and the table says so
+    assert [json.loads((tmp_path / "cmp" / m / "finetune.json").read_text())["config"]["lr"] for m in ("lrc", "lora")] \
+        == [2e-4, 5e-4]
+    assert "lr 0.0002 (lora 0.0005)" in (tmp_path / "cmp" / "compare.md").read_text()
     assert {"compare.md", "compare.png", "lrc", "lora"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
+
+
+@pytest.mark.parametrize("value", ["full", "full=fast"])
+def test_compare_mode_lr_needs_mode_equals_rate(capsys, compressed_dir, tmp_path, value):
+    with pytest.raises(SystemExit) as e:  # argparse: usage + one line, exit 2
+        main(["compare", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", "--mode-lr", value])
+    assert e.value.code == 2 and "expected MODE=LR, e.g. full=5e-5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--mode-lr", "nope=1e-4"], "unknown training mode 'nope'"),
+    (["--modes", "lrc", "full", "--mode-lr", "full=0"], "learning rate must be > 0"),
+    (["--modes", "lrc", "--mode-lr", "full=1e-4"], "not among the modes run"),
+    (["--modes", "lrc", "full", "--mode-lr", "full=1e-4", "full=5e-5"], "names a mode twice"),
+])
+def test_compare_bad_mode_lr(capsys, compressed_dir, tmp_path, args, needle):
+    code, _, err = run(capsys, "compare", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", *args)
+    _assert_clean_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -37,6 +37,17 @@ def _positive_int(s: str) -> int:
     return int(s)
 
 
+def _mode_lr(s: str) -> tuple[str, float]:
+    """MODE=LR of `welore compare --mode-lr` (the mode and the rate are checked by `compare`)."""
+    mode, sep, lr = s.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return mode, float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODE=LR, e.g. full=5e-5, got {s!r}") from None
+
+
 def _common(p: argparse.ArgumentParser, model_optional: bool = True) -> None:  # MODEL, where and how to run
     if model_optional:
         p.add_argument("model", nargs="?", default=None,
@@ -134,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/")
         else:
             p.add_argument("--modes", nargs="+", default=list(MODES), help="the modes to run (each in its own process)")
+            p.add_argument("--mode-lr", nargs="+", type=_mode_lr, default=[], metavar="MODE=LR",
+                           help="a mode's own learning rate instead of --lr, e.g. full=5e-5")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--device", default=None)
         p.add_argument("-q", "--quiet", action="store_true")
@@ -302,8 +315,11 @@ def cmd_finetune(a) -> int:
 def cmd_compare(a) -> int:
     from .compare import compare  # the training stack: see cmd_finetune
 
-    rows = compare(a.model, a.output, from_namespace(FinetuneConfig, a), a.modes, overwrite=a.overwrite,
-                   device=a.device, progress=not a.quiet)
+    named = [m for m, _ in a.mode_lr]
+    if len(set(named)) < len(named):
+        raise WeloreError(f"--mode-lr names a mode twice: {' '.join(named)}")
+    rows = compare(a.model, a.output, from_namespace(FinetuneConfig, a), a.modes, lrs=dict(a.mode_lr),
+                   overwrite=a.overwrite, device=a.device, progress=not a.quiet)
     print(text_table(rows))
     print(f"wrote {a.output}/ (compare.md, compare.json, compare.png, one directory per mode)")
     return 0

@@ -29,31 +29,48 @@ def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress:
         sys.exit(2)
 
 
-def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
-            overwrite: bool = False, device=None, progress: bool = True) -> list[dict]:
-    """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
-    (so peak memory is each mode's own), and write one table and one plot side by side."""
-    for m in modes:
+def mode_configs(cfg: FinetuneConfig, modes=MODES, lrs: dict[str, float] | None = None) -> dict[str, FinetuneConfig]:
+    """Each mode's settings: `cfg` in that mode, at its own learning rate where `lrs` names one (full
+    fine-tuning moves every weight and wants a lower rate than the factors or adapters do: on coin flip
+    at 300 steps, 5e-5 where the others train well at 2e-4; README, "Downstream tasks"). Built, and so
+    checked, before any run starts."""
+    lrs = dict(lrs or {})
+    for m in (*modes, *lrs):
         if m not in MODES:
             raise WeloreError(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
+    if set(lrs) - set(modes):
+        raise WeloreError(f"a learning rate for {', '.join(sorted(set(lrs) - set(modes)))}, which is not among the modes run")
+    return {m: replace(cfg, mode=m, lr=lrs.get(m, cfg.lr)) for m in modes}
+
+
+def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
+            lrs: dict[str, float] | None = None, overwrite: bool = False, device=None,
+            progress: bool = True) -> list[dict]:
+    """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
+    (so peak memory is each mode's own), and write one table and one plot side by side. `lrs`: a
+    learning rate per mode, for the modes that should not train at `cfg.lr`."""
+    cfgs = mode_configs(cfg, modes, lrs)
     read_meta(Path(model_dir))
     rows, logs = [], {}
     spawn = multiprocessing.get_context("spawn")  # a clean interpreter: no memory or threads inherited
     with atomic_dir(output, overwrite) as tmp:
         for mode in modes:
             child = spawn.Process(target=_finetune_in_child,
-                                  args=(str(model_dir), str(tmp / mode), replace(cfg, mode=mode), device, progress))
+                                  args=(str(model_dir), str(tmp / mode), cfgs[mode], device, progress))
             child.start()
             child.join()
             if child.exitcode != 0:
                 raise WeloreError(f"the {mode} run failed (see its output above)")
             rec = json.loads((tmp / mode / "finetune.json").read_text())
             logs[mode] = rec["log"]
-            rows.append(finetune_row(mode, rec))
+            rows.append({"mode": mode, "lr": cfgs[mode].lr, **finetune_row(mode, rec)})
+        own = ", ".join(f"{m} {c.lr:g}" for m, c in cfgs.items() if c.lr != cfg.lr)
         header = (f"data {cfg.data}, {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} sequences of <= {cfg.seqlen} "
-                  f"tokens, lr {cfg.lr}, seed {cfg.seed}, memory: {rec['metrics']['memory_kind']}")
+                  f"tokens, lr {cfg.lr:g}{f' ({own})' if own else ''}, seed {cfg.seed}, "
+                  f"memory: {rec['metrics']['memory_kind']}")
         (tmp / "compare.md").write_text(f"# welore compare: {model_dir}\n\n{header}\n\n{markdown_table(rows)}\n\n"
                                         "![loss](compare.png)\n")
-        (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+        (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "lrs": {m: c.lr for m, c in cfgs.items()},
+                                                      "rows": rows}, indent=1))
         plot_loss_curves(logs, tmp / "compare.png", title=f"{cfg.data}: training loss by mode")
     return rows
