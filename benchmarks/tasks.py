@@ -28,13 +28,12 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 from recovery import MODELS, OLD_GALORE_SCALE, compressed
 
 from welore import FinetuneConfig
-from welore.compare import compare
+from welore.compare import compare, mode_configs
 from welore.errors import WeloreError
 from welore.io import atomic_file
 from welore.report import returned_eval
@@ -124,14 +123,13 @@ def verdicts(rows: list[dict], base: dict) -> list[str]:
 def run_configs(a: argparse.Namespace, task: str) -> dict[str, FinetuneConfig]:
     """Each mode's settings on `task`: the shared ones, with full fine-tuning at its own learning rate when
     --full-lr is given (moving all weights at the rate that suits low-rank factors or adapters can undo
-    what full fine-tuning learns: README, coin flip at 300 steps)."""
+    what full fine-tuning learns: README, coin flip at 300 steps), as `welore compare --mode-lr` does."""
     cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                          warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                          keep_best=a.keep_best, val_examples=a.val_examples,
                          eval_every=max(1, a.steps // 5) if a.keep_best else 0, seed=a.seed,
                          galore_scale=a.galore_scale)
-    return {mode: replace(cfg, mode=mode, lr=a.full_lr if mode == "full" and a.full_lr is not None else a.lr)
-            for mode in MODES}
+    return mode_configs(cfg, MODES, None if a.full_lr is None else {"full": a.full_lr})
 
 
 def main() -> None:
