@@ -364,6 +364,15 @@ def test_finetune_on_a_text_file(capsys, compressed_dir, tmp_path):
     assert code == 0, err
     rec = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert rec["config"]["data"] == str(text) and "heldout_ppl" in rec["evals"][-1]
+    assert rec["metrics"]["passes"] < 1 and "go 1." not in stdout and "note:" not in stdout
+    # a run that draws more sequences than the text holds says so, and records how many times over
+    short = tmp_path / "short.txt"
+    short.write_text("The meeting moved to room five, then back to room two. " * 12)
+    code, stdout, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "rep"), "--data", str(short),
+                            "--steps", "20", "--seqlen", "32", "--batch-size", "2", "--eval-tokens", "64", "-q")
+    assert code == 0, err
+    passes = json.loads((tmp_path / "rep" / "finetune.json").read_text())["metrics"]["passes"]
+    assert passes > 1 and f"go {passes:.1f} times over the" in stdout and "held-out loss can rise" in stdout
     code, _, err = run(capsys, "finetune", str(compressed_dir), "-o", str(tmp_path / "bad"), "--data", "nope.csv", *fast)
     _assert_clean_error(code, err, "unknown task 'nope.csv'")
     assert not (tmp_path / "bad").exists()

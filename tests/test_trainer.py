@@ -39,3 +39,13 @@ def test_batches_are_a_function_of_seed_step_and_micro_step(tokenizer):
     assert not torch.equal(a.get(3, 1)["input_ids"], a.get(3, 0)["input_ids"])
     other = Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2, seed=1))
     assert not torch.equal(a.get(3, 1)["input_ids"], other.get(3, 1)["input_ids"])
+
+
+def test_passes_count_how_often_the_draws_cover_the_training_text(tokenizer, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("The meeting moved to room five, then back to room two. " * 40)
+    cfg = FinetuneConfig(data=str(text), seqlen=32, batch_size=2, steps=30, grad_accum=2, eval_tokens=64)
+    b = Batches(tokenizer, cfg)
+    assert b.size == b.windows.shape[0] > 0
+    assert b.passes() == 30 * 2 * 2 / b.size  # steps x micro-batches x rows, over the windows
+    assert Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2, steps=3)).passes() < 0.01  # C4 train

@@ -110,6 +110,12 @@ class Batches:
             mask[r, : len(ids)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
+    def passes(self) -> float:
+        """How many times over, on average, the run's draws cover the training text (or examples):
+        above 1 it trains on repeats, and held-out loss can rise while training loss falls (a GPU run
+        of the recovery recipe: README, "On a GPU")."""
+        return self.cfg.steps * self.cfg.grad_accum * self.rows / self.size
+
     def stream(self, index: bool = False) -> StepStream:
         accum = self.cfg.grad_accum
         return StepStream(lambda t: self.get(*divmod(t, accum)), self.cfg.steps * accum, self.rows, index)
