@@ -38,8 +38,9 @@ def mode_configs(cfg: FinetuneConfig, modes=MODES, lrs: dict[str, float] | None 
     for m in (*modes, *lrs):
         if m not in MODES:
             raise WeloreError(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
-    if set(lrs) - set(modes):
-        raise WeloreError(f"a learning rate for {', '.join(sorted(set(lrs) - set(modes)))}, which is not among the modes run")
+    stray = sorted(set(lrs) - set(modes))
+    if stray:
+        raise WeloreError(f"a learning rate for {', '.join(stray)}, which is not among the modes run")
     return {m: replace(cfg, mode=m, lr=lrs.get(m, cfg.lr)) for m in modes}
 
 

@@ -260,9 +260,10 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     msg = f"[{cfg.mode}] trainable parameters: {trainable:,} / {total:,} ({trainable / total:.2%})"
     print(msg + (f"  {info}" if info else ""), flush=True)
-    if cfg.is_text and batches.passes() > 1:  # tasks are trained over many times by design
+    passes = batches.passes()
+    if cfg.is_text and passes > 1:  # tasks are trained over many times by design
         print(f"note: {cfg.steps} steps x {batches.rows * cfg.grad_accum} sequences of {cfg.seqlen} tokens go "
-              f"{batches.passes():.1f} times over the {batches.size:,} sequences of {cfg.data}'s training text; "
+              f"{passes:.1f} times over the {batches.size:,} sequences of {cfg.data}'s training text; "
               "held-out loss can rise once it repeats (--keep-best returns the best evaluation)", flush=True)
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
@@ -307,7 +308,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     for p in model.parameters():
         p.requires_grad_(False)
     metrics = {"trainable_params": trainable, "total_params": total, "train_tokens": steps.tokens,
-               "train_sequences_available": batches.size, "passes": batches.passes(),
+               "train_sequences_available": batches.size, "passes": passes,
                "train_seconds": steps.seconds, "tokens_per_s": steps.tokens / steps.seconds if steps.seconds else None,
                "device": str(args.device), "processes": args.world_size, "weights_digest": digests,
                **mem.report(), **info, "returned_step": returned, **teacher_info}
