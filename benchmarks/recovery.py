@@ -27,6 +27,8 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                                              # loop vs cached (30 steps each, ~15 min)
     python benchmarks/recovery.py --speed 100 --speed-modes lrc full lora --batch-size 8 --seqlen 512
                                           # some modes only, LM loss (on a GPU: CUDA peak memory too)
+    python benchmarks/recovery.py --speed 4 --speed-modes lrc full --speed-savers --batch-size 8 --seqlen 512
+                                          # each also with activation checkpointing and the chunked loss
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
     python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
@@ -188,6 +190,8 @@ def finetune(work: Path, name: str, model: str, mode: str, kd: float, a, lr: flo
             "teacher_gib": m.get("teacher_memory_gib"), "returned_step": m["returned_step"],
             "cache": m.get("teacher_cache"), "cache_build_s": m.get("teacher_cache_build_s"),
             "data": (rec.get("data") or {}).get("corpus", "c4"), "evals": rec["evals"], "final": rec["evals"][-1],
+            "activation_checkpointing": rec["config"].get("activation_checkpointing", False),
+            "loss_chunk": rec["config"].get("loss_chunk", 0),
             "best": min(rec["evals"], key=lambda e: e["c4_ppl"]),
             # the rate after the first 5 steps (on a GPU the first ones pay for CUDA's start-up)
             "steady_tokens_per_s": statistics.median(e["tokens_per_s"] for e in rec["log"][5:] or rec["log"])}
@@ -225,6 +229,8 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 
 
 SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
+# --speed-savers: each LM-loss mode again with both memory savers (rows and ratios named "-saved")
+SAVERS = ("--activation-checkpointing", "--loss-chunk", "1024")
 
 
 def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, ...] = SPEED_RUNS) -> dict:
@@ -236,19 +242,29 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
     cache = work / f"teacher-speed-{steps}x{a.batch_size}x{a.seqlen}.safetensors"
     cache.unlink(missing_ok=True)
     plan = [(f"{m}-lm", "paper50", m, 0.0, None) for m in SPEED_RUNS[:4] if m in {"lrc", "full", *which}]
+    if a.speed_savers:
+        plan = [row for lm in plan for row in (lm, (f"{lm[0]}-saved", *lm[1:]))]
     if "kd" in which:
         plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
                  ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
     rows = {}
     for name, model, mode, kd, c in plan:
-        r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c)
+        r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c,
+                     SAVERS if name.endswith("-saved") else ())
         rows[name] = {k: r[k] for k in ("trainable", "tokens", "tokens_per_s", "train_s", "wall_s", "peak_rss_gib",
-                                        "teacher_gib", "cache_build_s", "device", "train_peak_gib", "train_memory_kind")}
+                                        "teacher_gib", "cache_build_s", "device", "train_peak_gib", "train_memory_kind",
+                                        "activation_checkpointing", "loss_chunk")}
         print(name, json.dumps(rows[name]), flush=True)
     ratio = {"peak RSS lrc/full": rows["lrc-lm"]["peak_rss_gib"] / rows["full-lm"]["peak_rss_gib"],
              "tokens/s lrc/full": rows["lrc-lm"]["tokens_per_s"] / rows["full-lm"]["tokens_per_s"]}
-    if str(rows["lrc-lm"]["device"]).startswith("cuda"):  # on a GPU the memory that matters is the device's
-        ratio["CUDA peak allocated lrc/full"] = rows["lrc-lm"]["train_peak_gib"] / rows["full-lm"]["train_peak_gib"]
+    # the memory of the training steps (on a GPU the device's; on the CPU the process' RSS while training)
+    ratio["training peak lrc/full"] = rows["lrc-lm"]["train_peak_gib"] / rows["full-lm"]["train_peak_gib"]
+    if a.speed_savers:
+        ratio["training peak lrc/full, saved"] = rows["lrc-lm-saved"]["train_peak_gib"] / rows["full-lm-saved"]["train_peak_gib"]
+        ratio["tokens/s lrc/full, saved"] = rows["lrc-lm-saved"]["tokens_per_s"] / rows["full-lm-saved"]["tokens_per_s"]
+        for m in ("lrc", "full"):
+            ratio[f"training peak {m} saved/own"] = rows[f"{m}-lm-saved"]["train_peak_gib"] / rows[f"{m}-lm"]["train_peak_gib"]
+            ratio[f"tokens/s {m} saved/own"] = rows[f"{m}-lm-saved"]["tokens_per_s"] / rows[f"{m}-lm"]["tokens_per_s"]
     if "kd" in which:
         ratio["tokens/s kd cached/in loop"] = rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"]
         ratio["tokens/s kd in loop/lm"] = rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]
@@ -300,6 +316,8 @@ def main() -> None:
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
     ap.add_argument("--speed-modes", nargs="+", default=list(SPEED_RUNS), choices=SPEED_RUNS, metavar="MODE",
                     help="with --speed: the modes run with the LM loss (lrc and full always), and kd for the teacher rows")
+    ap.add_argument("--speed-savers", action="store_true",
+                    help="with --speed: each LM-loss mode also with activation checkpointing and --loss-chunk 1024")
     ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
                     help="GaLore runs: the update scale (its matrices move lr x scale a step)")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")

@@ -19,8 +19,9 @@ def test_every_field_is_a_flag_with_the_dataclass_default(command, cls):
 
 def test_flags_map_onto_the_config():
     args = build_parser().parse_args(["finetune", "M", "-o", "O", "--train", "lora", "--lora-rank", "3", "--lr",
-                                      "0.01", "--grad_accum", "2"])
-    assert from_namespace(FinetuneConfig, args) == FinetuneConfig(mode="lora", lora_rank=3, lr=0.01, grad_accum=2)
+                                      "0.01", "--grad_accum", "2", "--gradient-checkpointing", "--loss-chunk", "512"])
+    assert from_namespace(FinetuneConfig, args) == FinetuneConfig(mode="lora", lora_rank=3, lr=0.01, grad_accum=2,
+                                                                  activation_checkpointing=True, loss_chunk=512)
     args = build_parser().parse_args(["compress", "M", "--method", "whiten", "--targets", "q_proj", "k_proj",
                                       "--refit", "--calib-samples", "8"])
     args.ratio = 0.5
@@ -35,6 +36,8 @@ def test_flags_map_onto_the_config():
     (dict(galore_scale=float("nan")), "galore scale must be > 0"),
     (dict(weight_decay=-1.0), "weight decay"),
     (dict(seqlen=4), "at least 8"),
+    (dict(loss_chunk=-1), "loss chunk must be >= 0"),
+    (dict(loss_chunk=64, teacher="base"), "distillation needs the student's whole logits"),
     (dict(mode="lora", lora_targets="(down"), "not a valid regex"),
 ])
 def test_finetune_config_is_validated_on_construction(kwargs, message):
@@ -63,6 +66,7 @@ def test_a_record_without_a_later_setting_matches_at_its_default():
     ({"data": "c4"}, {"eval_examples": 300, "val_examples": 40}, {"eval_tokens": 2048}),
     ({"data": "coinflip"}, {"eval_tokens": 2048}, {"eval_examples": 300, "val_examples": 40}),
     ({"data": "coinflip", "keep_best": False}, {"val_examples": 40}, {"eval_examples": 300}),
+    ({"mode": "lrc"}, {"activation_checkpointing": True, "loss_chunk": 256}, {"batch_size": 8}),
 ])
 def test_a_run_is_the_settings_it_reads(run, unread, read):
     # a setting the run never reads (GaLore's scale in an lrc run) does not make it another run, for

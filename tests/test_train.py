@@ -258,12 +258,14 @@ def test_not_a_compressed_directory(model_dir, tmp_path):
         finetune(tmp_path / "nope", tmp_path / "o", FinetuneConfig(**FAST), progress=False)
 
 
-def test_two_processes_match_one(compressed_dir, tmp_path):
+@pytest.mark.parametrize("how", [[], ["--gradient-checkpointing", "--loss-chunk", "5"]], ids=["own-loss", "saved"])
+def test_two_processes_match_one(compressed_dir, tmp_path, how):
     """Two processes (DDP over gloo) end with the same weights on both ranks, and their losses and
     weights match one process with the same global batch. `accelerate launch --cpu` would start one
-    process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU."""
+    process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU.
+    The chunked loss calls the model's body outside DDP's forward: its gradients must still be reduced."""
     steps = dict(steps=4, seqlen=32, lr=3e-3, warmup=1, eval_tokens=64, save_every=0)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in steps.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in steps.items()] + how
     welore_cli = Path(sys.executable).with_name("welore")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(welore_cli), "finetune",
@@ -280,6 +282,58 @@ def test_two_processes_match_one(compressed_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora"])
+@pytest.mark.parametrize("data, extra", [("c4", {}), ("coinflip", dict(eval_examples=20, val_examples=8, seqlen=128))])
+def test_memory_savers_train_the_same_steps(compressed_dir, tmp_path, monkeypatch, mode, data, extra):
+    # gradient checkpointing and the chunked LM loss change what is kept for the backward, not the
+    # steps: the same losses and weights as the model's own loss (a task's batches have uneven label
+    # counts, which the accumulated loss must weigh as transformers does)
+    from transformers import PreTrainedModel
+
+    enabled = []  # what Trainer asked of the model (transformers 5.25 renamed the method)
+    method = next(m for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+                  if hasattr(PreTrainedModel, m))
+    enable = getattr(PreTrainedModel, method)
+    monkeypatch.setattr(PreTrainedModel, method, lambda self, **kw: (enabled.append(kw), enable(self, **kw))[1])
+    base = dict(FAST, steps=3, grad_accum=2, mode=mode, data=data, **extra)
+    runs = {}
+    for name, how in (("own", {}), ("saved", dict(activation_checkpointing=True, loss_chunk=7))):
+        res = finetune(compressed_dir, tmp_path / name, FinetuneConfig(**base, **how), progress=False)
+        runs[name] = ([e["loss"] for e in res.log], load_file(str(tmp_path / name / "model.safetensors")))
+        assert len(enabled) == (name == "saved")  # Trainer turned checkpointing on for that run only
+    assert "'use_reentrant': False" in str(enabled[0])
+    assert runs["saved"][0] == pytest.approx(runs["own"][0], rel=1e-5)
+    for k, w in runs["own"][1].items():
+        torch.testing.assert_close(runs["saved"][1][k], w, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(not torch.equal(w, load_file(str(compressed_dir / "model.safetensors"))[k])
+               for k, w in runs["own"][1].items())  # the runs trained
+
+
+def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, tmp_path, monkeypatch):
+    # a logit soft-cap after the head (Gemma 2's), in the model's forward: the chunked loss would be another loss
+    from transformers import LlamaForCausalLM
+
+    from welore.trainer import chunked_lm_loss
+
+    loaded = load_compressed(compressed_dir)
+    batch = Batches(loaded.tokenizer, FinetuneConfig(seqlen=32, batch_size=2)).get(0, 0)
+    torch.testing.assert_close(chunked_lm_loss(loaded.model, batch, 5), loaded.model(**batch).loss)
+    forward = LlamaForCausalLM.forward
+
+    def capped(self, *args, labels=None, **kwargs):
+        kwargs.pop("num_items_in_batch", None)
+        out = forward(self, *args, **kwargs)
+        out.logits = torch.tanh(out.logits)
+        if labels is not None:
+            out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", capped)
+    with pytest.raises(WeloreError, match="run without --loss-chunk"):
+        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**FAST, loss_chunk=8), progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("data, extra", [("coinflip", dict(eval_examples=20, val_examples=8, seqlen=128)), ("c4", {})])

@@ -49,3 +49,25 @@ def test_passes_count_how_often_the_draws_cover_the_training_text(tokenizer, tmp
     assert b.size == b.windows.shape[0] > 0
     assert b.passes() == 30 * 2 * 2 / b.size  # steps x micro-batches x rows, over the windows
     assert Batches(tokenizer, FinetuneConfig(seqlen=32, batch_size=2, steps=3)).passes() < 0.01  # C4 train
+
+
+def test_the_chunked_loss_is_the_models_own_in_every_architecture(tiny):
+    # the body's output through the head, chunk by chunk, is the loss (and the gradient) transformers
+    # computes from the whole logits; masked positions (-100) are left out as it leaves them out
+    from welore.trainer import chunked_lm_loss
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[0, :9] = -100  # a prompt, as a task's batch has
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    params = [p for p in tiny.parameters() if p.requires_grad]
+    own = tiny(**batch).loss
+    own_grads = torch.autograd.grad(own, params)
+    for chunk in (5, 64):
+        ours = chunked_lm_loss(tiny, batch, chunk)
+        torch.testing.assert_close(ours, own)
+        for g, want in zip(torch.autograd.grad(ours, params), own_grads):
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    summed = chunked_lm_loss(tiny, batch, 5, num_items=10)  # transformers' accumulated form: sum / items
+    torch.testing.assert_close(summed, own * (labels[:, 1:] != -100).sum() / 10)

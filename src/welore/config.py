@@ -27,6 +27,8 @@ MODE_SETTINGS = {"lora": ("lora_rank", "lora_alpha", "lora_targets"),
                  "galore": ("galore_rank", "galore_update_gap", "galore_scale")}
 TEACHER_SETTINGS = ("kd_weight", "kd_temperature", "teacher_cache", "teacher_top_k")
 DATA = ("c4", *TASKS)
+# how a run computes, not what: the same steps to rounding, so a run may resume with them changed
+HOW_SETTINGS = ("activation_checkpointing", "loss_chunk")
 
 
 def _help(text: str, **more) -> dict:
@@ -168,6 +170,13 @@ class FinetuneConfig:
         "judged on --val-examples set aside from its train split, never on the eval examples it reports"))
     val_examples: int = field(default=50, metadata=_help(
         "with --keep-best on a task: train examples set aside (at most a fifth) to choose the returned weights"))
+    activation_checkpointing: bool = field(default=False, metadata=_help(
+        "keep only each block's input for the backward and recompute the rest (transformers' activation, or "
+        "gradient, checkpointing): less memory, about one more forward of compute",
+        aliases=["--gradient-checkpointing"]))
+    loss_chunk: int = field(default=0, metadata=_help(
+        "compute the LM loss this many positions at a time, recomputing each chunk's logits in the backward, so "
+        "the [tokens x vocabulary] logits never exist whole (0: the model's own loss; not with --teacher)"))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
@@ -205,6 +214,10 @@ class FinetuneConfig:
             raise WeloreError("--teacher-cache needs --teacher")
         if self.teacher_top_k <= 0:
             raise WeloreError(f"teacher top-k must be > 0, got {self.teacher_top_k}")
+        if self.loss_chunk < 0:
+            raise WeloreError(f"loss chunk must be >= 0, got {self.loss_chunk}")
+        if self.loss_chunk and self.teacher is not None:
+            raise WeloreError("--loss-chunk is for the LM loss; distillation needs the student's whole logits")
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
 
@@ -231,10 +244,12 @@ class FinetuneConfig:
 
     def read_settings(self) -> dict:
         """The settings this run reads, i.e. what defines it (what a resumed run must match): to_dict()
-        less another mode's settings, distillation's without a teacher, and the other kind of data's."""
+        less another mode's settings, distillation's without a teacher, the other kind of data's, and
+        those that change how memory is spent, not the steps (HOW_SETTINGS)."""
         unread = {name for mode, names in MODE_SETTINGS.items() if mode != self.mode for name in names}
         unread |= set(TEACHER_SETTINGS) if self.teacher is None else set()
         unread |= {"eval_examples", "val_examples"} if self.is_text else {"eval_tokens"}
+        unread |= set(HOW_SETTINGS)
         if not self.keep_best:
             unread.add("val_examples")  # the guard's only
         return {k: v for k, v in self.to_dict().items() if k not in unread}

@@ -254,7 +254,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     args = training_arguments(ckpt, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                               grad_accum=cfg.grad_accum, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
-                              device=device, **optim)
+                              device=device, activation_checkpointing=cfg.activation_checkpointing, **optim)
     batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
     eval_set = batches.held_out  # a text file's tail (None: C4's own held-out documents), or (validation, eval) examples
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -276,8 +276,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                     fingerprint, keep, data_info)
     stream = batches.stream(index=cfg.teacher_cache is not None)
     teacher, teacher_info = load_teacher(cfg, meta, tokenizer, args.device, stream, args.world_size, progress)
-    trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, kd_weight=cfg.kd_weight,
-                           temperature=cfg.kd_temperature)
+    trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, loss_chunk=cfg.loss_chunk,
+                           kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
     if last is None:
         evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
         if keep:

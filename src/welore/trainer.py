@@ -11,6 +11,8 @@ What welore adds to Trainer, and why:
 * `Batches`: fine-tuning data (C4 windows, or task examples with the loss on the answer only).
 * `StepLog`: one record per optimizer step (loss, learning rate, tokens/s of the step's own wall time,
   so evaluations and checkpoints are not counted), and welore's progress bar instead of Trainer's.
+* `chunked_lm_loss` (`loss_chunk`): the LM loss without the whole [tokens x vocabulary] logits in
+  memory, which at a large batch are what training holds most of (README, "Memory at a large batch").
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -125,12 +130,19 @@ class Batches:
 # the trainer
 
 
+# transformers 5.25 renamed gradient checkpointing (the old name is an alias until v6)
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
+
 def training_arguments(output_dir, *, steps: int, lr: float, batch_size: int, grad_accum: int = 1,
                        warmup: int = 0, schedule: str = "cosine", weight_decay: float = 0.0,
                        max_grad_norm: float = 1.0, seed: int = 0, save_every: int = 0, device=None,
-                       **optim) -> TrainingArguments:
+                       activation_checkpointing: bool = False, **optim) -> TrainingArguments:
     """Trainer settings for welore's runs: in-order data, a log record every step, no reporting
-    integrations, bf16 autocast on a GPU that has it and fp32 elsewhere."""
+    integrations, bf16 autocast on a GPU that has it and fp32 elsewhere. activation_checkpointing:
+    transformers' own, non-reentrant (it needs no input that requires a gradient, which a run with
+    frozen embeddings has not)."""
     dev = pick_device(device)
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
@@ -140,11 +152,70 @@ def training_arguments(output_dir, *, steps: int, lr: float, batch_size: int, gr
         train_sampling_strategy="sequential",
         logging_steps=1, include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=True,
         save_strategy="steps" if save_every else "no", save_steps=save_every or 500, save_total_limit=1,
-        dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"], **optim)
+        dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"],
+        **{CHECKPOINTING: activation_checkpointing,
+           CHECKPOINTING + "_kwargs": {"use_reentrant": False} if activation_checkpointing else None}, **optim)
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The output embedding (LM head) of a causal LM, wrapped (DDP, PEFT) or not."""
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise WeloreError(f"--loss-chunk needs a linear LM head; {type(inner).__name__} has {type(head).__name__}")
+    return head
+
+
+def _head_nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")  # fp32, as transformers' own loss
+
+
+def chunked_lm_loss(model: nn.Module, inputs: dict, chunk: int, num_items: torch.Tensor | int | None = None
+                    ) -> torch.Tensor:
+    """The causal LM loss of `model` on `inputs` (labels shifted, -100 ignored): the summed token NLL
+    over `num_items`, else the mean, as transformers computes it. The head runs on `chunk` predicted
+    positions at a time inside activation checkpointing, so the backward keeps the body's output and
+    recomputes one chunk's logits at a time: the [tokens x vocabulary] logits and their log-softmax
+    never exist whole (at 8 x 512 tokens and SmolLM2's 49,152-token vocabulary, 0.75 GiB per fp32
+    copy). Positions without a label (a task's prompt) never reach the head.
+
+    The model is called whole, through its wrappers (DDP's forward readies the gradients' reduction),
+    and a hook on its head keeps what the head was given and lets it compute the last position only."""
+    head = output_head(model)
+    kept = []
+
+    def take(module, args):
+        kept.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    hook = head.register_forward_pre_hook(take)
+    try:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    finally:
+        hook.remove()
+    if len(kept) != 1 or kept[0].shape[:2] != inputs["input_ids"].shape:
+        raise WeloreError("--loss-chunk: the model's head did not read one hidden state per position; "
+                          "run without --loss-chunk")
+    hidden = kept[0]
+    labels = F.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].to(hidden.device)
+    keep = labels != -100
+    h, y = hidden[keep], labels[keep]
+    total = hidden.sum() * 0.0  # a batch with nothing to predict still has a graph
+    for i in range(0, len(y), chunk):
+        total = total + checkpoint(_head_nll_sum, h[i: i + chunk], y[i: i + chunk], head, use_reentrant=False)
+    return total / (num_items if num_items is not None else max(len(y), 1))
 
 
 class WeloreTrainer(Trainer):
-    """Trainer with GaLore's groups given the run's weight decay (Trainer builds them without it)."""
+    """Trainer with GaLore's groups given the run's weight decay (Trainer builds them without it), and
+    with `loss_chunk` > 0 the LM loss by `chunked_lm_loss`. Before its first step that loss is checked
+    against the model's own on one sequence: a head that is more than a linear map of the body's
+    output (a logit soft-cap or scale) would make it another loss, and is refused."""
+
+    def __init__(self, *args, loss_chunk: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk, self._chunk_checked = loss_chunk, False
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -152,6 +223,34 @@ class WeloreTrainer(Trainer):
             for group in optimizer.param_groups:
                 group["weight_decay"] = self.args.weight_decay
         return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_chunk:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self._chunk_checked:
+            self._check_chunked_loss(model, inputs)
+        loss = chunked_lm_loss(model, inputs, self.loss_chunk, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as Trainer scales the model's own loss
+        return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _check_chunked_loss(self, model, inputs) -> None:
+        row = {k: v[:1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
+        if not (row["labels"][:, 1:] != -100).any():
+            return  # nothing to compare on: the next batch is checked
+        was_training = model.training
+        model.eval()  # dropout would make the two forwards differ
+        try:
+            own = model(**row, use_cache=False).loss.float().item()
+            ours = chunked_lm_loss(model, row, self.loss_chunk).float().item()
+        finally:
+            model.train(was_training)
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 and not self.args.bf16 else 2e-2
+        if not abs(own - ours) <= tol * max(abs(own), 1e-6):
+            raise WeloreError(f"--loss-chunk computes {ours:.5g} where the model's own loss is {own:.5g} (its head is "
+                              "more than a linear map of its body's output); run without --loss-chunk")
+        self._chunk_checked = True
 
 
 class StepLog(TrainerCallback):
@@ -189,12 +288,13 @@ class StepLog(TrainerCallback):
 
 
 def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream | None = None,
-                 callbacks: list[TrainerCallback] = (), teacher=None, **distill) -> WeloreTrainer:
+                 callbacks: list[TrainerCallback] = (), teacher=None, loss_chunk: int = 0, **distill) -> WeloreTrainer:
     """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones; with a
-    `teacher` (welore.distill.Teacher), its loss is distillation (`distill`: kd_weight, temperature)."""
+    `teacher` (welore.distill.Teacher), its loss is distillation (`distill`: kd_weight, temperature),
+    else the LM loss (by `chunked_lm_loss` when `loss_chunk` > 0)."""
     kwargs = dict(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
     if teacher is None:
-        trainer = WeloreTrainer(**kwargs)
+        trainer = WeloreTrainer(**kwargs, loss_chunk=loss_chunk)
     else:
         from .distill import DistillTrainer  # it subclasses WeloreTrainer
 
