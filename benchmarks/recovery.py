@@ -229,8 +229,10 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 
 
 SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
-# --speed-savers: each LM-loss mode again with both memory savers (rows and ratios named "-saved")
-SAVERS = ("--activation-checkpointing", "--loss-chunk", "1024")
+# --speed-savers [VARIANT ...]: each LM-loss mode again with memory savers, a row per variant (named
+# "-saved" for both savers, "-ckpt" / "-chunk" for one)
+SAVERS = {"saved": ("--activation-checkpointing", "--loss-chunk", "1024"), "ckpt": ("--activation-checkpointing",),
+          "chunk": ("--loss-chunk", "1024")}
 
 
 def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, ...] = SPEED_RUNS) -> dict:
@@ -243,14 +245,14 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
     cache.unlink(missing_ok=True)
     plan = [(f"{m}-lm", "paper50", m, 0.0, None) for m in SPEED_RUNS[:4] if m in {"lrc", "full", *which}]
     if a.speed_savers:
-        plan = [row for lm in plan for row in (lm, (f"{lm[0]}-saved", *lm[1:]))]
+        plan = [row for lm in plan for row in (lm, *((f"{lm[0]}-{v}", *lm[1:]) for v in a.speed_savers))]
     if "kd" in which:
         plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
                  ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
     rows = {}
     for name, model, mode, kd, c in plan:
         r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c,
-                     SAVERS if name.endswith("-saved") else ())
+                     SAVERS.get(name.rsplit("-", 1)[-1], ()))
         rows[name] = {k: r[k] for k in ("trainable", "tokens", "tokens_per_s", "train_s", "wall_s", "peak_rss_gib",
                                         "teacher_gib", "cache_build_s", "device", "train_peak_gib", "train_memory_kind",
                                         "activation_checkpointing", "loss_chunk")}
@@ -259,12 +261,12 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
              "tokens/s lrc/full": rows["lrc-lm"]["tokens_per_s"] / rows["full-lm"]["tokens_per_s"]}
     # the memory of the training steps (on a GPU the device's; on the CPU the process' RSS while training)
     ratio["training peak lrc/full"] = rows["lrc-lm"]["train_peak_gib"] / rows["full-lm"]["train_peak_gib"]
-    if a.speed_savers:
-        ratio["training peak lrc/full, saved"] = rows["lrc-lm-saved"]["train_peak_gib"] / rows["full-lm-saved"]["train_peak_gib"]
-        ratio["tokens/s lrc/full, saved"] = rows["lrc-lm-saved"]["tokens_per_s"] / rows["full-lm-saved"]["tokens_per_s"]
+    for v in a.speed_savers or ():
+        ratio[f"training peak lrc/full, {v}"] = rows[f"lrc-lm-{v}"]["train_peak_gib"] / rows[f"full-lm-{v}"]["train_peak_gib"]
+        ratio[f"tokens/s lrc/full, {v}"] = rows[f"lrc-lm-{v}"]["tokens_per_s"] / rows[f"full-lm-{v}"]["tokens_per_s"]
         for m in ("lrc", "full"):
-            ratio[f"training peak {m} saved/own"] = rows[f"{m}-lm-saved"]["train_peak_gib"] / rows[f"{m}-lm"]["train_peak_gib"]
-            ratio[f"tokens/s {m} saved/own"] = rows[f"{m}-lm-saved"]["tokens_per_s"] / rows[f"{m}-lm"]["tokens_per_s"]
+            ratio[f"training peak {m} {v}/own"] = rows[f"{m}-lm-{v}"]["train_peak_gib"] / rows[f"{m}-lm"]["train_peak_gib"]
+            ratio[f"tokens/s {m} {v}/own"] = rows[f"{m}-lm-{v}"]["tokens_per_s"] / rows[f"{m}-lm"]["tokens_per_s"]
     if "kd" in which:
         ratio["tokens/s kd cached/in loop"] = rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"]
         ratio["tokens/s kd in loop/lm"] = rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]
@@ -316,8 +318,9 @@ def main() -> None:
                     help="tokens/s and peak RSS of every mode and of the teacher in the loop vs cached")
     ap.add_argument("--speed-modes", nargs="+", default=list(SPEED_RUNS), choices=SPEED_RUNS, metavar="MODE",
                     help="with --speed: the modes run with the LM loss (lrc and full always), and kd for the teacher rows")
-    ap.add_argument("--speed-savers", action="store_true",
-                    help="with --speed: each LM-loss mode also with activation checkpointing and --loss-chunk 1024")
+    ap.add_argument("--speed-savers", nargs="*", default=None, choices=list(SAVERS), metavar="VARIANT",
+                    help="with --speed: each LM-loss mode also with memory savers: saved (activation checkpointing and "
+                         "--loss-chunk 1024, the default), ckpt or chunk (one of them)")
     ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
                     help="GaLore runs: the update scale (its matrices move lr x scale a step)")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
@@ -337,6 +340,8 @@ def main() -> None:
     if a.full_eval:
         full_eval(work, a.full_eval, results)
     elif a.speed:
+        if a.speed_savers == []:  # the flag alone: both savers
+            a.speed_savers = ["saved"]
         results["speed"] = speed(work, a, lr, warmup, a.speed, tuple(a.speed_modes))
     elif a.mode_sweep:
         results["mode_sweep"] = mode_sweep(work, a, warmup, results)
