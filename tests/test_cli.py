@@ -384,7 +384,8 @@ def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     assert code == 0, err
     assert "trainable" in stdout and (tmp_path / "ft" / "finetune.json").is_file()
     code, stdout, err = run(capsys, "compare", str(compressed_dir), "-o", str(tmp_path / "cmp"),
-                            "--modes", "lrc", "lora", "--lr", "2e-4", "--mode-lr", "lora=5e-4", *fast)
+                            "--modes", "lrc", "lora", "--lr", "2e-4", "--mode-lr", "lora=5e-4",
+                            "--gradient-checkpointing", "--loss-chunk", "16", *fast)
     assert code == 0, err
     rec = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [(r["mode"], r["lr"]) for r in rec["rows"]] == [("lrc", 2e-4), ("lora", 5e-4)]
@@ -392,7 +393,11 @@ def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
     # each run really trained at its rate, and the table says so
     assert [json.loads((tmp_path / "cmp" / m / "finetune.json").read_text())["config"]["lr"] for m in ("lrc", "lora")] \
         == [2e-4, 5e-4]
-    assert "lr 0.0002 (lora 0.0005)" in (tmp_path / "cmp" / "compare.md").read_text()
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "lr 0.0002 (lora 0.0005)" in md and "(savers: activation checkpointing, the loss in chunks of 16)" in md
+    for m in ("lrc", "lora"):  # the memory savers reached every mode's run
+        run_cfg = json.loads((tmp_path / "cmp" / m / "finetune.json").read_text())["config"]
+        assert run_cfg["activation_checkpointing"] is True and run_cfg["loss_chunk"] == 16
     assert {"compare.md", "compare.png", "lrc", "lora"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
 
 

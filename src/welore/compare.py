@@ -66,9 +66,12 @@ def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, mode
             logs[mode] = rec["log"]
             rows.append({"mode": mode, "lr": cfgs[mode].lr, **finetune_row(mode, rec)})
         own = ", ".join(f"{m} {c.lr:g}" for m, c in cfgs.items() if c.lr != cfg.lr)
+        savers = ", ".join(["activation checkpointing"] * cfg.activation_checkpointing
+                           + [f"the loss in chunks of {cfg.loss_chunk}"] * bool(cfg.loss_chunk))
+        savers = f" (savers: {savers})" if savers else ""
         header = (f"data {cfg.data}, {cfg.steps} steps x {cfg.batch_size * cfg.grad_accum} sequences of <= {cfg.seqlen} "
                   f"tokens, lr {cfg.lr:g}{f' ({own})' if own else ''}, seed {cfg.seed}, "
-                  f"memory: {rec['metrics']['memory_kind']}")
+                  f"memory: {rec['metrics']['memory_kind']}{savers}")
         (tmp / "compare.md").write_text(f"# welore compare: {model_dir}\n\n{header}\n\n{markdown_table(rows)}\n\n"
                                         "![loss](compare.png)\n")
         (tmp / "compare.json").write_text(json.dumps({"config": asdict(cfg), "lrs": {m: c.lr for m, c in cfgs.items()},
