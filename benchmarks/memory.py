@@ -4,7 +4,9 @@ allocator holds after tensors are freed.
 
 One optimizer step (after a first one, so Adam's states exist) of `welore finetune`'s step, written
 out: the LM loss (the model's own, or `chunked_lm_loss`), backward, gradient clipping, AdamW
-(torch's, as Trainer's `adamw_torch`), zero_grad. Each configuration in its own process.
+(torch's, as Trainer's `adamw_torch`), zero_grad. Each configuration in its own process. The numbers
+come from torch's private `MemoryProfileTimeline`, the class behind `profile.export_memory_timeline`
+(which draws them; torch is pinned, so the private name holds).
 
     python benchmarks/memory.py bench-out/recovery/paper50 --batch-size 8 --seqlen 512
 """
