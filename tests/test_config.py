@@ -22,6 +22,8 @@ def test_flags_map_onto_the_config():
                                       "0.01", "--grad_accum", "2", "--gradient-checkpointing", "--loss-chunk", "512"])
     assert from_namespace(FinetuneConfig, args) == FinetuneConfig(mode="lora", lora_rank=3, lr=0.01, grad_accum=2,
                                                                   activation_checkpointing=True, loss_chunk=512)
+    args = build_parser().parse_args(["finetune", "M", "-o", "O", "--loss-chunk"])  # the flag alone
+    assert from_namespace(FinetuneConfig, args).loss_chunk == 1024
     args = build_parser().parse_args(["compress", "M", "--method", "whiten", "--targets", "q_proj", "k_proj",
                                       "--refit", "--calib-samples", "8"])
     args.ratio = 0.5

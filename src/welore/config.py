@@ -175,8 +175,9 @@ class FinetuneConfig:
         "gradient, checkpointing): less memory, about one more forward of compute",
         aliases=["--gradient-checkpointing"]))
     loss_chunk: int = field(default=0, metadata=_help(
-        "compute the LM loss this many positions at a time, recomputing each chunk's logits in the backward, so "
-        "the [tokens x vocabulary] logits never exist whole (0: the model's own loss; not with --teacher)"))
+        "compute the LM loss this many positions at a time (the flag alone: 1024), recomputing each chunk's logits "
+        "in the backward, so the [tokens x vocabulary] logits never exist whole (0: the model's own loss; not with "
+        "--teacher)", nargs="?", const=1024))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
