@@ -263,7 +263,7 @@ def test_two_processes_match_one(compressed_dir, tmp_path, how):
     """Two processes (DDP over gloo) end with the same weights on both ranks, and their losses and
     weights match one process with the same global batch. `accelerate launch --cpu` would start one
     process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU.
-    The chunked loss calls the model's body outside DDP's forward: its gradients must still be reduced."""
+    The chunked loss applies the head outside the model's forward: its gradients must still be reduced."""
     steps = dict(steps=4, seqlen=32, lr=3e-3, warmup=1, eval_tokens=64, save_every=0)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in steps.items()] + how
     welore_cli = Path(sys.executable).with_name("welore")
