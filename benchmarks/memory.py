@@ -26,7 +26,7 @@ from torch.profiler._memory_profiler import MemoryProfileTimeline
 from welore.config import FinetuneConfig
 from welore.io import load_compressed
 from welore.train import prepare_mode
-from welore.trainer import Batches, chunked_lm_loss
+from welore.trainer import CHECKPOINTING, Batches, chunked_lm_loss
 
 CONFIGS = [(mode, saved) for mode in ("lrc", "full") for saved in (False, True)]
 
@@ -36,9 +36,8 @@ def one(model_dir: str, mode: str, saved: bool, batch_size: int, seqlen: int, ch
     model, _, _ = prepare_mode(loaded.model, FinetuneConfig(mode=mode))
     model.config.use_cache = False
     model.train()
-    if saved:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(**{f"{enable.__name__.removesuffix('_enable')}_kwargs": {"use_reentrant": False}})
+    if saved:  # what Trainer does with welore's training arguments
+        getattr(model, f"{CHECKPOINTING}_enable")(**{f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     batches = Batches(loaded.tokenizer, FinetuneConfig(seqlen=seqlen, batch_size=batch_size))

@@ -231,8 +231,8 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
 # --speed-savers [VARIANT ...]: each LM-loss mode again with memory savers, a row per variant (named
 # "-saved" for both savers, "-ckpt" / "-chunk" for one)
-SAVERS = {"saved": ("--activation-checkpointing", "--loss-chunk", "1024"), "ckpt": ("--activation-checkpointing",),
-          "chunk": ("--loss-chunk", "1024")}
+_CKPT, _CHUNK = ("--activation-checkpointing",), ("--loss-chunk", "1024")
+SAVERS = {"saved": _CKPT + _CHUNK, "ckpt": _CKPT, "chunk": _CHUNK}
 
 
 def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, ...] = SPEED_RUNS) -> dict:

@@ -292,9 +292,10 @@ def test_memory_savers_train_the_same_steps(compressed_dir, tmp_path, monkeypatc
     # counts, which the accumulated loss must weigh as transformers does)
     from transformers import PreTrainedModel
 
+    from welore.trainer import CHECKPOINTING
+
     enabled = []  # what Trainer asked of the model (transformers 5.25 renamed the method)
-    method = next(m for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-                  if hasattr(PreTrainedModel, m))
+    method = f"{CHECKPOINTING}_enable"
     enable = getattr(PreTrainedModel, method)
     monkeypatch.setattr(PreTrainedModel, method, lambda self, **kw: (enabled.append(kw), enable(self, **kw))[1])
     base = dict(FAST, steps=3, grad_accum=2, mode=mode, data=data, **extra)

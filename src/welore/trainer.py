@@ -130,7 +130,8 @@ class Batches:
 # the trainer
 
 
-# transformers 5.25 renamed gradient checkpointing (the old name is an alias until v6)
+# transformers 5.25 renamed gradient checkpointing (the old name is an alias until v6): the
+# TrainingArguments field, and the model's `<name>_enable(<name>_kwargs=...)` Trainer calls
 CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                  else "gradient_checkpointing")
 
