@@ -135,6 +135,56 @@ def test_topk_kd_loss_is_the_full_kl_at_full_k_and_a_lower_bound_below():
     assert kd_loss_topk(t, ids, logp, labels, T).item() == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("kd_weight", [1.0, 0.4, 0.0])
+def test_the_chunked_distillation_loss_is_the_whole_logits_one(compressed_dir, model_dir, tmp_path, tokenizer, kd_weight):
+    """chunked_kd_loss gives DistillTrainer's loss (and gradients) from the whole logits, with the
+    teacher in the loop and from its cache, on a batch with a masked prompt."""
+    from welore.distill import DistillTrainer, chunked_kd_loss
+    from welore.trainer import StepStream, training_arguments
+
+    student = load_compressed(compressed_dir).model
+    params = [p for p in student.parameters() if p.requires_grad]
+    teacher = Teacher(str(model_dir), tokenizer, "cpu")
+    stream = Batches(tokenizer, FinetuneConfig(seqlen=24, batch_size=2, steps=1)).stream(index=True)
+    batch = stream.batch(0)
+    batch["labels"][0, :9] = -100  # a prompt, as a task's batch has
+    batch[StepStream.INDEX] = torch.arange(2)
+    cache = tmp_path / "cache.safetensors"
+    build_teacher_cache(cache, teacher, stream, 24, 7, 1.5, {"teacher": "x"}, progress=False)
+    for answers in (teacher, TeacherCache(cache, stream, {"teacher": "x"})):
+        trainer = DistillTrainer(model=student, args=training_arguments(tmp_path / "t", steps=1, lr=1e-3, batch_size=2),
+                                 teacher=answers, kd_weight=kd_weight, temperature=1.5)
+        whole = trainer.whole_loss(student, batch)[0]
+        whole_grads = torch.autograd.grad(whole, params)
+        for chunk in (5, 64):
+            ours = chunked_kd_loss(student, batch, chunk, answers, kd_weight, 1.5)
+            torch.testing.assert_close(ours, whole)
+            for g, want in zip(torch.autograd.grad(ours, params), whole_grads):
+                torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["lrc", "full"])
+@pytest.mark.parametrize("cached", [False, True], ids=["in-the-loop", "cached"])
+def test_memory_savers_distil_the_same_steps(compressed_dir, model_dir, tmp_path, monkeypatch, mode, cached):
+    import welore.distill
+
+    chunked, calls = welore.distill.chunked_kd_loss, []
+    monkeypatch.setattr(welore.distill, "chunked_kd_loss", lambda *a, **kw: (calls.append(a[2]), chunked(*a, **kw))[1])
+    base = dict(FAST, steps=3, grad_accum=2, mode=mode, teacher=str(model_dir), kd_weight=0.5, keep_best=False)
+    if cached:
+        base.update(teacher_cache=str(tmp_path / "cache.safetensors"), teacher_top_k=16)
+    runs = {}
+    for name, how in (("own", {}), ("saved", dict(activation_checkpointing=True, loss_chunk=7))):
+        res = finetune(compressed_dir, tmp_path / name, FinetuneConfig(**base, **how), progress=False)
+        runs[name] = ([e["loss"] for e in res.log], load_file(str(tmp_path / name / "model.safetensors")))
+        assert calls == [7] * (3 * 2 + 1) * (name == "saved")  # each micro-batch, and the first check
+    assert runs["saved"][0] == pytest.approx(runs["own"][0], rel=1e-5)
+    for k, w in runs["own"][1].items():  # atol: 1/300 of one step (lr 3e-3; Adam lifts float noise in a tiny gradient)
+        torch.testing.assert_close(runs["saved"][1][k], w, rtol=1e-4, atol=1e-5, msg=k)
+    start = load_file(str(compressed_dir / "model.safetensors"))
+    assert any(not torch.equal(w, start[k]) for k, w in runs["own"][1].items())  # the runs trained
+
+
 def test_teacher_cache_is_built_once_and_gives_the_in_process_loss(compressed_dir, model_dir, tmp_path, tokenizer):
     """With k = the whole vocabulary the cached loss is the in-process one (up to fp16 log-probs);
     a second run reuses the file without loading the teacher and trains identically."""

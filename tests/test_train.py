@@ -312,8 +312,9 @@ def test_memory_savers_train_the_same_steps(compressed_dir, tmp_path, monkeypatc
                for k, w in runs["own"][1].items())  # the runs trained
 
 
-def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, tmp_path, monkeypatch):
-    # a logit soft-cap after the head (Gemma 2's), in the model's forward: the chunked loss would be another loss
+def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, model_dir, tmp_path, monkeypatch):
+    # a logit soft-cap after the head (Gemma 2's), in the model's forward (the student's, and with a teacher
+    # of the same class, its teacher's too): the chunked loss (LM, distillation) would be another loss
     from transformers import LlamaForCausalLM
 
     from welore.trainer import chunked_lm_loss
@@ -332,9 +333,10 @@ def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, tmp_path
         return out
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", capped)
-    with pytest.raises(WeloreError, match="run without --loss-chunk"):
-        finetune(compressed_dir, tmp_path / "o", FinetuneConfig(**FAST, loss_chunk=8), progress=False)
-    assert not (tmp_path / "o").exists()
+    for name, extra in (("lm", {}), ("kd", dict(teacher=str(model_dir), kd_weight=0.5))):
+        with pytest.raises(WeloreError, match="run without --loss-chunk"):
+            finetune(compressed_dir, tmp_path / name, FinetuneConfig(**FAST, loss_chunk=8, **extra), progress=False)
+        assert not (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("data, extra", [("coinflip", dict(eval_examples=20, val_examples=8, seqlen=128)), ("c4", {})])

@@ -175,9 +175,9 @@ class FinetuneConfig:
         "gradient, checkpointing): less memory, about one more forward of compute",
         aliases=["--gradient-checkpointing"]))
     loss_chunk: int = field(default=0, metadata=_help(
-        "compute the LM loss this many positions at a time (the flag alone: 1024), recomputing each chunk's logits "
-        "in the backward, so the [tokens x vocabulary] logits never exist whole (0: the model's own loss; not with "
-        "--teacher)", nargs="?", const=1024))
+        "compute the loss (LM or distillation) this many positions at a time (the flag alone: 1024), recomputing "
+        "each chunk's logits in the backward, so the [tokens x vocabulary] logits never exist whole (0: from the "
+        "model's whole logits)", nargs="?", const=1024))
     # stop (as if killed) after this many steps and keep the checkpoint: for resume tests
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
@@ -217,8 +217,6 @@ class FinetuneConfig:
             raise WeloreError(f"teacher top-k must be > 0, got {self.teacher_top_k}")
         if self.loss_chunk < 0:
             raise WeloreError(f"loss chunk must be >= 0, got {self.loss_chunk}")
-        if self.loss_chunk and self.teacher is not None:
-            raise WeloreError("--loss-chunk is for the LM loss; distillation needs the student's whole logits")
         if self.seqlen < 8:
             raise WeloreError(f"seqlen must be at least 8, got {self.seqlen}")
 

@@ -25,6 +25,11 @@ the teacher puts no mass outside its top k, a lower bound of the full KL otherwi
 the teacher (its weight files' fingerprint), the tokenizer, the temperature, k and every input token
 it was computed on, and a run whose batches, teacher or settings differ is refused.
 
+With `--loss-chunk N` the mix is computed N predicted positions at a time (`chunked_kd_loss`), both
+heads inside activation checkpointing, so neither model's [tokens x vocabulary] logits exist whole: at
+8 x 512 tokens a step, with checkpointing, that cut a distillation step's peak to a fifth (README,
+"Distillation with the savers").
+
 `KeepBest` is the guard every recovery run needs: a compressed model is fragile, a too-high
 learning rate wrecks it in a few steps, and so the weights with the best held-out score seen at an
 evaluation (step 0 included) are what a run returns, never a model worse than its start.
@@ -48,7 +53,7 @@ from .errors import WeloreError, one_line
 from .io import atomic_file, hash_file_heads
 from .models import load_model, looks_like_path
 from .progress import bar
-from .trainer import StepStream, WeloreTrainer
+from .trainer import StepStream, WeloreTrainer, chunked_sum, head_input, output_head, predicted
 
 BEST = "welore_best.safetensors"  # in a Trainer checkpoint: KeepBest's weights
 CACHE_FORMAT = "welore-teacher-topk/1"
@@ -75,13 +80,62 @@ def kd_loss_topk(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.T
     if not mask.any():
         return student.sum() * 0.0
     log_q = F.log_softmax(student[:, :-1][mask].float() / temperature, dim=-1)
-    log_p = top_logp[mask].float()
-    log_q_top = log_q.gather(1, top_ids[mask].long())
+    return _kl_topk(log_q, top_ids[mask], top_logp[mask]).mean() * temperature**2
+
+
+def _kl_topk(log_q: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """Per position [n]: KL over the teacher's top k tokens and "the rest", from the student's tempered
+    log-probabilities `log_q` [n, V] and the teacher's `top_logp` [n, k] at `top_ids` [n, k]."""
+    log_p = top_logp.float()
+    log_q_top = log_q.gather(1, top_ids.long())
     p_rest = (1 - log_p.exp().sum(1)).clamp_min(0)
     # log(1 - sum q_top), kept finite when the student's top k hold (almost) all its mass
     log_q_rest = torch.log1p(-log_q_top.logsumexp(1).exp().clamp_max(1 - 1e-7))
-    kl = (log_p.exp() * (log_p - log_q_top)).sum(1) + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
-    return kl.mean() * temperature**2
+    return (log_p.exp() * (log_p - log_q_top)).sum(1) + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+
+
+def _mix_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear, kd_weight: float, temperature: float,
+             teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None, top_ids: torch.Tensor | None,
+             top_logp: torch.Tensor | None) -> torch.Tensor:
+    """The distillation mix summed over some predicted positions, from the student's and the teacher's
+    head inputs (or the teacher's cached top k): one chunk of `chunked_kd_loss`."""
+    logits = head(hidden).float()
+    total = (1 - kd_weight) * F.cross_entropy(logits, labels, reduction="sum") if kd_weight < 1 else 0.0
+    if kd_weight > 0:
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        if teacher_hidden is not None:
+            log_p = F.log_softmax(teacher_head(teacher_hidden).float() / temperature, dim=-1)
+            kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+        else:
+            kl = _kl_topk(log_q, top_ids, top_logp).sum()
+        total = total + kd_weight * temperature**2 * kl
+    return total
+
+
+def chunked_kd_loss(model: nn.Module, inputs: dict, chunk: int, teacher: Teacher | TeacherCache, kd_weight: float,
+                    temperature: float) -> torch.Tensor:
+    """The distillation mix of `DistillTrainer` (a mean over the predicted positions) with neither
+    model's [tokens x vocabulary] logits whole in memory: both heads run on `chunk` positions at a
+    time inside activation checkpointing (welore.trainer.chunked_sum), as `chunked_lm_loss` does for
+    the LM loss. `inputs` carries the stream's row index when the teacher is a cache."""
+    hidden = head_input(model, inputs)
+    head = output_head(model)
+    keep, labels = predicted(inputs, hidden.device)
+    if isinstance(teacher, TeacherCache):
+        ids, logp = teacher.rows(inputs[StepStream.INDEX], inputs["input_ids"].shape[1], hidden.device)
+        at = keep[:, :-1]  # the cache holds every position but the last, which never predicts
+        answers = (None, None, ids[at], logp[at])
+    else:
+        _same_vocabulary(teacher.head.out_features, head.out_features)
+        answers = (teacher.hidden(inputs)[keep], teacher.head, None, None)
+    total = chunked_sum(_mix_sum, chunk, hidden[keep], labels, head, kd_weight, temperature, *answers)
+    return total / max(len(labels), 1)
+
+
+def _same_vocabulary(teacher: int, student: int) -> None:
+    if teacher != student:
+        raise WeloreError(f"the teacher has {teacher} logits per token, the student {student}: they do not "
+                          "share a vocabulary")
 
 
 class Teacher:
@@ -103,10 +157,20 @@ class Teacher:
         kw = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
         return self.model(**kw, use_cache=False).logits
 
+    @torch.no_grad()
+    def hidden(self, inputs: dict) -> torch.Tensor:
+        """What its head reads at each position (for `chunked_kd_loss`)."""
+        return head_input(self.model, inputs)
+
+    @property
+    def head(self) -> nn.Linear:
+        return output_head(self.model)
+
 
 class DistillTrainer(WeloreTrainer):
     """WeloreTrainer whose loss is the distillation mix (see module docstring); the teacher is a
-    `Teacher` run on each batch, or a `TeacherCache` looked up by the batch's rows."""
+    `Teacher` run on each batch, or a `TeacherCache` looked up by the batch's rows. With `loss_chunk`
+    > 0, by `chunked_kd_loss`, checked first against the whole logits' loss as the LM loss is."""
 
     def __init__(self, *args, teacher, kd_weight: float = 1.0, temperature: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,19 +178,30 @@ class DistillTrainer(WeloreTrainer):
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the accumulation
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-        rows = inputs.pop(StepStream.INDEX, None)  # present when the stream is indexed for a cache
-        outputs = model(**inputs)  # with labels: the LM loss, a mean over this micro-batch's tokens
+        if self.loss_chunk:
+            self.check_chunked_loss(model, inputs, whole=lambda row: self.whole_loss(model, row)[0],
+                                    chunked=lambda row: self.chunked_loss(model, row))
+            loss, outputs = self.chunked_loss(model, inputs), None
+        else:
+            loss, outputs = self.whole_loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def chunked_loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        return chunked_kd_loss(model, inputs, self.loss_chunk, self.teacher, self.kd_weight, self.temperature)
+
+    def whole_loss(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]:
+        """(the mix from the model's whole logits, the model's outputs)."""
+        rows = inputs.get(StepStream.INDEX)  # present when the stream is indexed for a cache
+        outputs = model(**{k: v for k, v in inputs.items() if k != StepStream.INDEX})  # LM loss: a micro-batch mean
         if isinstance(self.teacher, TeacherCache):
             ids, logp = self.teacher.rows(rows, inputs["input_ids"].shape[1], outputs.logits.device)
             kd = kd_loss_topk(outputs.logits, ids, logp, inputs["labels"], self.temperature)
         else:
             teacher = self.teacher.logits(inputs)
-            if teacher.shape[-1] != outputs.logits.shape[-1]:
-                raise WeloreError(f"the teacher has {teacher.shape[-1]} logits per token, the student "
-                                  f"{outputs.logits.shape[-1]}: they do not share a vocabulary")
+            _same_vocabulary(teacher.shape[-1], outputs.logits.shape[-1])
             kd = kd_loss(outputs.logits, teacher, inputs["labels"], self.temperature)
         loss = self.kd_weight * kd + (1 - self.kd_weight) * outputs.loss if self.kd_weight < 1 else kd
-        return (loss, outputs) if return_outputs else loss
+        return loss, outputs
 
 
 # ---------------------------------------------------------------------------------------------

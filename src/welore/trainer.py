@@ -168,21 +168,10 @@ def output_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def _head_nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")  # fp32, as transformers' own loss
-
-
-def chunked_lm_loss(model: nn.Module, inputs: dict, chunk: int, num_items: torch.Tensor | int | None = None
-                    ) -> torch.Tensor:
-    """The causal LM loss of `model` on `inputs` (labels shifted, -100 ignored): the summed token NLL
-    over `num_items`, else the mean, as transformers computes it. The head runs on `chunk` predicted
-    positions at a time inside activation checkpointing, so the backward keeps the body's output and
-    recomputes one chunk's logits at a time: the [tokens x vocabulary] logits and their log-softmax
-    never exist whole (at 8 x 512 tokens and SmolLM2's 49,152-token vocabulary, 0.75 GiB per fp32
-    copy). Positions without a label (a task's prompt) never reach the head.
-
-    The model is called whole, through its wrappers (DDP's forward readies the gradients' reduction),
-    and a hook on its head keeps what the head was given and lets it compute the last position only."""
+def head_input(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """What the LM head of `model` reads at each position of `inputs` ([batch, seqlen, hidden]). The
+    model is called whole, through its wrappers (DDP's forward readies the gradients' reduction), and
+    a hook on its head keeps what the head was given and lets it compute the last position only."""
     head = output_head(model)
     kept = []
 
@@ -198,13 +187,44 @@ def chunked_lm_loss(model: nn.Module, inputs: dict, chunk: int, num_items: torch
     if len(kept) != 1 or kept[0].shape[:2] != inputs["input_ids"].shape:
         raise WeloreError("--loss-chunk: the model's head did not read one hidden state per position; "
                           "run without --loss-chunk")
-    hidden = kept[0]
-    labels = F.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].to(hidden.device)
-    keep = labels != -100
-    h, y = hidden[keep], labels[keep]
-    total = hidden.sum() * 0.0  # a batch with nothing to predict still has a graph
-    for i in range(0, len(y), chunk):
-        total = total + checkpoint(_head_nll_sum, h[i: i + chunk], y[i: i + chunk], head, use_reentrant=False)
+    return kept[0]
+
+
+def predicted(inputs: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which positions predict a label: [batch, seqlen] bool, the last position never; their labels,
+    in the order of `hidden[mask]`): the labels shifted as the LM loss shifts them, -100 ignored."""
+    shifted = F.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].to(device)
+    keep = shifted != -100
+    return keep, shifted[keep]
+
+
+def chunked_sum(fn: Callable[..., torch.Tensor], chunk: int, *rows) -> torch.Tensor:
+    """sum_i fn(*(r[i:i + chunk] for r in rows)), each call inside non-reentrant activation checkpointing:
+    the backward recomputes one chunk's intermediates (its logits) at a time instead of keeping them
+    all. Entries of `rows` that are not tensors (a module, a float) are passed as they are."""
+    n = len(rows[0])
+    total = rows[0].sum() * 0.0  # a batch with nothing to predict still has a graph
+    for i in range(0, n, chunk):
+        part = [r[i: i + chunk] if isinstance(r, torch.Tensor) else r for r in rows]
+        total = total + checkpoint(fn, *part, use_reentrant=False)
+    return total
+
+
+def _head_nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")  # fp32, as transformers' own loss
+
+
+def chunked_lm_loss(model: nn.Module, inputs: dict, chunk: int, num_items: torch.Tensor | int | None = None
+                    ) -> torch.Tensor:
+    """The causal LM loss of `model` on `inputs` (labels shifted, -100 ignored): the summed token NLL
+    over `num_items`, else the mean, as transformers computes it. The head runs on `chunk` predicted
+    positions at a time inside activation checkpointing (`chunked_sum`), so the backward keeps the
+    body's output and recomputes one chunk's logits at a time: the [tokens x vocabulary] logits and
+    their log-softmax never exist whole (at 8 x 512 tokens and SmolLM2's 49,152-token vocabulary,
+    0.75 GiB per fp32 copy). Positions without a label (a task's prompt) never reach the head."""
+    hidden = head_input(model, inputs)
+    keep, y = predicted(inputs, hidden.device)
+    total = chunked_sum(_head_nll_sum, chunk, hidden[keep], y, output_head(model))
     return total / (num_items if num_items is not None else max(len(y), 1))
 
 
@@ -228,29 +248,33 @@ class WeloreTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self._chunk_checked:
-            self._check_chunked_loss(model, inputs)
+        self.check_chunked_loss(model, inputs, whole=lambda row: model(**row, use_cache=False).loss,
+                                chunked=lambda row: chunked_lm_loss(model, row, self.loss_chunk))
         loss = chunked_lm_loss(model, inputs, self.loss_chunk, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # as Trainer scales the model's own loss
         return (loss, None) if return_outputs else loss
 
     @torch.no_grad()
-    def _check_chunked_loss(self, model, inputs) -> None:
-        row = {k: v[:1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
+    def check_chunked_loss(self, model, inputs, whole: Callable[[dict], torch.Tensor],
+                           chunked: Callable[[dict], torch.Tensor]) -> None:
+        """Once, on the first sequence with a label: refuse the run if `chunked(row)` differs from
+        `whole(row)` (the same loss computed from the model's own logits)."""
+        if self._chunk_checked:
+            return
+        row = {k: v[:1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels", StepStream.INDEX)}
         if not (row["labels"][:, 1:] != -100).any():
             return  # nothing to compare on: the next batch is checked
         was_training = model.training
         model.eval()  # dropout would make the two forwards differ
         try:
-            own = model(**row, use_cache=False).loss.float().item()
-            ours = chunked_lm_loss(model, row, self.loss_chunk).float().item()
+            own, ours = whole(row).float().item(), chunked(row).float().item()
         finally:
             model.train(was_training)
         tol = 1e-3 if next(model.parameters()).dtype == torch.float32 and not self.args.bf16 else 2e-2
         if not abs(own - ours) <= tol * max(abs(own), 1e-6):
-            raise WeloreError(f"--loss-chunk computes {ours:.5g} where the model's own loss is {own:.5g} (its head is "
-                              "more than a linear map of its body's output); run without --loss-chunk")
+            raise WeloreError(f"--loss-chunk computes {ours:.5g} where the model's own logits give {own:.5g} (a head "
+                              "that is more than a linear map of its body's output); run without --loss-chunk")
         self._chunk_checked = True
 
 
@@ -291,11 +315,11 @@ class StepLog(TrainerCallback):
 def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream | None = None,
                  callbacks: list[TrainerCallback] = (), teacher=None, loss_chunk: int = 0, **distill) -> WeloreTrainer:
     """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones; with a
-    `teacher` (welore.distill.Teacher), its loss is distillation (`distill`: kd_weight, temperature),
-    else the LM loss (by `chunked_lm_loss` when `loss_chunk` > 0)."""
-    kwargs = dict(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
+    `teacher` (welore.distill.Teacher or TeacherCache), its loss is distillation (`distill`: kd_weight,
+    temperature), else the LM loss; either computed in chunks when `loss_chunk` > 0."""
+    kwargs = dict(model=model, args=args, train_dataset=stream, callbacks=list(callbacks), loss_chunk=loss_chunk)
     if teacher is None:
-        trainer = WeloreTrainer(**kwargs, loss_chunk=loss_chunk)
+        trainer = WeloreTrainer(**kwargs)
     else:
         from .distill import DistillTrainer  # it subclasses WeloreTrainer
 
