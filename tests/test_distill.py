@@ -228,6 +228,25 @@ def test_teacher_cache_file_is_plain_safetensors_written_and_read_a_batch_at_a_t
     assert all(torch.equal(m, w[[5, 0, 3], :19]) for m, w in zip(mixed, (whole["top_ids"], whole["top_logp"])))
 
 
+def test_teacher_cache_built_in_chunks_holds_the_same_answers(model_dir, tokenizer, tmp_path):
+    # --loss-chunk builds the cache from the teacher's head a chunk of positions at a time
+    teacher = Teacher(str(model_dir), tokenizer, "cpu")
+    stream = Batches(tokenizer, FinetuneConfig(data="coinflip", steps=2, batch_size=2, seqlen=512)).stream(index=True)
+    files = {}
+    for chunk in (0, 37):
+        files[chunk] = tmp_path / f"cache{chunk}.safetensors"
+        build_teacher_cache(files[chunk], teacher, stream, 512, 6, 2.0, {"teacher": "x"}, progress=False, chunk=chunk)
+    whole, chunked = load_file(str(files[0])), load_file(str(files[37]))
+    assert torch.equal(whole["input_ids"], chunked["input_ids"])
+    torch.testing.assert_close(chunked["top_logp"], whole["top_logp"], rtol=1e-3, atol=1e-3)
+    # the same tokens, but where two are tied to rounding (the order of a tie may differ)
+    assert (whole["top_ids"] == chunked["top_ids"]).float().mean() > 0.99
+    with pytest.raises(WeloreError, match="exceeds its vocabulary"):
+        build_teacher_cache(tmp_path / "big.safetensors", teacher, stream, 512, len(tokenizer) + 1, 2.0, {}, progress=False,
+                            chunk=37)
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 def test_teacher_cache_refuses_other_runs(compressed_dir, model_dir, tmp_path, tokenizer):
     cache = tmp_path / "teacher.safetensors"
     base = dict(teacher=str(model_dir), teacher_cache=str(cache), teacher_top_k=8, **FAST)

@@ -333,10 +333,12 @@ def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, model_di
         return out
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", capped)
-    for name, extra in (("lm", {}), ("kd", dict(teacher=str(model_dir), kd_weight=0.5))):
+    cache = tmp_path / "teacher.safetensors"
+    for name, extra in (("lm", {}), ("kd", dict(teacher=str(model_dir), kd_weight=0.5)),
+                        ("kd-cached", dict(teacher=str(model_dir), teacher_cache=str(cache)))):
         with pytest.raises(WeloreError, match="run without --loss-chunk"):
             finetune(compressed_dir, tmp_path / name, FinetuneConfig(**FAST, loss_chunk=8, **extra), progress=False)
-        assert not (tmp_path / name).exists()
+        assert not (tmp_path / name).exists() and not cache.exists()
 
 
 @pytest.mark.parametrize("data, extra", [("coinflip", dict(eval_examples=20, val_examples=8, seqlen=128)), ("c4", {})])

@@ -146,6 +146,7 @@ class Teacher:
         self.model, self.source = loaded.model.eval(), loaded.source
         # what the teacher holds for the whole run (its forward's activations come and go each step)
         self.memory_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        self._chunks_checked = False  # top_k in chunks: checked once against the whole logits
         for p in self.model.parameters():
             p.requires_grad_(False)
         tok = loaded.tokenizer
@@ -165,6 +166,34 @@ class Teacher:
     @property
     def head(self) -> nn.Linear:
         return output_head(self.model)
+
+    @torch.no_grad()
+    def top_k(self, inputs: dict, k: int, temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities at the temperature, token ids) of the k likeliest next tokens at every
+        position but the last: [b, L-1, k] each. With `chunk` > 0 the head runs on `chunk` positions at a
+        time, so the [tokens x vocabulary] logits never exist whole (checked once, on one sequence, against
+        them: a head that is more than a linear map is refused, as `--loss-chunk` refuses it)."""
+        def vocabulary(size: int) -> None:
+            if k > size:
+                raise WeloreError(f"teacher top-k {k} exceeds its vocabulary ({size} tokens)")
+
+        if not chunk:
+            logits = self.logits(inputs)
+            vocabulary(logits.shape[-1])
+            return F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(k, dim=-1)
+        vocabulary(self.head.out_features)
+        hidden = self.hidden(inputs)[:, :-1]
+        parts = [F.log_softmax(self.head(h).float() / temperature, -1).topk(k, dim=-1)
+                 for h in hidden.reshape(-1, hidden.shape[-1]).split(chunk)]
+        logp, ids = (torch.cat(p).view(*hidden.shape[:2], k) for p in zip(*parts))
+        if not self._chunks_checked:
+            whole = F.log_softmax(self.logits({key: v[:1] for key, v in inputs.items()})[:, :-1].float() / temperature, -1)
+            tol = 1e-3 if self.head.weight.dtype == torch.float32 else 2e-2
+            if not torch.allclose(whole.gather(-1, ids[:1]), logp[:1], rtol=tol, atol=tol):
+                raise WeloreError("--loss-chunk: the teacher's head is more than a linear map of its body's output "
+                                  "(a logit soft-cap or scale); run without --loss-chunk")
+            self._chunks_checked = True
+        return logp, ids
 
 
 class DistillTrainer(WeloreTrainer):
@@ -239,14 +268,14 @@ def _cache_layout(n: int, seqlen: int, top_k: int) -> dict[str, tuple[torch.dtyp
 
 
 def build_teacher_cache(path: Path, teacher: Teacher, stream: StepStream, seqlen: int, top_k: int,
-                        temperature: float, identity: dict, progress: bool = True) -> float:
+                        temperature: float, identity: dict, progress: bool = True, chunk: int = 0) -> float:
     """Run `teacher` over every micro-batch of `stream` and write its tempered top-k log-probabilities
     (fp16: rounding moves a probability p by at most |log p| x 0.05% of itself) with the input tokens and
     `identity`, to `path` in one rename. Returns the seconds it took.
 
     The file is a safetensors file written a micro-batch at a time (its layout is known up front: the
     header first, then each batch's rows at their offsets), so memory stays one batch whatever the run's
-    length."""
+    length; with `chunk` (the run's --loss-chunk), the teacher's logits are never whole either."""
     n = len(stream)
     layout = _cache_layout(n, seqlen, top_k)
     header, offset = {"__metadata__": {"format": CACHE_FORMAT, **{k: str(v) for k, v in identity.items()}}}, 0
@@ -266,10 +295,7 @@ def build_teacher_cache(path: Path, teacher: Teacher, stream: StepStream, seqlen
         f.truncate(base + offset)
         for t in bar(range(stream.micro_steps), desc="teacher cache", unit="batch", progress=progress):
             batch = stream.batch(t)
-            logits = teacher.logits({k: v.to(device) for k, v in batch.items()})
-            if top_k > logits.shape[-1]:
-                raise WeloreError(f"teacher top-k {top_k} exceeds its vocabulary ({logits.shape[-1]} tokens)")
-            logp, ids = F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(top_k, dim=-1)
+            logp, ids = teacher.top_k({k: v.to(device) for k, v in batch.items()}, top_k, temperature, chunk)
             for name, value in (("input_ids", batch["input_ids"]), ("top_ids", ids), ("top_logp", logp)):
                 dtype, shape, fill = layout[name]
                 rows = torch.full((stream.rows, *shape[1:]), fill, dtype=dtype)
@@ -390,7 +416,8 @@ def load_teacher(cfg, meta: dict, student_tokenizer, device, stream: StepStream,
             raise WeloreError("build the teacher cache in one process first (the same command without a launcher)")
         teacher = Teacher(source, student_tokenizer, device)
         info.update(teacher_memory_gib=teacher.memory_bytes / 2**30, teacher_cache_build_s=build_teacher_cache(
-            path, teacher, stream, cfg.seqlen, cfg.teacher_top_k, cfg.kd_temperature, identity, progress))
+            path, teacher, stream, cfg.seqlen, cfg.teacher_top_k, cfg.kd_temperature, identity, progress,
+            cfg.loss_chunk))
         del teacher  # training runs from the cache alone
     cache = TeacherCache(path, stream, identity)
     return cache, {**info, "teacher_cache_gib": cache.bytes / 2**30}  # on disk: rows are read as needed
