@@ -231,8 +231,13 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
 # --speed-savers [VARIANT ...]: each LM-loss mode again with memory savers, a row per variant (named
 # "-saved" for both savers, "-ckpt" / "-chunk" for one)
-_CKPT, _CHUNK = ("--activation-checkpointing",), ("--loss-chunk", "1024")
-SAVERS = {"saved": _CKPT + _CHUNK, "ckpt": _CKPT, "chunk": _CHUNK}
+SAVERS = ("saved", "ckpt", "chunk")
+
+
+def saver_flags(variant: str, chunk: int) -> tuple[str, ...]:
+    """The finetune flags of a --speed-savers variant ('' or another run-name suffix: none)."""
+    ckpt, loss = ("--activation-checkpointing",), ("--loss-chunk", str(chunk))
+    return {"saved": ckpt + loss, "ckpt": ckpt, "chunk": loss}.get(variant, ())
 
 
 def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, ...] = SPEED_RUNS) -> dict:
@@ -252,7 +257,7 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
     rows = {}
     for name, model, mode, kd, c in plan:
         r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c,
-                     SAVERS.get(name.rsplit("-", 1)[-1], ()))
+                     saver_flags(name.rsplit("-", 1)[-1], a.loss_chunk))
         rows[name] = {k: r[k] for k in ("trainable", "tokens", "tokens_per_s", "train_s", "wall_s", "peak_rss_gib",
                                         "teacher_gib", "cache_build_s", "device", "train_peak_gib", "train_memory_kind",
                                         "activation_checkpointing", "loss_chunk")}
@@ -320,7 +325,8 @@ def main() -> None:
                     help="with --speed: the modes run with the LM loss (lrc and full always), and kd for the teacher rows")
     ap.add_argument("--speed-savers", nargs="*", default=None, choices=list(SAVERS), metavar="VARIANT",
                     help="with --speed: each LM-loss mode also with memory savers: saved (activation checkpointing and "
-                         "--loss-chunk 1024, the default), ckpt or chunk (one of them)")
+                         "--loss-chunk, the default), ckpt or chunk (one of them)")
+    ap.add_argument("--loss-chunk", type=int, default=1024, help="with --speed-savers: the chunk of the chunked loss")
     ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
                     help="GaLore runs: the update scale (its matrices move lr x scale a step)")
     ap.add_argument("--no-cache", action="store_true", help="distillation runs run the teacher in the loop")
