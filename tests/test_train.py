@@ -258,21 +258,27 @@ def test_not_a_compressed_directory(model_dir, tmp_path):
         finetune(tmp_path / "nope", tmp_path / "o", FinetuneConfig(**FAST), progress=False)
 
 
-@pytest.mark.parametrize("how", [[], ["--gradient-checkpointing", "--loss-chunk", "5"]], ids=["own-loss", "saved"])
-def test_two_processes_match_one(compressed_dir, tmp_path, how):
+@pytest.mark.parametrize("how", ["own-loss", "saved", "distil-saved"])
+def test_two_processes_match_one(compressed_dir, model_dir, tmp_path, how):
     """Two processes (DDP over gloo) end with the same weights on both ranks, and their losses and
     weights match one process with the same global batch. `accelerate launch --cpu` would start one
     process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU.
-    The chunked loss applies the head outside the model's forward: its gradients must still be reduced."""
+    The chunked loss applies the head outside the model's forward: its gradients must still be reduced.
+    Distillation from a cache: each process looks up the teacher's answers for its own rows."""
     steps = dict(steps=4, seqlen=32, lr=3e-3, warmup=1, eval_tokens=64, save_every=0)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in steps.items()] + how
+    saved = dict(activation_checkpointing=True, loss_chunk=5)
+    extra = {"own-loss": {}, "saved": saved,
+             "distil-saved": dict(saved, teacher=str(model_dir), kd_weight=0.5, teacher_top_k=16,
+                                  teacher_cache=str(tmp_path / "teacher.safetensors"))}[how]
+    # one process first: it builds the teacher cache, which several processes may only read
+    one = finetune(compressed_dir, tmp_path / "one", FinetuneConfig(batch_size=2, **steps, **extra), progress=False)
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in {**steps, **extra}.items()]
     welore_cli = Path(sys.executable).with_name("welore")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(welore_cli), "finetune",
               str(compressed_dir), "-o", str(tmp_path / "two"), "--batch-size", "1", "--device", "cpu", "-q", *flags]
     run = subprocess.run(launch, capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode == 0, run.stderr[-4000:]
-    one = finetune(compressed_dir, tmp_path / "one", FinetuneConfig(batch_size=2, **steps), progress=False)
     two = json.loads((tmp_path / "two" / "finetune.json").read_text())
     digests = two["metrics"]["weights_digest"]
     assert two["metrics"]["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]
