@@ -29,6 +29,7 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
                                           # some modes only, LM loss (on a GPU: CUDA peak memory too)
     python benchmarks/recovery.py --speed 4 --speed-modes lrc full --speed-savers --batch-size 8 --seqlen 512
                                           # each also with activation checkpointing and the chunked loss
+                                          # (add kd to --speed-modes: distillation too)
     python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see README)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
     python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
@@ -229,8 +230,8 @@ def plot(rows: list[dict], dense: dict, path: Path, title: str) -> None:
 
 
 SPEED_RUNS = ("lrc", "full", "lora", "galore", "kd")  # --speed-modes: the LM-loss modes, and "kd" (the teacher rows)
-# --speed-savers [VARIANT ...]: each LM-loss mode again with memory savers, a row per variant (named
-# "-saved" for both savers, "-ckpt" / "-chunk" for one)
+# --speed-savers [VARIANT ...]: each LM-loss mode (and lrc's distillation) again with memory savers, a
+# row per variant (named "-saved" for both savers, "-ckpt" / "-chunk" for one)
 SAVERS = ("saved", "ckpt", "chunk")
 
 
@@ -254,6 +255,8 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
     if "kd" in which:
         plan += [("lrc-kd-in-loop", "paper50", "lrc", 1.0, None), ("lrc-kd-cache-build", "paper50", "lrc", 1.0, cache),
                  ("lrc-kd-cached", "paper50", "lrc", 1.0, cache), ("full-kd-cached", "paper50", "full", 1.0, cache)]
+        plan += [(f"lrc-kd-{how}-{v}", "paper50", "lrc", 1.0, c) for v in a.speed_savers or ()
+                 for how, c in (("in-loop", None), ("cached", cache))]
     rows = {}
     for name, model, mode, kd, c in plan:
         r = finetune(work, f"speed-{name}", model, mode, kd, a, lr, warmup, steps, c,
@@ -272,6 +275,10 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
         for m in ("lrc", "full"):
             ratio[f"training peak {m} {v}/own"] = rows[f"{m}-lm-{v}"]["train_peak_gib"] / rows[f"{m}-lm"]["train_peak_gib"]
             ratio[f"tokens/s {m} {v}/own"] = rows[f"{m}-lm-{v}"]["tokens_per_s"] / rows[f"{m}-lm"]["tokens_per_s"]
+    for v in a.speed_savers or () if "kd" in which else ():
+        for how in ("in-loop", "cached"):
+            for key, what in (("train_peak_gib", "training peak"), ("tokens_per_s", "tokens/s")):
+                ratio[f"{what} lrc kd {how} {v}/own"] = rows[f"lrc-kd-{how}-{v}"][key] / rows[f"lrc-kd-{how}"][key]
     if "kd" in which:
         ratio["tokens/s kd cached/in loop"] = rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"]
         ratio["tokens/s kd in loop/lm"] = rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]
@@ -324,8 +331,9 @@ def main() -> None:
     ap.add_argument("--speed-modes", nargs="+", default=list(SPEED_RUNS), choices=SPEED_RUNS, metavar="MODE",
                     help="with --speed: the modes run with the LM loss (lrc and full always), and kd for the teacher rows")
     ap.add_argument("--speed-savers", nargs="*", default=None, choices=list(SAVERS), metavar="VARIANT",
-                    help="with --speed: each LM-loss mode also with memory savers: saved (activation checkpointing and "
-                         "--loss-chunk, the default), ckpt or chunk (one of them)")
+                    help="with --speed: each LM-loss mode (and with kd, lrc's distillation in the loop and cached) also "
+                         "with memory savers: saved (activation checkpointing and --loss-chunk, the default), ckpt or "
+                         "chunk (one of them)")
     ap.add_argument("--loss-chunk", type=int, default=1024, help="with --speed-savers: the chunk of the chunked loss")
     ap.add_argument("--galore-scale", type=float, default=FinetuneConfig.galore_scale,
                     help="GaLore runs: the update scale (its matrices move lr x scale a step)")
