@@ -258,18 +258,18 @@ def test_not_a_compressed_directory(model_dir, tmp_path):
         finetune(tmp_path / "nope", tmp_path / "o", FinetuneConfig(**FAST), progress=False)
 
 
-@pytest.mark.parametrize("how", ["own-loss", "saved", "distil-saved"])
+@pytest.mark.parametrize("how", ["own-loss", "saved", "distil-saved", "distil-cached-saved"])
 def test_two_processes_match_one(compressed_dir, model_dir, tmp_path, how):
     """Two processes (DDP over gloo) end with the same weights on both ranks, and their losses and
     weights match one process with the same global batch. `accelerate launch --cpu` would start one
     process here (its multi-CPU path needs mpirun); its torchrun launcher starts two, on the CPU.
     The chunked loss applies the head outside the model's forward: its gradients must still be reduced.
-    Distillation from a cache: each process looks up the teacher's answers for its own rows."""
+    Distillation: each process runs the teacher on its own rows, or looks up their cached answers."""
     steps = dict(steps=4, seqlen=32, lr=3e-3, warmup=1, eval_tokens=64, save_every=0)
     saved = dict(activation_checkpointing=True, loss_chunk=5)
-    extra = {"own-loss": {}, "saved": saved,
-             "distil-saved": dict(saved, teacher=str(model_dir), kd_weight=0.5, teacher_top_k=16,
-                                  teacher_cache=str(tmp_path / "teacher.safetensors"))}[how]
+    distil = dict(saved, teacher=str(model_dir), kd_weight=0.5)
+    extra = {"own-loss": {}, "saved": saved, "distil-saved": distil,
+             "distil-cached-saved": dict(distil, teacher_top_k=16, teacher_cache=str(tmp_path / "teacher.safetensors"))}[how]
     # one process first: it builds the teacher cache, which several processes may only read
     one = finetune(compressed_dir, tmp_path / "one", FinetuneConfig(batch_size=2, **steps, **extra), progress=False)
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in {**steps, **extra}.items()]
