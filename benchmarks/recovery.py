@@ -272,13 +272,12 @@ def speed(work: Path, a, lr: float, warmup: int, steps: int, which: tuple[str, .
     for v in a.speed_savers or ():
         ratio[f"training peak lrc/full, {v}"] = rows[f"lrc-lm-{v}"]["train_peak_gib"] / rows[f"full-lm-{v}"]["train_peak_gib"]
         ratio[f"tokens/s lrc/full, {v}"] = rows[f"lrc-lm-{v}"]["tokens_per_s"] / rows[f"full-lm-{v}"]["tokens_per_s"]
-        for m in ("lrc", "full"):
-            ratio[f"training peak {m} {v}/own"] = rows[f"{m}-lm-{v}"]["train_peak_gib"] / rows[f"{m}-lm"]["train_peak_gib"]
-            ratio[f"tokens/s {m} {v}/own"] = rows[f"{m}-lm-{v}"]["tokens_per_s"] / rows[f"{m}-lm"]["tokens_per_s"]
-    for v in a.speed_savers or () if "kd" in which else ():
-        for how in ("in-loop", "cached"):
+    for name, row in rows.items():  # each saver variant against the same run without savers
+        own, _, v = name.rpartition("-")
+        if v in SAVERS:
+            label = own.removesuffix("-lm").replace("-kd-", " kd ")  # "lrc", "full", "lrc kd in-loop", "lrc kd cached"
             for key, what in (("train_peak_gib", "training peak"), ("tokens_per_s", "tokens/s")):
-                ratio[f"{what} lrc kd {how} {v}/own"] = rows[f"lrc-kd-{how}-{v}"][key] / rows[f"lrc-kd-{how}"][key]
+                ratio[f"{what} {label} {v}/own"] = row[key] / rows[own][key]
     if "kd" in which:
         ratio["tokens/s kd cached/in loop"] = rows["lrc-kd-cached"]["tokens_per_s"] / rows["lrc-kd-in-loop"]["tokens_per_s"]
         ratio["tokens/s kd in loop/lm"] = rows["lrc-kd-in-loop"]["tokens_per_s"] / rows["lrc-lm"]["tokens_per_s"]

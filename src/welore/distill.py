@@ -126,8 +126,9 @@ def chunked_kd_loss(model: nn.Module, inputs: dict, chunk: int, teacher: Teacher
         at = keep[:, :-1]  # the cache holds every position but the last, which never predicts
         answers = (None, None, ids[at], logp[at])
     else:
-        _same_vocabulary(teacher.head.out_features, head.out_features)
-        answers = (teacher.hidden(inputs)[keep], teacher.head, None, None)
+        teacher_head = teacher.head
+        _same_vocabulary(teacher_head.out_features, head.out_features)
+        answers = (teacher.hidden(inputs)[keep], teacher_head, None, None)
     total = chunked_sum(_mix_sum, chunk, hidden[keep], labels, head, kd_weight, temperature, *answers)
     return total / max(len(labels), 1)
 
@@ -181,14 +182,15 @@ class Teacher:
             logits = self.logits(inputs)
             vocabulary(logits.shape[-1])
             return F.log_softmax(logits[:, :-1].float() / temperature, -1).topk(k, dim=-1)
-        vocabulary(self.head.out_features)
+        head = self.head
+        vocabulary(head.out_features)
         hidden = self.hidden(inputs)[:, :-1]
-        parts = [F.log_softmax(self.head(h).float() / temperature, -1).topk(k, dim=-1)
+        parts = [F.log_softmax(head(h).float() / temperature, -1).topk(k, dim=-1)
                  for h in hidden.reshape(-1, hidden.shape[-1]).split(chunk)]
         logp, ids = (torch.cat(p).view(*hidden.shape[:2], k) for p in zip(*parts))
         if not self._chunks_checked:
             whole = F.log_softmax(self.logits({key: v[:1] for key, v in inputs.items()})[:, :-1].float() / temperature, -1)
-            tol = 1e-3 if self.head.weight.dtype == torch.float32 else 2e-2
+            tol = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
             if not torch.allclose(whole.gather(-1, ids[:1]), logp[:1], rtol=tol, atol=tol):
                 raise WeloreError("--loss-chunk: the teacher's head is more than a linear map of its body's output "
                                   "(a logit soft-cap or scale); run without --loss-chunk")
