@@ -170,3 +170,25 @@ def same_output(a: Path, b: Path) -> None:
     x = torch.randint(0, 100, (1, 12))
     la, lb = load_compressed(a).model(x).logits, load_compressed(b).model(x).logits
     assert torch.equal(la, lb)
+
+
+def savers_train_the_same_steps(compressed_dir: Path, tmp_path: Path, base: dict, atol: float,
+                                after_run=lambda name: None) -> None:
+    """`welore finetune` with `base` settings, without and then with both memory savers (checkpointing,
+    --loss-chunk 7): the same losses (rel 1e-5) and weights (rtol 1e-4, `atol`), and the runs trained.
+    `after_run(name)` is called after each run ("own", "saved"), for the caller's own checks."""
+    from safetensors.torch import load_file
+
+    from welore.config import FinetuneConfig
+    from welore.train import finetune
+
+    runs = {}
+    for name, how in (("own", {}), ("saved", dict(activation_checkpointing=True, loss_chunk=7))):
+        res = finetune(compressed_dir, tmp_path / name, FinetuneConfig(**base, **how), progress=False)
+        runs[name] = ([e["loss"] for e in res.log], load_file(str(tmp_path / name / "model.safetensors")))
+        after_run(name)
+    assert runs["saved"][0] == pytest.approx(runs["own"][0], rel=1e-5)
+    for k, w in runs["own"][1].items():
+        torch.testing.assert_close(runs["saved"][1][k], w, rtol=1e-4, atol=atol, msg=k)
+    start = load_file(str(compressed_dir / "model.safetensors"))
+    assert any(not torch.equal(w, start[k]) for k, w in runs["own"][1].items())  # the runs trained

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import savers_train_the_same_steps
 from safetensors.torch import load_file
 
 from welore import WeloreError, load_compressed
@@ -304,18 +305,12 @@ def test_memory_savers_train_the_same_steps(compressed_dir, tmp_path, monkeypatc
     method = f"{CHECKPOINTING}_enable"
     enable = getattr(PreTrainedModel, method)
     monkeypatch.setattr(PreTrainedModel, method, lambda self, **kw: (enabled.append(kw), enable(self, **kw))[1])
-    base = dict(FAST, steps=3, grad_accum=2, mode=mode, data=data, **extra)
-    runs = {}
-    for name, how in (("own", {}), ("saved", dict(activation_checkpointing=True, loss_chunk=7))):
-        res = finetune(compressed_dir, tmp_path / name, FinetuneConfig(**base, **how), progress=False)
-        runs[name] = ([e["loss"] for e in res.log], load_file(str(tmp_path / name / "model.safetensors")))
+    def turned_on_for_the_saved_run_only(name):
         assert len(enabled) == (name == "saved")  # Trainer turned checkpointing on for that run only
+
+    base = dict(FAST, steps=3, grad_accum=2, mode=mode, data=data, **extra)
+    savers_train_the_same_steps(compressed_dir, tmp_path, base, atol=1e-6, after_run=turned_on_for_the_saved_run_only)
     assert "'use_reentrant': False" in str(enabled[0])
-    assert runs["saved"][0] == pytest.approx(runs["own"][0], rel=1e-5)
-    for k, w in runs["own"][1].items():
-        torch.testing.assert_close(runs["saved"][1][k], w, rtol=1e-4, atol=1e-6, msg=k)
-    assert any(not torch.equal(w, load_file(str(compressed_dir / "model.safetensors"))[k])
-               for k, w in runs["own"][1].items())  # the runs trained
 
 
 def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, model_dir, tmp_path, monkeypatch):
