@@ -123,7 +123,7 @@ def verdicts(rows: list[dict], base: dict) -> list[str]:
 def run_configs(a: argparse.Namespace, task: str) -> dict[str, FinetuneConfig]:
     """Each mode's settings on `task`: the shared ones, with full fine-tuning at its own learning rate when
     --full-lr is given (moving all weights at the rate that suits low-rank factors or adapters can undo
-    what full fine-tuning learns: README, coin flip at 300 steps), as `welore compare --mode-lr` does."""
+    what full fine-tuning learns: docs/results.md, coin flip at 300 steps), as `welore compare --mode-lr` does."""
     cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                          warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                          keep_best=a.keep_best, val_examples=a.val_examples,

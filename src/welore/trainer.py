@@ -12,7 +12,7 @@ What welore adds to Trainer, and why:
 * `StepLog`: one record per optimizer step (loss, learning rate, tokens/s of the step's own wall time,
   so evaluations and checkpoints are not counted), and welore's progress bar instead of Trainer's.
 * `chunked_lm_loss` (`loss_chunk`): the LM loss without the whole [tokens x vocabulary] logits in
-  memory (at 8 x 512 tokens a step it saves 1.6-1.8 GiB of peak RSS: README, "Memory at a large batch").
+  memory (at 8 x 512 tokens a step it saves 1.6-1.8 GiB of peak RSS: docs/results.md, "Memory at a large batch").
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Batches:
     def passes(self) -> float:
         """How many times over, on average, the run's draws cover the training text (or examples):
         above 1 it trains on repeats, and held-out loss can rise while training loss falls (a GPU run
-        of the recovery recipe: README, "On a GPU")."""
+        of the recovery recipe: docs/results.md, "On a GPU")."""
         return self.cfg.steps * self.cfg.grad_accum * self.rows / self.size
 
     def stream(self, index: bool = False) -> StepStream:
