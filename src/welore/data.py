@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -246,7 +247,8 @@ def random_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.
     return torch.stack([ids[s: s + seqlen] for s in starts])
 
 
-def text_batches(tokenizer, seqlen: int, batch_size: int, corpus: str = "c4-train", seed: int = 0):
+def text_batches(tokenizer, seqlen: int, batch_size: int, corpus: str = "c4-train",
+                 seed: int = 0) -> tuple[Callable[[int], dict], dict]:
     """(batch_for_step, fixed measurement batch): random windows of the corpus; the measurement batch
     is drawn apart from the training stream (a different generator)."""
     ids = encode_corpus(tokenizer, corpus)

@@ -25,7 +25,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,7 +37,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from . import layers
 from ._version import __version__
@@ -89,7 +89,7 @@ def check_output(out: str | Path | None, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = False):
+def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir` in one rename."""
     out = Path(out_dir)
     check_output(out, overwrite)
@@ -116,7 +116,7 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
 
 
 @contextmanager
-def atomic_file(path: str | Path):
+def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     if path.is_dir():
@@ -252,7 +252,8 @@ def build_skeleton(config, plan: RankPlan | None = None, dtype: torch.dtype | No
     return model
 
 
-def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = None, tokenizer: bool = True):
+def load_compressed(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    tokenizer: bool = True) -> LoadedModel:
     """Load a directory written by `save_compressed` (see module docstring). Returns a LoadedModel."""
     path = Path(path)
     meta = read_meta(path)
@@ -285,7 +286,7 @@ def load_compressed(path: str | Path, device=None, dtype: torch.dtype | None = N
     return LoadedModel(model, tok, str(path), path.name, meta)
 
 
-def read_tokenizer(path: str | Path):
+def read_tokenizer(path: str | Path) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved in a model directory, or None when it has none."""
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,7 +107,7 @@ def attach_loss_tails(model: nn.Module, spectra: Spectra, stats: dict, method: s
     return spectra
 
 
-def loss_tail(fac: Factorizer, w: torch.Tensor, factors, values: torch.Tensor, st):
+def loss_tail(fac: Factorizer, w: torch.Tensor, factors, values: torch.Tensor, st) -> np.ndarray:
     """Estimated loss increase (numpy, k = 0..r) of keeping only the leading k of `factors`."""
     drop, total = fac.loss_tails(w, factors, values, st)
     kept = torch.cat([torch.zeros(1, dtype=drop.dtype), drop.cpu().cumsum(0)])
