@@ -4,15 +4,17 @@ On a GPU the recovery recipe runs out of text: the project's C4 training split i
 and the 20% recipe's held-out C4 got worse after half a pass over it (docs/results.md, "On a GPU").
 The dense model can write more: continue the first `--prefix` tokens of each C4 training document
 (documents 0-1799, never evaluation text) with `--new` tokens sampled at temperature 1 from its full
-distribution (no top-k / top-p, so in expectation training on them is distillation from the teacher,
-on the teacher's own continuations: sequence-level distillation). Written as JSON lines with a
-`text` field, one record per sample, so `welore finetune --data FILE` trains on it:
+distribution by default (no top-k / top-p, so in expectation training on them is distillation from
+the teacher, on the teacher's own continuations: sequence-level distillation), or from its nucleus
+(`--top-p`: likelier text, without the tails). Written as JSON lines with a `text` field, one record
+per sample, so `welore finetune --data FILE` trains on it:
 
-    python benchmarks/teacher_text.py bench-out/teacher-text/samples.jsonl --tokens 150000
+    python benchmarks/teacher_text.py bench-out/teacher-text/samples.jsonl --tokens 150000 --batch-size 48
+    python benchmarks/teacher_text.py bench-out/teacher-text/samples-p09.jsonl --tokens 150000 --batch-size 48 --top-p 0.9
 
 Then recover the same compressed model on C4 and on the samples with the same steps and compare
-(docs/results.md, "More text from the teacher itself"). Prints the sampling rate (new tokens/s), the figure that
-decides where this can pay: it must beat the rate training consumes tokens.
+(docs/results.md, "More text from the teacher itself"). Prints the sampling rate (new tokens/s), the
+figure that decides where this can pay: it must beat the rate training consumes tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=32, help="tokens of each C4 train document to continue")
     ap.add_argument("--new", type=int, default=480, help="tokens sampled per document")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="nucleus sampling: below 1 keeps to the teacher's likelier text, at the cost of its tails")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
@@ -55,7 +59,7 @@ def main() -> None:
             ids = torch.tensor(prefixes[start: min(start + a.batch_size, need)], device=model.device)
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                     top_k=0, top_p=1.0, min_new_tokens=a.new, max_new_tokens=a.new,
+                                     top_k=0, top_p=a.top_p, min_new_tokens=a.new, max_new_tokens=a.new,
                                      pad_token_id=tok.eos_token_id)
             records += [{"text": tok.decode(row, skip_special_tokens=True)} for row in out]
             sampled += (out.shape[1] - ids.shape[1]) * len(out)
@@ -65,7 +69,7 @@ def main() -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     meta = {"samples": len(records), "prefix_tokens": a.prefix, "new_tokens": sampled, "seconds": seconds,
             "new_tokens_per_s": sampled / seconds, "batch_size": a.batch_size, "seed": a.seed,
-            "teacher": loaded.name, "temperature": 1.0}
+            "teacher": loaded.name, "temperature": 1.0, "top_p": a.top_p}
     with atomic_file(a.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     print(f"{len(records)} samples, {sampled:,} new tokens in {seconds:.0f} s: {sampled / seconds:.1f} new tokens/s "
