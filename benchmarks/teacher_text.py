@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import islice
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
-from welore.data import C4_EVAL_START, corpus_path
+from welore.data import c4_documents
 from welore.io import atomic_file
 from welore.models import load_model
 from welore.progress import bar
@@ -47,9 +47,10 @@ def main() -> None:
 
     loaded = load_model()  # the embedded default, the teacher of the recovery runs
     model, tok = loaded.model, loaded.tokenizer
-    docs = pq.read_table(corpus_path("c4-train"), columns=["text"]).column("text").to_pylist()[:C4_EVAL_START]
-    prefixes = [ids[: a.prefix] for ids in (tok(d).input_ids for d in docs) if len(ids) >= a.prefix]
     need = -(-a.tokens // a.new)
+    # only as many documents are tokenised as there are samples to write
+    ids = (tok(d).input_ids for d in c4_documents("c4-train"))
+    prefixes = list(islice((x[: a.prefix] for x in ids if len(x) >= a.prefix), need))
     if need > len(prefixes):
         raise SystemExit(f"{need} samples wanted, {len(prefixes)} documents have {a.prefix} tokens")
     torch.manual_seed(a.seed)

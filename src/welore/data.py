@@ -107,15 +107,19 @@ def _load_corpus(name: str, text_field: str, path_str: str, mtime_ns: int, size:
         # text mode folds the file's CRLF endings; one line per non-empty row of the split
         return "\n\n".join(line.rstrip("\n") for line in _read_lines(path))
     if name in ("c4", "c4-train"):
-        import pyarrow.parquet as pq
-
-        path = d / "c4_validation_2k.parquet"
-        if not path.is_file():
-            raise WeloreError(f"missing corpus file {path}")
-        docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-        docs = docs[C4_EVAL_START:] if name == "c4" else docs[:C4_EVAL_START]
-        return "\n\n".join(docs)
+        return "\n\n".join(c4_documents(name))
     raise WeloreError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+
+
+def c4_documents(name: str) -> list[str]:
+    """The documents of `c4` (1800-1999, held out) or `c4-train` (0-1799) of the C4 sample, in order."""
+    import pyarrow.parquet as pq
+
+    path = corpus_path(name)
+    if not path.is_file():
+        raise WeloreError(f"missing corpus file {path}")
+    docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return docs[C4_EVAL_START:] if name == "c4" else docs[:C4_EVAL_START]
 
 
 def _load_file(path: Path, text_field: str) -> str:
