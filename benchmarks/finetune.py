@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from welore import FinetuneConfig, compare, run_compress
+from welore import CompressConfig, CompressJob, FinetuneConfig, compare, run_compress
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     base = out / "smollm2-welore-r50"
     if not (base / "welore.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
-        run_compress(None, base, ratio=0.5, evaluate=False, progress=False)
+        run_compress(None, CompressConfig(ratio=0.5), CompressJob(output=str(base), eval=False, quiet=True))
     results = {}
     for data in ["c4", *a.tasks]:
         cfg = FinetuneConfig(data=data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seqlen=a.seqlen,

@@ -26,10 +26,12 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 from welore.config import FinetuneConfig
-from welore.distill import Teacher, chunked_kd_loss, kd_loss
+from welore.distill import chunked_kd_loss, kd_loss
 from welore.io import load_compressed
-from welore.train import prepare_mode
-from welore.trainer import CHECKPOINTING, Batches, chunked_lm_loss
+from welore.losses import chunked_lm_loss
+from welore.modes import prepare_mode
+from welore.teacher import Teacher
+from welore.trainer import CHECKPOINTING, Batches
 
 CONFIGS = [(mode, saved) for mode in ("lrc", "full") for saved in (False, True)]
 

@@ -12,7 +12,7 @@ in-sample, is printed per block; WikiText-2 perplexity of the model before and a
     python benchmarks/reconstruct.py bench-out/recovery/recipe20 -o bench-out/bwr/recipe20-bwr
 
 Then recover it like any compressed directory (`welore finetune OUT --train lrc ...`) and compare
-(docs/results.md, "Block-wise reconstruction before recovery").
+(docs/results/recovery.md, "Block-wise reconstruction before recovery").
 """
 
 from __future__ import annotations

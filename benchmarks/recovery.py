@@ -30,7 +30,7 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
     python benchmarks/recovery.py --speed 4 --speed-modes lrc full --speed-savers --batch-size 8 --seqlen 512
                                           # each also with activation checkpointing and the chunked loss
                                           # (add kd to --speed-modes: distillation too)
-    python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see docs/results.md)
+    python benchmarks/recovery.py                            # (a) + (b) at 500 steps (see docs/results/recovery.md)
     python benchmarks/recovery.py --runs recipe30-lrc-kd     # some runs only
     python benchmarks/recovery.py --runs recipe20-lrc-lm recipe30-lrc-lm --minutes 20
                                           # the recipe for 20 minutes of training each
@@ -43,7 +43,7 @@ Distillation runs share one teacher cache (`--teacher-cache`, built by the first
     python benchmarks/recovery.py --runs paper50-galore-lm --galore-scale 0.25
                                           # GaLore at a quarter of the other modes' step (welore's default until stop 28)
     python benchmarks/recovery.py --runs recipe30-lrc-lm --minutes 1.2 --batch-size 8 --seqlen 512 --eval-tokens 32768
-                                          # on a GPU (docs/results.md, stop 32): judged on the --full-eval sample below
+                                          # on a GPU (docs/results/recovery.md, stop 32): judged on the --full-eval sample below
     python benchmarks/recovery.py --full-eval recipe20-lrc-lm-20min recipe30-lrc-lm-20min
                                           # finished runs (and dense, and their compressed starts) on
                                           # 32,768 tokens of WikiText-2 test and held-out C4, seqlen 512
@@ -60,7 +60,7 @@ from pathlib import Path
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
 
 from welore.config import FinetuneConfig
-from welore.io import atomic_file
+from welore.files import atomic_file
 
 MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],
@@ -346,7 +346,7 @@ def main() -> None:
     dense = dense_ppl(work, a.seqlen, a.eval_tokens)
     results = json.loads((work / "recovery.json").read_text()) if (work / "recovery.json").is_file() else {}
     results["dense"] = dense
-    # without a sweep in this work dir: the recorded sweep's choice (docs/results.md, "Recovery by distillation")
+    # without a sweep in this work dir: the recorded sweep's choice (docs/results/recovery.md)
     choice = results.get("sweep", {}).get("choice", {"lr": 3e-4, "warmup": 10})
     lr = a.lr if a.lr is not None else choice["lr"]
     warmup = a.warmup if a.warmup is not None else choice["warmup"]

@@ -5,7 +5,7 @@ Models: the dense default (written by `welore compress --threshold 0`: every mat
 fine-tunes through the same code) trained in full, and the paper's setting (WeLore svd, 50% effective
 rank reduction, min_ratio 0.5) and the 20% recipe after its 20 minutes of recovery (`recipe20r`), each
 in every mode: lrc / full / lora (rank matched) / galore. Same examples, steps, lr (full fine-tuning's
-own with --full-lr) and seed for every run, each in its own process (`welore.compare`). Accuracy: the option
+own with --full-lr) and seed for every run, each in its own process (`welore.compare_modes`). Accuracy: the option
 with the highest summed log-probability (welore.evaluate.task_accuracy), before and after training,
 with its Wilson 95% interval. No keep-best guard by default; `--keep-best` turns it on, judged every
 fifth of the run on validation examples set aside from the train split (`--val-examples`, at most a
@@ -33,9 +33,9 @@ from pathlib import Path
 from recovery import MODELS, OLD_GALORE_SCALE, compressed
 
 from welore import FinetuneConfig
-from welore.compare import compare, mode_configs
+from welore.compare_modes import compare, mode_configs
 from welore.errors import WeloreError
-from welore.io import atomic_file
+from welore.files import atomic_file
 from welore.report import returned_eval
 from welore.trainer import task_data
 
@@ -85,7 +85,7 @@ def finished(work: Path, task: str, model: str, cfg: FinetuneConfig) -> dict | N
 
 
 def run_once(work: Path, task: str, model: str, cfg: FinetuneConfig) -> None:
-    """Train the run (in its own process, through welore.compare) unless it is finished already."""
+    """Train the run (in its own process, through welore.compare_modes) unless it is finished already."""
     if finished(work, task, model, cfg) is None:
         t = time.perf_counter()
         compare(model_dir(work, model), run_dir(work, task, model, cfg), cfg, [cfg.mode], overwrite=True, progress=False)
@@ -123,7 +123,7 @@ def verdicts(rows: list[dict], base: dict) -> list[str]:
 def run_configs(a: argparse.Namespace, task: str) -> dict[str, FinetuneConfig]:
     """Each mode's settings on `task`: the shared ones, with full fine-tuning at its own learning rate when
     --full-lr is given (moving all weights at the rate that suits low-rank factors or adapters can undo
-    what full fine-tuning learns: docs/results.md, coin flip at 300 steps), as `welore compare --mode-lr` does."""
+    what full fine-tuning learns: docs/results/tasks.md, coin flip at 300 steps), as `welore compare --mode-lr` does."""
     cfg = FinetuneConfig(data=task, steps=a.steps, batch_size=a.batch_size, seqlen=256, lr=a.lr,
                          warmup=max(1, a.steps // 10), eval_examples=a.eval_examples, save_every=0,
                          keep_best=a.keep_best, val_examples=a.val_examples,

@@ -1,7 +1,7 @@
 """Teacher-sampled training text: can the dense model's own samples stand in for C4 train?
 
 On a GPU the recovery recipe runs out of text: the project's C4 training split is 881,139 tokens,
-and the 20% recipe's held-out C4 got worse after half a pass over it (docs/results.md, "On a GPU").
+and the 20% recipe's held-out C4 got worse after half a pass over it (docs/results/recovery.md, "On a GPU").
 The dense model can write more: continue the first `--prefix` tokens of each C4 training document
 (documents 0-1799, never evaluation text) with `--new` tokens sampled at temperature 1 from its full
 distribution by default (no top-k / top-p, so in expectation training on them is distillation from
@@ -13,7 +13,7 @@ per sample, so `welore finetune --data FILE` trains on it:
     python benchmarks/teacher_text.py bench-out/teacher-text/samples-p09.jsonl --tokens 150000 --batch-size 48 --top-p 0.9
 
 Then recover the same compressed model on C4 and on the samples with the same steps and compare
-(docs/results.md, "More text from the teacher itself"). Prints the sampling rate (new tokens/s), the
+(docs/results/recovery.md, "More text from the teacher itself"). Prints the sampling rate (new tokens/s), the
 figure that decides where this can pay: it must beat the rate training consumes tokens.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from welore.data import c4_documents
-from welore.io import atomic_file
+from welore.files import atomic_file
 from welore.models import load_model
 from welore.progress import bar
 

@@ -4,6 +4,10 @@ and a model with planted exactly-low-rank matrices."""
 from __future__ import annotations
 
 import os
+
+# no model hub is reachable here: a name that is not a local path fails at once instead of after a
+# minute of retries. Set before transformers is imported: huggingface_hub reads it at import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import shutil
 from pathlib import Path
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import ARCHS, make_tiny
 
-from welore import CompressConfig, WeloreError, run_compress
+from welore import CompressConfig, CompressJob, WeloreError, run_compress
 from welore.blockwise import Blockwise, find_blocks, perplexity_streaming
 from welore.evaluate import perplexity
 from welore.io import build_skeleton, load_compressed
@@ -33,8 +33,8 @@ def test_block_by_block_logits_equal_the_whole_model(arch, tmp_path):
 
 def test_streaming_perplexity_of_a_compressed_directory(tmp_path, model_dir, tokenizer):
     out = tmp_path / "c"
-    run_compress(model_dir, out, CompressConfig(ratio=0.4, min_ratio=0.0), compare=False, evaluate=False,
-                 progress=False)
+    run_compress(model_dir, CompressConfig(ratio=0.4, min_ratio=0.0),
+                 CompressJob(output=str(out), eval=False, stream=False, quiet=True))
     want = perplexity(load_compressed(out).model, tokenizer, seqlen=32, max_tokens=256, progress=False)
     got = perplexity_streaming(out, tokenizer, seqlen=32, max_tokens=256, progress=False)
     assert got.tokens == want.tokens == 256 and got.sha256 == want.sha256

@@ -183,7 +183,7 @@ def test_disk_full_during_compress_is_one_line_and_leaves_nothing(capsys, model_
 
     monkeypatch.setattr(io, "save_file", full)
     out = tmp_path / "out"
-    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "--no-stream", "-q")
     _assert_clean_error(code, err, "No space left on device")
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
@@ -238,7 +238,7 @@ def test_nan_weights(capsys, model_dir, tmp_path):
 
 def test_corrupt_compressed_weights(capsys, model_dir, tmp_path):
     out = tmp_path / "c"
-    assert run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "-q")[0] == 0
+    assert run(capsys, "compress", str(model_dir), "-o", str(out), "--no-eval", "--no-stream", "-q")[0] == 0
     (out / "model.safetensors").write_bytes(b"junk")
     code, _, err = run(capsys, "evaluate", str(out), "--max-tokens", "128", "--seqlen", "64", "-q")
     _assert_clean_error(code, err, "corrupt")
@@ -277,9 +277,26 @@ def test_compress_stream(capsys, model_dir, tmp_path):
     assert code == 0, err
     assert "2 blocks" in stdout and "3 shards" in stdout and (tmp_path / "s" / "model.safetensors.index.json").is_file()
     code, _, err = run(capsys, "compress", str(model_dir), "--resume", "-o", str(tmp_path / "r"), "-q")
-    _assert_clean_error(code, err, "add --stream")
+    _assert_clean_error(code, err, "nothing to resume")  # --resume streams
+    code, _, err = run(capsys, "compress", str(model_dir), "--resume", "--no-stream", "-o", str(tmp_path / "r"), "-q")
+    _assert_clean_error(code, err, "drop --no-stream")
     code, _, err = run(capsys, "compress", "--stream", "-o", str(tmp_path / "r"), "-q")
     _assert_clean_error(code, err, "name one")
+
+
+def test_compress_picks_streaming_by_itself(capsys, model_dir, tmp_path):
+    """A directory streams unless the job needs the model in memory (evaluation, here) or --no-stream."""
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "s"), "--no-eval", "-q")
+    assert code == 0, err
+    assert stdout.startswith("welore: streamed block by block (a directory of safetensors weights")
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "m"), "--no-eval", "--no-stream",
+                            "-q")
+    assert code == 0 and stdout.startswith("welore: in memory (as asked)")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "e"), "--no-compare",
+                            "--eval-tokens", "128", "--seqlen", "64", "-q")
+    assert code == 0 and stdout.startswith("welore: in memory (needs the model in memory for evaluation)")
 
 
 def _broken_checkpoint(src, how: str) -> None:
@@ -341,9 +358,8 @@ def test_recover_with_a_teacher_caches_its_answers_and_removes_them(compressed_d
 
 
 def test_recover_bad_input(capsys, model_dir, tmp_path):
-    with pytest.raises(SystemExit) as e:  # argparse: usage + one line, exit 2
-        main(["compress", str(model_dir), "-o", str(tmp_path / "o"), "--recover", "0", "-q"])
-    assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), "--recover", "0", "-q")
+    _assert_clean_error(code, err, "must be a positive integer")
     assert not (tmp_path / "o").exists()
     code, _, err = run(capsys, "compress", str(model_dir), "--stream", "-o", str(tmp_path / "o"), "--recover", "5", "-q")
     _assert_clean_error(code, err, "--recover trains in memory")
@@ -403,9 +419,8 @@ def test_finetune_and_compare(capsys, compressed_dir, tmp_path):
 
 @pytest.mark.parametrize("value", ["full", "full=fast"])
 def test_compare_mode_lr_needs_mode_equals_rate(capsys, compressed_dir, tmp_path, value):
-    with pytest.raises(SystemExit) as e:  # argparse: usage + one line, exit 2
-        main(["compare", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", "--mode-lr", value])
-    assert e.value.code == 2 and "expected MODE=LR, e.g. full=5e-5" in capsys.readouterr().err
+    code, _, err = run(capsys, "compare", str(compressed_dir), "-o", str(tmp_path / "o"), "-q", "--mode-lr", value)
+    _assert_clean_error(code, err, "expected MODE=LR, e.g. full=5e-5")
     assert not (tmp_path / "o").exists()
 
 

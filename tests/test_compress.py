@@ -79,20 +79,6 @@ def test_merge_to_dense_restores_module_types(arch, tiny):
         assert torch.allclose(tiny(ids).logits, low, atol=1e-5)
 
 
-def test_set_trainable_modes(llama):
-    plan, spectra = plan_model(llama, ratio=0.5, progress=False)
-    apply_plan(llama, plan, spectra, progress=False)
-    trainable, total = set_trainable(llama, "lrc")
-    names = {n for n, p in llama.named_parameters() if p.requires_grad}
-    assert names and all(n.endswith(("down.weight", "up.weight")) for n in names)
-    assert len(names) == 2 * len(plan.lrcs)
-    assert trainable == sum(p.numel() for n, p in llama.named_parameters() if n in names) < total
-    assert set_trainable(llama, "full")[0] == total
-    assert set_trainable(llama, "none")[0] == 0
-    with pytest.raises(WeloreError, match="unknown train mode"):
-        set_trainable(llama, "most")
-
-
 def test_apply_plan_errors(llama):
     plan, spectra = plan_model(llama, ratio=0.5, progress=False)
     apply_plan(llama, plan, spectra, progress=False)
@@ -100,3 +86,23 @@ def test_apply_plan_errors(llama):
         apply_plan(llama, plan, spectra, progress=False)
     with pytest.raises(WeloreError, match="no low-rank"):
         set_trainable(merge_to_dense(llama), "lrc")
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten"])
+def test_reusing_a_first_pass_gives_the_fresh_result(llama, tokenizer, method):
+    """compress(..., reuse=) replans over an earlier run's factors: the same plan and weights as a
+    fresh compress() with that config, without a second SVD or calibration."""
+    from welore import CompressConfig
+    from welore.compress import compress
+
+    calib = dict(calib_samples=2, calib_seqlen=32)
+    first = compress(copy.deepcopy(llama), tokenizer, CompressConfig(ratio=0.4, method=method, **calib), progress=False)
+    uni = CompressConfig(ratio=0.3, allocation="uniform", method=method, **calib)
+    fresh = compress(copy.deepcopy(llama), tokenizer, uni, progress=False)
+    reused = compress(copy.deepcopy(llama), tokenizer, uni, reuse=first, progress=False)
+    assert reused.plan.to_dict() == fresh.plan.to_dict() and reused.plan.lrcs
+    for a, b in zip(fresh.model.state_dict().values(), reused.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(WeloreError, match="other settings"):
+        compress(copy.deepcopy(llama), tokenizer, CompressConfig(ratio=0.3, method="asvd", **calib), reuse=first,
+                 progress=False)

@@ -8,7 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from welore import WeloreError, load_compressed
 from welore.config import FinetuneConfig
-from welore.distill import KeepBest, Teacher, TeacherCache, build_teacher_cache, kd_loss, kd_loss_topk
+from welore.distill import kd_loss, kd_loss_topk
+from welore.guard import KeepBest
+from welore.teacher import Teacher, TeacherCache, build_teacher_cache
 from welore.train import finetune
 from welore.trainer import Batches
 

@@ -2,14 +2,20 @@ import json
 
 import pytest
 
-from welore import load_compressed, run_analyze, run_compress
+from welore import AnalyzeConfig, CompressConfig, CompressJob, load_compressed, run_analyze, run_compress
 from welore.allocate.plan import MatrixPlan, RankPlan
 from welore.pipeline import CompressResult
 
 
+def compress_dir(src, out, job: dict | None = None, **cfg):
+    """run_compress on `src` in memory, quietly, with CompressConfig(**cfg) and CompressJob(**job)."""
+    return run_compress(src, CompressConfig(**cfg), CompressJob(output=str(out), quiet=True, stream=False,
+                                                               **(job or {})))
+
+
 def test_run_compress_rows_and_self_description(model_dir, tmp_path):
-    res = run_compress(model_dir, tmp_path / "c", ratio=0.4, min_ratio=0.0, eval_tokens=256, seqlen=64,
-                       progress=False)
+    res = compress_dir(model_dir, tmp_path / "c", dict(eval_tokens=256, seqlen=64, recipe=False), ratio=0.4,
+                       min_ratio=0.0)
     assert [r["model"] for r in res.rows] == ["dense", "uniform", "WeLore"]
     meta = json.loads((tmp_path / "c" / "welore.json").read_text())
     assert meta["settings"]["method"] == "svd" and meta["settings"]["calibration"] is None
@@ -19,8 +25,8 @@ def test_run_compress_rows_and_self_description(model_dir, tmp_path):
 @pytest.mark.parametrize("method, refit", [("whiten", False), ("asvd", True), ("svd", True)])
 def test_data_aware_compression(model_dir, tmp_path, method, refit):
     out = tmp_path / method
-    res = run_compress(model_dir, out, ratio=0.5, min_ratio=0.0, method=method, refit=refit, calib_samples=4,
-                       calib_seqlen=64, compare=False, eval_tokens=128, seqlen=64, progress=False)
+    res = compress_dir(model_dir, out, dict(compare=False, eval_tokens=128, seqlen=64), ratio=0.5, min_ratio=0.0,
+                       method=method, refit=refit, calib_samples=4, calib_seqlen=64)
     settings = json.loads((out / "welore.json").read_text())["settings"]
     assert settings["method"] == method and settings["refit"] == refit
     assert settings["calibration"] == {"corpus": "c4-train", "samples": 4, "seqlen": 64, "seed": 0,
@@ -30,18 +36,17 @@ def test_data_aware_compression(model_dir, tmp_path, method, refit):
 
 
 def test_allocation_on_data_aware_spectra_differs(model_dir, tmp_path):
-    kw = dict(ratio=0.5, min_ratio=0.0, method="whiten", calib_samples=4, calib_seqlen=64, evaluate=False,
-              progress=False)
-    w = run_compress(model_dir, tmp_path / "w", alloc_spectrum="weight", **kw).plan
-    d = run_compress(model_dir, tmp_path / "d", alloc_spectrum="data", **kw).plan
+    kw = dict(ratio=0.5, min_ratio=0.0, method="whiten", calib_samples=4, calib_seqlen=64)
+    w = compress_dir(model_dir, tmp_path / "w", dict(eval=False), alloc_spectrum="weight", **kw).plan
+    d = compress_dir(model_dir, tmp_path / "d", dict(eval=False), alloc_spectrum="data", **kw).plan
     assert [m.alloc_rank for m in w.matrices] != [m.alloc_rank for m in d.matrices]
 
 
 @pytest.mark.parametrize("method", ["svd", "whiten-fisher"])
 def test_loss_allocation(model_dir, tmp_path, method):
     out = tmp_path / method
-    res = run_compress(model_dir, out, ratio=0.3, target="params", allocation="loss", min_ratio=0.0, method=method,
-                       calib_samples=4, calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
+    res = compress_dir(model_dir, out, dict(eval_tokens=128, seqlen=64), ratio=0.3, target="params",
+                       allocation="loss", min_ratio=0.0, method=method, calib_samples=4, calib_seqlen=64)
     assert [r["model"] for r in res.rows] == ["dense", "uniform", "loss"]
     assert res.plan.allocation == "loss" and abs(res.plan.param_reduction - 0.3) < 0.05
     uniform = float(res.rows[1]["param red. (targets)"].rstrip("%")) / 100  # compared at equal parameters
@@ -64,9 +69,10 @@ def test_second_calibration_pass_sees_the_compressed_model(model_dir, tmp_path, 
         return real(model, *a, **kw)
     monkeypatch.setattr(compress_module, "collect_stats", spy)
     kw = dict(ratio=0.3, target="params", allocation="loss", method="whiten-fisher", calib_samples=4,
-              calib_seqlen=64, eval_tokens=128, seqlen=64, progress=False)
-    one = run_compress(model_dir, tmp_path / "one", **kw)
-    two = run_compress(model_dir, tmp_path / "two", calib_passes=2, **kw)
+              calib_seqlen=64)
+    job = dict(eval_tokens=128, seqlen=64)
+    one = compress_dir(model_dir, tmp_path / "one", job, **kw)
+    two = compress_dir(model_dir, tmp_path / "two", job, calib_passes=2, **kw)
     # run one: 1 pass on the dense model; run two: the same first pass, then one on one's compressed model
     assert seen == [0, 0, len(one.plan.lrcs)] and seen[2] > 0
     assert [r["model"] for r in two.rows] == ["dense", "uniform (1 pass)", "loss"]
@@ -77,7 +83,7 @@ def test_second_calibration_pass_sees_the_compressed_model(model_dir, tmp_path, 
 
 
 def test_run_analyze(model_dir, tmp_path):
-    out, spectra, plan = run_analyze(model_dir, tmp_path / "a", progress=False)
+    out, spectra, plan = run_analyze(model_dir, AnalyzeConfig(output=str(tmp_path / "a"), quiet=True))
     assert len(spectra.targets) == len(plan.matrices) == 14
     assert "mean reduction" in (out / "summary.md").read_text()
 
@@ -104,3 +110,14 @@ def test_the_recovery_hint_is_the_recovery_recipe(tmp_path):
                 if "welore finetune" in line)
     argv = hint.split("welore finetune ", 1)[1].split()
     assert from_namespace(FinetuneConfig, build_parser().parse_args(["finetune", *argv])) == FinetuneConfig.recovery(500)
+
+
+def test_next_steps_fit_the_model_that_ran(tmp_path):
+    """Times come from this run's measured evaluation speed, the reading hint uses the job's own prompt
+    (a code model's user passes --prompt), and nothing is said of the 135M default."""
+    lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
+    settings = {"eval": {"corpus": "wikitext2", "tokens": 4096, "prompt": "def fib(n):", "new_tokens": 12}}
+    timed = CompressResult(tmp_path, lrc, settings=settings, per_token=0.001).explain()
+    assert "min here, from this run's evaluation speed" in timed and "135M" not in timed
+    assert 'welore generate ' in timed and '--raw "def fib(n):"' in timed and "Paris" not in timed
+    assert "min here" not in CompressResult(tmp_path, lrc, settings=settings).explain()

@@ -6,7 +6,15 @@ import json
 import pytest
 import torch
 
-from welore import find_targets, load_compressed, load_model, perplexity, run_compress
+from welore import (
+    CompressConfig,
+    CompressJob,
+    find_targets,
+    load_compressed,
+    load_model,
+    perplexity,
+    run_compress,
+)
 from welore.models import default_model_path
 
 pytestmark = pytest.mark.slow
@@ -15,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "smollm2-welore"
-    return run_compress(None, out, ratio=0.5, eval_tokens=2048, seqlen=512, progress=False)
+    return run_compress(None, CompressConfig(ratio=0.5), CompressJob(output=str(out), eval_tokens=2048, recipe=False, quiet=True))
 
 
 def test_default_model_is_found_and_loads():
@@ -82,8 +90,9 @@ def test_loss_allocation_with_whiten_fisher_stays_usable(tmp_path_factory):
     """Issue 4's recipe on the real model: 20% fewer target parameters, calibrated on C4 training text.
     Plain WeLore truncation at this budget is above 1e5 perplexity (benchmarks/quality.py)."""
     out = tmp_path_factory.mktemp("real") / "smollm2-loss"
-    res = run_compress(None, out, ratio=0.2, target="params", allocation="loss", method="whiten-fisher",
-                       calib_samples=16, calib_seqlen=256, eval_tokens=2048, seqlen=512, progress=False)
+    res = run_compress(None, CompressConfig(ratio=0.2, target="params", allocation="loss", method="whiten-fisher",
+                                            calib_samples=16, calib_seqlen=256),
+                       CompressJob(output=str(out), eval_tokens=2048, recipe=False, quiet=True))
     rows = {r["model"]: r for r in res.rows}
     assert abs(res.plan.param_reduction - 0.2) < 0.01
     assert rows["loss"]["wikitext2 ppl"] < rows["uniform"]["wikitext2 ppl"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny, same_output
 
-from welore import CompressConfig, WeloreError, run_compress
+from welore import CompressConfig, CompressJob, WeloreError, run_compress
 from welore.stream import compress_streaming
 
 CALIBRATED = {
@@ -31,7 +31,7 @@ def _source(tmp_path, tokenizer, arch="llama", dtype=torch.float32):
 def test_sequential_calibration_equals_in_memory(name, tmp_path, tokenizer):
     src = _source(tmp_path, tokenizer)
     cfg = CompressConfig(calib_samples=4, calib_seqlen=32, **CALIBRATED[name])
-    run_compress(src, tmp_path / "mem", cfg, compare=False, evaluate=False, progress=False)
+    run_compress(src, cfg, CompressJob(output=str(tmp_path / "mem"), eval=False, stream=False, quiet=True))
     res = compress_streaming(src, tmp_path / "stream", cfg, progress=False)
     assert res.plan.lrcs
     same_output(tmp_path / "mem", tmp_path / "stream")
@@ -44,7 +44,7 @@ def test_sequential_calibration_on_other_architectures_and_dtypes(arch, dtype, t
     src = _source(tmp_path, tokenizer, arch, dtype)
     cfg = CompressConfig(method="whiten-fisher", allocation="loss", refit=True, calib_passes=2, ratio=0.3,
                          calib_samples=3, calib_seqlen=24)
-    run_compress(src, tmp_path / "mem", cfg, compare=False, evaluate=False, progress=False)
+    run_compress(src, cfg, CompressJob(output=str(tmp_path / "mem"), eval=False, stream=False, quiet=True))
     compress_streaming(src, tmp_path / "stream", cfg, progress=False)
     same_output(tmp_path / "mem", tmp_path / "stream")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_tiny, same_output
 
-from welore import CompressConfig, WeloreError, load_compressed, run_compress
+from welore import CompressConfig, CompressJob, WeloreError, load_compressed, run_compress
 from welore.shards import INDEX, ShardReader
 from welore.stream import compress_streaming
 
@@ -16,7 +16,7 @@ def test_streaming_equals_in_memory(arch, dtype, tmp_path, tokenizer):
     src = tmp_path / "src"
     make_tiny(arch).to(dtype).save_pretrained(src, max_shard_size="100KB")  # several input shards
     cfg = CompressConfig(ratio=0.4, min_ratio=0.0)
-    run_compress(src, tmp_path / "mem", cfg, compare=False, evaluate=False, progress=False)
+    run_compress(src, cfg, CompressJob(output=str(tmp_path / "mem"), eval=False, stream=False, quiet=True))
     res = compress_streaming(src, tmp_path / "stream", cfg, progress=False)
     assert (tmp_path / "stream" / INDEX).is_file() and res.metrics["shards"] == res.metrics["blocks"] + 1
     assert res.plan.lrcs and res.metrics["peak_memory_gib"] > 0

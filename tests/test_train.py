@@ -14,10 +14,10 @@ from conftest import savers_train_the_same_steps
 from safetensors.torch import load_file
 
 from welore import WeloreError, load_compressed
-from welore.compress import low_rank_modules
 from welore.config import FinetuneConfig
+from welore.modes import low_rank_modules, matched_lora_rank, prepare_mode
 from welore.report import finetune_row, returned_eval
-from welore.train import finetune, matched_lora_rank, prepare_mode
+from welore.train import finetune
 from welore.trainer import Batches, make_trainer, task_data, training_arguments
 
 FAST = dict(steps=12, lr=3e-3, batch_size=2, seqlen=64, warmup=2, eval_tokens=256, save_every=0)
@@ -318,7 +318,7 @@ def test_chunked_loss_refuses_a_head_that_is_not_linear(compressed_dir, model_di
     # of the same class, its teacher's too): the chunked loss (LM, distillation) would be another loss
     from transformers import LlamaForCausalLM
 
-    from welore.trainer import chunked_lm_loss
+    from welore.losses import chunked_lm_loss
 
     loaded = load_compressed(compressed_dir)
     batch = Batches(loaded.tokenizer, FinetuneConfig(seqlen=32, batch_size=2)).get(0, 0)

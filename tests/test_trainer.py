@@ -54,7 +54,7 @@ def test_passes_count_how_often_the_draws_cover_the_training_text(tokenizer, tmp
 def test_the_chunked_loss_is_the_models_own_in_every_architecture(tiny):
     # the body's output through the head, chunk by chunk, is the loss (and the gradient) transformers
     # computes from the whole logits; masked positions (-100) are left out as it leaves them out
-    from welore.trainer import chunked_lm_loss
+    from welore.losses import chunked_lm_loss
 
     torch.manual_seed(0)
     ids = torch.randint(0, tiny.config.vocab_size, (2, 24))

@@ -1,9 +1,10 @@
 """Compress a model: (calibrate) -> factorise -> allocate -> apply. LRCs become LowRankLinear,
 N-LRCs stay as they are.
 
-    result = welore.compress(model, tokenizer, CompressConfig(ratio=0.5))   # the whole line, in place
-    plan, spectra = welore.plan_model(model, ratio=0.5)     # or by hand: one SVD per matrix
-    welore.apply_plan(model, plan, spectra)                  # reuses those SVDs
+    from welore.compress import compress
+    result = compress(model, tokenizer, CompressConfig(ratio=0.5))  # the whole line, in place
+    plan, spectra = welore.plan_model(model, ratio=0.5)             # or by hand: one SVD per matrix
+    welore.apply_plan(model, plan, spectra)                          # reuses those SVDs
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from .progress import bar
 from .spectrum import Spectra, analyze, thin_svd
 from .targets import Target, find_targets, module_kind, weight_matrix
 
-TRAIN_MODES = ("lrc", "full", "none")
-
 
 @dataclass
 class Compressed:
     """What `compress` did: the plan, and what a comparison against baselines reuses."""
 
     model: nn.Module  # the same object that was passed in, now compressed
+    config: CompressConfig
     plan: RankPlan
     spectra: Spectra  # the weight spectra (with the SVD factors when the method is plain svd)
     targets: list[Target]
@@ -44,9 +44,14 @@ class Compressed:
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spectra | None = None,
-             progress: bool = True) -> Compressed:
+             reuse: Compressed | None = None, progress: bool = True) -> Compressed:
     """Compress `model` in place as `cfg` says. `spectra`: cached weight spectra (values only) to
-    allocate from instead of analysing again; they are checked against the weights."""
+    allocate from instead of analysing again; they are checked against the weights. `reuse`: an
+    earlier result on this same dense model with the same method and calibration: its first pass's
+    factors, rule spectra and statistics are reused, and only the plan is made anew (how the
+    comparison rows of welore.baselines cost no second SVD or calibration)."""
+    if reuse is not None:
+        return _replan(model, cfg, reuse, progress)
     fac, rule = cfg.factorizer, cfg.rule
     t = time.perf_counter()
     if spectra is not None:
@@ -86,7 +91,24 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     prep_s = time.perf_counter() - t
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
-    return Compressed(model, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t)
+    return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t)
+
+
+SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "seed", "targets", "ignore")
+
+
+def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: bool) -> Compressed:
+    """`compress` from `reuse`'s first pass: a new plan over the same factors (see `compress`)."""
+    differ = [k for k in SAME_FACTORS if getattr(cfg, k) != getattr(reuse.config, k)]
+    if differ or cfg.calib_passes != 1:
+        raise WeloreError(f"cannot reuse factors made with other settings ({', '.join(differ) or 'calib_passes'})")
+    factors, alloc_spectra, stats = reuse.first_pass
+    plan = allocate(alloc_spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
+                    min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+    t = time.perf_counter()
+    apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
+    return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
+                      time.perf_counter() - t)
 
 
 def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: list[str] | None = None,
@@ -144,39 +166,3 @@ def merge_to_dense(model: nn.Module) -> nn.Module:
         if isinstance(module, LowRankLinear):
             model.set_submodule(name, module.to_dense())
     return model
-
-
-def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
-def set_trainable(model: nn.Module, mode: str = "lrc") -> tuple[int, int]:
-    """Mark what trains: "lrc" = only the LRC factors (WeLore), "full" = everything, "none".
-
-    In "lrc" mode N-LRCs, embeddings, norms, the LM head and the LRC biases stay frozen: the claim
-    under test is that the low-rank factors alone carry the adaptable part of the model.
-    Returns (trainable, total) parameter counts.
-    """
-    if mode not in TRAIN_MODES:
-        raise WeloreError(f"unknown train mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
-    for p in model.parameters():
-        p.requires_grad_(mode == "full")
-    if mode == "lrc":
-        lrcs = low_rank_modules(model)
-        if not lrcs:
-            raise WeloreError("the model has no low-rank components to train")
-        for m in lrcs.values():
-            m.down.weight.requires_grad_(True)
-            m.up.weight.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, count_parameters(model)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen or p.device.type == "meta":
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total

@@ -19,12 +19,10 @@ from .allocate.rule import Rule
 from .data import check_training_text, is_text_file
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
+from .modes import MODES, get_mode
 from .tasks import TASKS
 
-MODES = ("lrc", "full", "lora", "galore")
-# settings that one mode reads and the others ignore, and those read only when distilling
-MODE_SETTINGS = {"lora": ("lora_rank", "lora_alpha", "lora_targets"),
-                 "galore": ("galore_rank", "galore_update_gap", "galore_scale")}
+# settings read only when distilling
 TEACHER_SETTINGS = ("kd_weight", "kd_temperature", "teacher_cache", "teacher_top_k")
 DATA = ("c4", *TASKS)
 # how a run computes, not what: the same steps to rounding, so a run may resume with them changed
@@ -35,8 +33,26 @@ def _help(text: str, **more) -> dict:
     return {"help": text, **more}
 
 
+def check_positive(obj, *names: str) -> None:
+    """A one-line error for the first of `obj`'s fields `names` that is not > 0."""
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise WeloreError(f"{name.replace('_', ' ')} must be > 0, got {getattr(obj, name)}")
+
+
 @dataclass
-class CompressConfig:
+class Selection:
+    """Which matrices a job works on (welore.targets.find_targets): every linear layer in the blocks,
+    less those `ignore` matches, or only those `targets` matches."""
+
+    targets: list[str] | None = field(default=None, metadata=_help(
+        "regexes of module names to compress (default: every linear layer in the blocks)", metavar="REGEX"))
+    ignore: list[str] | None = field(default=None, metadata=_help("regexes of module names to leave dense",
+                                                                  metavar="REGEX"))
+
+
+@dataclass
+class CompressConfig(Selection):
     """ratio/target: the reduction to hit ("rank": effective rank reduction, "params": parameters of
     the targets), or `threshold`: WeLore's t given directly. allocation: a rule in
     welore.allocate.RULES; method: a factorisation in welore.factorize.METHODS. min_ratio: None for
@@ -65,10 +81,6 @@ class CompressConfig:
     calib_passes: int = field(default=1, metadata=_help(
         "2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)"))
     seed: int = field(default=0, metadata=_help("seed of the calibration sample"))
-    targets: list[str] | None = field(default=None, metadata=_help(
-        "regexes of module names to compress (default: every linear layer in the blocks)", metavar="REGEX"))
-    ignore: list[str] | None = field(default=None, metadata=_help("regexes of module names to leave dense",
-                                                                  metavar="REGEX"))
 
     def __post_init__(self) -> None:
         if self.min_ratio is None:
@@ -115,6 +127,7 @@ class CompressConfig:
     def to_dict(self) -> dict:
         """The settings as welore.json records them."""
         d = asdict(self)
+        d = {**d, "targets": d.pop("targets"), "ignore": d.pop("ignore")}  # where they were before Selection
         calib = {k: d.pop(k) for k in ("calib_samples", "calib_seqlen", "seed", "calib_passes")}
         d["calibration"] = {"corpus": "c4-train", "samples": calib["calib_samples"], "seqlen": calib["calib_seqlen"],
                             "seed": calib["seed"], "loss_gradients": self.gradients,
@@ -182,18 +195,15 @@ class FinetuneConfig:
     stop_after: int | None = field(default=None, metadata=_help(argparse.SUPPRESS))
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise WeloreError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        get_mode(self.mode)
         if is_text_file(self.data):
             check_training_text(self.data)
         elif self.data not in DATA:
             raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}, or a text file")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise WeloreError(f"learning rate must be > 0, got {self.lr}")
-        for name in ("steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
-                     "galore_rank", "galore_update_gap"):
-            if getattr(self, name) <= 0:
-                raise WeloreError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        check_positive(self, "steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
+                       "galore_rank", "galore_update_gap")
         if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0 or self.val_examples < 0:
             raise WeloreError("warmup, eval_every, save_every and val_examples must be >= 0")
         if not (self.galore_scale > 0 and math.isfinite(self.galore_scale)):
@@ -245,7 +255,7 @@ class FinetuneConfig:
         """The settings this run reads, i.e. what defines it (what a resumed run must match): to_dict()
         less another mode's settings, distillation's without a teacher, the other kind of data's, and
         those that change how memory is spent, not the steps (HOW_SETTINGS)."""
-        unread = {name for mode, names in MODE_SETTINGS.items() if mode != self.mode for name in names}
+        unread = {name for mode, cls in MODES.items() if mode != self.mode for name in cls.settings}
         unread |= set(TEACHER_SETTINGS) if self.teacher is None else set()
         unread |= {"eval_examples", "val_examples"} if self.is_text else {"eval_tokens"}
         unread |= set(HOW_SETTINGS)

@@ -16,7 +16,10 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise WeloreError(f"unknown device {device!r}; choose cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WeloreError(f"device {device!r} requested but CUDA is not available")
     return dev

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
-from .allocate import allocate, check_allocation_args
+from .allocate import allocate
 from .data import text_batches
 from .errors import WeloreError
-from .io import atomic_dir, check_output
+from .files import atomic_dir, check_output
+from .jobs import GradientsConfig
 from .models import load_model
 from .report import gradients_markdown, plot_gradients
 from .spectrum import Spectra, cosine, singular_values, stable_rank, subspace_overlap, top_svd
@@ -265,36 +266,28 @@ def pretrain_model(preset: str, vocab_size: int, seed: int = 0) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def run_gradients(source=None, output=None, *, preset: str | None = None, steps: int | None = None, every: int = 10,
-                  lr: float | None = None, batch_size: int = 8, seqlen: int = 128, top_k: int = 8, rank: int = 4,
-                  exact: bool = False, ratio: float = 0.5, seed: int = 0, targets=None, ignore=None, device=None,
-                  overwrite: bool = False, progress: bool = True) -> tuple[Path, dict, GradientRecord]:
-    """`welore gradients`: fine-tune `source` (default: the embedded model) or, with `preset`, pretrain a
-    fresh LLaMA of that size (tokenizer from `source`), recording gradients; write the report."""
-
-    check_allocation_args(ratio=ratio)
-    if preset is not None and preset not in PRESETS:
-        raise WeloreError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    steps = steps if steps is not None else (300 if preset else 40)
-    lr = lr if lr is not None else (1e-3 if preset else 1e-4)
-    _check_schedule(steps, every)  # before the model loads
-    check_output(output, overwrite)
-    loaded = load_model(source, device=device)
+def run_gradients(source, cfg: GradientsConfig) -> tuple[Path, dict, GradientRecord]:
+    """`welore gradients`: fine-tune `source` (None: the embedded model) or, with `cfg.preset`, pretrain
+    a fresh LLaMA of that size (tokenizer from `source`), recording gradients; write the report."""
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise WeloreError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    check_output(cfg.output, cfg.overwrite)
+    loaded = load_model(source, device=cfg.device, dtype=cfg.dtype)
     if loaded.tokenizer is None:
         raise WeloreError("recording gradients on text needs a tokenizer, and this model has none")
-    if preset:
-        model = pretrain_model(preset, vocab_size=len(loaded.tokenizer), seed=seed).to(loaded.model.device)
-        title = f"{preset} pretrained from scratch ({sum(p.numel() for p in model.parameters()):,} params)"
-        name = preset
+    if cfg.preset:
+        model = pretrain_model(cfg.preset, vocab_size=len(loaded.tokenizer), seed=cfg.seed).to(loaded.model.device)
+        title = f"{cfg.preset} pretrained from scratch ({sum(p.numel() for p in model.parameters()):,} params)"
+        name = cfg.preset
     else:
         model, title, name = loaded.model, f"{loaded.name} fine-tuned", loaded.name
-    target_list = find_targets(model, targets, ignore)
-    batches, measure = text_batches(loaded.tokenizer, seqlen, batch_size, seed=seed)
-    output = Path(output) if output else Path("gradients") / name
-    with atomic_dir(output, overwrite) as tmp:
-        rec = record_gradients(model, batches, measure, steps=steps, every=every, lr=lr, top_k=top_k, rank=rank,
-                               exact=exact, targets=target_list, progress=progress)
-        rec.info.update(source=loaded.source, preset=preset, batch_size=batch_size, seqlen=seqlen, seed=seed,
-                        corpus="c4-train")
-        corr = write_report(rec, tmp, title, ratio)
+    target_list = find_targets(model, cfg.targets, cfg.ignore)
+    batches, measure = text_batches(loaded.tokenizer, cfg.seqlen, cfg.batch_size, seed=cfg.seed)
+    output = Path(cfg.output) if cfg.output else Path("gradients") / name
+    with atomic_dir(output, cfg.overwrite) as tmp:
+        rec = record_gradients(model, batches, measure, steps=cfg.steps, every=cfg.every, lr=cfg.lr, top_k=cfg.top_k,
+                               rank=cfg.rank, exact=cfg.exact, targets=target_list, progress=cfg.progress)
+        rec.info.update(source=loaded.source, preset=cfg.preset, batch_size=cfg.batch_size, seqlen=cfg.seqlen,
+                        seed=cfg.seed, corpus="c4-train")
+        corr = write_report(rec, tmp, title, cfg.ratio)
     return output, corr, rec

@@ -21,12 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +30,6 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -43,7 +38,8 @@ from . import layers
 from ._version import __version__
 from .allocate import RankPlan
 from .device import pick_device
-from .errors import WeloreError, one_line
+from .errors import WeloreError
+from .files import atomic_dir
 from .layers import column_major, low_rank_specs, swap_in_low_rank
 from .shards import ShardReader
 
@@ -70,83 +66,6 @@ class LoadedModel:
 def versions() -> dict[str, str]:
     return {"welore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
-
-
-def hash_file_heads(h, files, names: bool = False) -> None:
-    """Feed each file's size and first MiB (and its name, with `names`) to the hash `h`: a cheap
-    identity for weight files that never reads them whole."""
-    for f in files:
-        h.update((f"{f.name}:{f.stat().st_size}" if names else str(f.stat().st_size)).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-
-
-def check_output(out: str | Path | None, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`: called before minutes of work, and again by
-    `atomic_dir` just before writing."""
-    if out is not None and Path(out).exists() and not overwrite:
-        raise WeloreError(f"output {out} already exists (use --overwrite to replace it)")
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir` in one rename."""
-    out = Path(out_dir)
-    check_output(out, overwrite)
-    if out.exists() and not out.is_dir():
-        raise WeloreError(f"output {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        try:
-            yield tmp
-        except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: the user's to fix
-            raise WeloreError(f"cannot write {out}: {one_line(e)}") from e
-        _public_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise WeloreError(f"output {path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        try:
-            yield tmp
-        except OSError as e:
-            raise WeloreError(f"cannot write {path}: {one_line(e)}") from e
-        tmp.chmod(0o666 & ~_umask())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _public_permissions(root: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; give the output the usual umask modes."""
-    umask = _umask()
-    for p in [root, *root.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -158,3 +158,13 @@ def low_rank_causal_lm(base: type) -> type:
 BASE_CLASS = None
 if BASE_CLASS is not None:
     WeloreForCausalLM = low_rank_causal_lm(getattr(transformers, BASE_CLASS))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen or p.device.type == "meta":
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total

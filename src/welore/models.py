@@ -157,7 +157,7 @@ def _write_cache(entry: Path, model: PreTrainedModel, tok) -> None:
     """Best effort: a cache that cannot be written (read-only home, full disk) only costs time.
     Written beside the entry and renamed into place, so a reader never sees half of one, and two
     processes converting at once (torchrun) both succeed: the second rename finds the first's.
-    Not `io.atomic_dir`: that replaces an existing directory, and an entry another process may be
+    Not `files.atomic_dir`: that replaces an existing directory, and an entry another process may be
     reading must never be replaced."""
     tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
     _prune_partials(entry.parent)

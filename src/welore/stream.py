@@ -51,7 +51,8 @@ from .config import CompressConfig
 from .device import PeakMemory, pick_device, process_memory
 from .errors import WeloreError, one_line
 from .factorize import refit_solve
-from .io import build_skeleton, check_output, read_tokenizer, versions, write_metadata
+from .files import check_output
+from .io import build_skeleton, read_tokenizer, versions, write_metadata
 from .layers import LowRankLinear
 from .progress import bar
 from .sequential import spill_calibrated, target_weight

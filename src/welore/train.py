@@ -2,9 +2,8 @@
 
     welore.finetune("compressed/x", "tuned/x", FinetuneConfig(mode="lrc", data="c4", steps=200))
 
-The modes are setups of the same Trainer: `lrc` and `full` mark what trains (`set_trainable`),
-`lora` wraps the model with PEFT, `galore` is Trainer's own `optim="galore_adamw"` (galore-torch's
-GaLoreAdamW) on the block matrices whose smaller side exceeds the rank.
+The modes (welore.modes: lrc, full, lora, galore) are setups of the same Trainer: each marks what
+trains and picks the optimizer.
 
 The loop is `transformers.Trainer` (see welore.trainer) for CPU, one GPU or many: accumulation,
 cosine schedule with warmup, clipping, bf16 autocast on GPU, periodic evaluation, resumable checkpoints.
@@ -23,28 +22,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate.utils import gather_object
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
-from .compress import count_parameters, low_rank_modules, set_trainable
 from .config import FinetuneConfig
 from .data import corpus_info, training_corpus
 from .device import PeakMemory
-from .distill import KeepBest, load_teacher
+from .distill import DistillTrainer
 from .errors import WeloreError
 from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accuracy
-from .io import check_output, hash_file_heads, load_compressed, read_meta, save_compressed
+from .files import check_output, hash_file_heads
+from .guard import KeepBest, guard_metrics
+from .io import load_compressed, read_meta, save_compressed
+from .layers import count_parameters
+from .modes import get_mode
 from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
-from .targets import layer_of
+from .teacher import Teacher, load_teacher, teacher_source
 from .trainer import Batches, StepLog, make_trainer, training_arguments
 
 STATE = "welore_state.json"  # welore's part of a Trainer checkpoint: log, evaluations, model identity
@@ -59,58 +58,6 @@ class FinetuneResult:
     log: list[dict] = field(default_factory=list)  # one entry per optimizer step
     evals: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# modes: what trains, and with which optimizer
-
-
-def lora_targets(model: nn.Module, pattern: str | None = None) -> list[str]:
-    """Every nn.Linear inside the blocks (dense N-LRCs and both factors of each LRC), or those of
-    them whose name `pattern` (a regex) is found in."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and layer_of(n) is not None]
-    return names if pattern is None else [n for n in names if re.search(pattern, n)]
-
-
-def matched_lora_rank(model: nn.Module, pattern: str | None = None) -> int:
-    """The LoRA rank (on the targets `pattern` selects) whose trainable parameter count is closest
-    to the LRC factors' count."""
-    lrc = sum(m.down.weight.numel() + m.up.weight.numel() for m in low_rank_modules(model).values())
-    names = set(lora_targets(model, pattern))
-    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n in names)
-    return max(1, round(lrc / per_rank)) if per_rank else 1
-
-
-def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
-    """Mark what trains in `cfg.mode`. Returns (model, optimizer settings for TrainingArguments, info)."""
-    info: dict = {}
-    optim: dict = {"optim": "adamw_torch"}
-    if cfg.mode == "lora":
-        targets = lora_targets(model, cfg.lora_targets)
-        if not targets:
-            raise WeloreError(f"no linear layer in the blocks matches --lora-targets {cfg.lora_targets!r}")
-        rank = cfg.lora_rank or matched_lora_rank(model, cfg.lora_targets)
-        info.update(lora_rank=rank, lora_matrices=len(targets))
-        set_trainable(model, "none")
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank,
-                                                 target_modules=targets, lora_dropout=0.0))
-    else:
-        set_trainable(model, "lrc" if cfg.mode == "lrc" else "full")
-    if cfg.mode == "galore":
-        projected = [n for n in lora_targets(model) if min(model.get_submodule(n).weight.shape) > cfg.galore_rank]
-        if not projected:
-            raise WeloreError(f"no block matrix has both sides above the GaLore rank {cfg.galore_rank}")
-        info.update(galore_rank=cfg.galore_rank, galore_matrices=len(projected))
-        # GaLore's optimizer state holds its projector objects; a resumed run loads them back from
-        # our own checkpoint, which torch.load's weights-only unpickler refuses unless allowed.
-        # Imported here: galore-torch imports bitsandbytes, which the other modes never need
-        from galore_torch.galore_projector import GaLoreProjector
-
-        torch.serialization.add_safe_globals([GaLoreProjector])
-        optim = {"optim": "galore_adamw", "optim_target_modules": "|".join(re.escape(n) for n in projected),
-                 "optim_args": f"rank={cfg.galore_rank},update_proj_gap={cfg.galore_update_gap},"
-                               f"scale={cfg.galore_scale},proj_type=std"}
-    return model, optim, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,28 +108,12 @@ def _evaluate(model, tokenizer, cfg: FinetuneConfig, eval_set, progress: bool, t
     return out
 
 
-def _guard(cfg: FinetuneConfig, eval_set) -> tuple[str, ...]:
-    """What the keep-the-best guard judges by (a score, then tie-breakers; () for no guard): held-out
-    text of the training kind (C4's own held-out documents, a text file's tail), or a task's validation
-    examples, never its reported eval ones (choosing by them would flatter the accuracy reported).
-    On a task, accuracy first: the choice loss alone prefers a model that answers 50/50 (loss ln 2)
-    to one that is right more often but sometimes confidently wrong (benchmarks/tasks.py, coin flip);
-    it only breaks the ties of a few dozen examples' accuracies."""
-    if not cfg.keep_best:
-        return ()
-    if cfg.is_text:
-        return ("c4_ppl",) if eval_set is None else ("heldout_ppl",)
-    val = eval_set[0]
-    if not val:
-        print(f"[{cfg.mode}] no validation examples to judge by (--val-examples 0, or a train split under 5 "
-              "examples): the run returns its last step", flush=True)
-        return ()
-    return ("val_accuracy", "val_choice_nll") if val[0].options else ("val_accuracy",)
-
-
 class _RunState(TrainerCallback):
     """Evaluations every `eval_every` steps, the `stop_after` stop, and welore's state written into
-    each Trainer checkpoint, so that a resume can check it is the same model and settings."""
+    each Trainer checkpoint, so that a resume can check it is the same model and settings.
+
+    Not Trainer's `eval_strategy`: its evaluation is the loss on an eval dataset, where a run here is
+    judged by perplexity on several held-out corpora or by a task's accuracy (`_evaluate`)."""
 
     def __init__(self, cfg: FinetuneConfig, evaluate, log: list, evals: list, fingerprint: str, keep: KeepBest | None,
                  data: dict | None = None):
@@ -210,7 +141,9 @@ class _RunState(TrainerCallback):
 
 
 def _last_checkpoint(ckpt: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint in `ckpt` (one that has welore's state, written last)."""
+    """The newest complete checkpoint in `ckpt` (one that has welore's state, written last). Not
+    transformers' `get_last_checkpoint`, which takes the newest folder even when a killed save left
+    it half written."""
     done = sorted((p for p in ckpt.glob("checkpoint-*") if (p / STATE).is_file()),
                   key=lambda p: int(p.name.split("-")[-1])) if ckpt.is_dir() else []
     if not done:
@@ -250,11 +183,14 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         raise WeloreError(f"{model_dir} has no tokenizer; fine-tuning needs one")
     total = count_parameters(loaded.model)  # before LoRA adds adapters: percentages are of the model
     loaded.model.config.use_cache = False  # no KV cache while training; restored before saving
-    model, optim, info = prepare_mode(loaded.model, cfg)
+    mode = get_mode(cfg.mode)
+    model, optim, info = mode.prepare(loaded.model, cfg)
     args = training_arguments(ckpt, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                               grad_accum=cfg.grad_accum, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.save_every,
                               device=device, activation_checkpointing=cfg.activation_checkpointing, **optim)
+    source = teacher_source(cfg, meta)  # a bad teacher fails before the data is read; one in the loop loads now
+    teacher = Teacher(source, tokenizer, args.device) if source and cfg.teacher_cache is None else None
     batches = Batches(tokenizer, cfg, rows=cfg.batch_size * args.world_size)  # the global batch
     eval_set = batches.held_out  # a text file's tail (None: C4's own held-out documents), or (validation, eval) examples
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -267,7 +203,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
               "held-out loss can rise once it repeats (--keep-best returns the best evaluation)", flush=True)
 
     steps = StepLog(f"finetune [{cfg.mode}]", progress, log)
-    guard = _guard(cfg, eval_set)
+    guard = guard_metrics(cfg, eval_set)
     keep = KeepBest(*guard) if guard else None
     # a task guarded by validation examples scores only those during the run: the eval examples are
     # scored at the start, at the end, and on the weights returned
@@ -275,9 +211,11 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False, test=during), log, evals,
                     fingerprint, keep, data_info)
     stream = batches.stream(index=cfg.teacher_cache is not None)
-    teacher, teacher_info = load_teacher(cfg, meta, tokenizer, args.device, stream, args.world_size, progress)
-    trainer = make_trainer(model, args, stream, [steps, run], teacher=teacher, loss_chunk=cfg.loss_chunk,
-                           kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
+    teacher, teacher_info = load_teacher(cfg, source, tokenizer, args.device, stream, args.world_size, progress,
+                                         teacher)
+    distil = {} if teacher is None else dict(trainer_class=DistillTrainer, teacher=teacher, kd_weight=cfg.kd_weight,
+                                             temperature=cfg.kd_temperature)
+    trainer = make_trainer(model, args, stream, [steps, run], loss_chunk=cfg.loss_chunk, **distil)
     if last is None:
         evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
         if keep:
@@ -300,9 +238,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     if len(set(digests)) > 1:
         raise WeloreError(f"the {len(digests)} processes ended with different weights; nothing was written")
 
-    model = trainer.model
-    if cfg.mode == "lora":
-        model = model.merge_and_unload()  # the adapters fold into the (factor) weights they adapt
+    model = mode.finish(trainer.model)
     model.eval()
     model.config.use_cache = True
     for p in model.parameters():

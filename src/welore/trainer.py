@@ -11,8 +11,8 @@ What welore adds to Trainer, and why:
 * `Batches`: fine-tuning data (C4 windows, or task examples with the loss on the answer only).
 * `StepLog`: one record per optimizer step (loss, learning rate, tokens/s of the step's own wall time,
   so evaluations and checkpoints are not counted), and welore's progress bar instead of Trainer's.
-* `chunked_lm_loss` (`loss_chunk`): the LM loss without the whole [tokens x vocabulary] logits in
-  memory (at 8 x 512 tokens a step it saves 1.6-1.8 GiB of peak RSS: docs/results.md, "Memory at a large batch").
+* `loss_chunk`: the LM loss by welore.losses.chunked_lm_loss, without the whole [tokens x
+  vocabulary] logits in memory.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -35,6 +32,7 @@ from .data import training_text
 from .device import pick_device
 from .errors import WeloreError
 from .evaluate import encode_example
+from .losses import chunked_lm_loss
 from .progress import bar
 from .tasks import Example, split_validation, task_splits
 
@@ -118,7 +116,7 @@ class Batches:
     def passes(self) -> float:
         """How many times over, on average, the run's draws cover the training text (or examples):
         above 1 it trains on repeats, and held-out loss can rise while training loss falls (a GPU run
-        of the recovery recipe: docs/results.md, "On a GPU")."""
+        of the recovery recipe: docs/results/recovery.md, "On a GPU")."""
         return self.cfg.steps * self.cfg.grad_accum * self.rows / self.size
 
     def stream(self, index: bool = False) -> StepStream:
@@ -156,76 +154,6 @@ def training_arguments(output_dir, *, steps: int, lr: float, batch_size: int, gr
         dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"],
         **{CHECKPOINTING: activation_checkpointing,
            CHECKPOINTING + "_kwargs": {"use_reentrant": False} if activation_checkpointing else None}, **optim)
-
-
-def output_head(model: nn.Module) -> nn.Linear:
-    """The output embedding (LM head) of a causal LM, wrapped (DDP, PEFT) or not."""
-    inner = extract_model_from_parallel(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        raise WeloreError(f"--loss-chunk needs a linear LM head; {type(inner).__name__} has {type(head).__name__}")
-    return head
-
-
-def head_input(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """What the LM head of `model` reads at each position of `inputs` ([batch, seqlen, hidden]). The
-    model is called whole, through its wrappers (DDP's forward readies the gradients' reduction), and
-    a hook on its head keeps what the head was given and lets it compute the last position only."""
-    head = output_head(model)
-    kept = []
-
-    def take(module, args):
-        kept.append(args[0])
-        return (args[0][:, -1:], *args[1:])
-
-    hook = head.register_forward_pre_hook(take)
-    try:
-        model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-    finally:
-        hook.remove()
-    if len(kept) != 1 or kept[0].shape[:2] != inputs["input_ids"].shape:
-        raise WeloreError("--loss-chunk: the model's head did not read one hidden state per position; "
-                          "run without --loss-chunk")
-    return kept[0]
-
-
-def predicted(inputs: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(which positions predict a label: [batch, seqlen] bool, the last position never; their labels,
-    in the order of `hidden[mask]`): the labels shifted as the LM loss shifts them, -100 ignored."""
-    shifted = F.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].to(device)
-    keep = shifted != -100
-    return keep, shifted[keep]
-
-
-def chunked_sum(fn: Callable[..., torch.Tensor], chunk: int, *rows) -> torch.Tensor:
-    """sum_i fn(*(r[i:i + chunk] for r in rows)), each call inside non-reentrant activation checkpointing:
-    the backward recomputes one chunk's intermediates (its logits) at a time instead of keeping them
-    all. Entries of `rows` that are not tensors (a module, a float) are passed as they are."""
-    n = len(rows[0])
-    total = rows[0].sum() * 0.0  # a batch with nothing to predict still has a graph
-    for i in range(0, n, chunk):
-        part = [r[i: i + chunk] if isinstance(r, torch.Tensor) else r for r in rows]
-        total = total + checkpoint(fn, *part, use_reentrant=False)
-    return total
-
-
-def _head_nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")  # fp32, as transformers' own loss
-
-
-def chunked_lm_loss(model: nn.Module, inputs: dict, chunk: int, num_items: torch.Tensor | int | None = None
-                    ) -> torch.Tensor:
-    """The causal LM loss of `model` on `inputs` (labels shifted, -100 ignored): the summed token NLL
-    over `num_items`, else the mean, as transformers computes it. The head runs on `chunk` predicted
-    positions at a time inside activation checkpointing (`chunked_sum`), so the backward keeps the
-    body's output and recomputes one chunk's logits at a time: the [tokens x vocabulary] logits and
-    their log-softmax never exist whole (at 8 x 512 tokens and SmolLM2's 49,152-token vocabulary,
-    0.75 GiB per fp32 copy). Positions without a label (a task's prompt) never reach the head."""
-    hidden = head_input(model, inputs)
-    keep, y = predicted(inputs, hidden.device)
-    total = chunked_sum(_head_nll_sum, chunk, hidden[keep], y, output_head(model))
-    return total / (num_items if num_items is not None else max(len(y), 1))
 
 
 class WeloreTrainer(Trainer):
@@ -313,17 +241,13 @@ class StepLog(TrainerCallback):
 
 
 def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream | None = None,
-                 callbacks: list[TrainerCallback] = (), teacher=None, loss_chunk: int = 0, **distill) -> WeloreTrainer:
-    """A Trainer over `stream` with welore's callbacks in place of Trainer's printing ones; with a
-    `teacher` (welore.distill.Teacher or TeacherCache), its loss is distillation (`distill`: kd_weight,
-    temperature), else the LM loss; either computed in chunks when `loss_chunk` > 0."""
-    kwargs = dict(model=model, args=args, train_dataset=stream, callbacks=list(callbacks), loss_chunk=loss_chunk)
-    if teacher is None:
-        trainer = WeloreTrainer(**kwargs)
-    else:
-        from .distill import DistillTrainer  # it subclasses WeloreTrainer
-
-        trainer = DistillTrainer(**kwargs, teacher=teacher, **distill)
+                 callbacks: list[TrainerCallback] = (), trainer_class: type[WeloreTrainer] | None = None,
+                 **kwargs) -> WeloreTrainer:
+    """A `trainer_class` (default WeloreTrainer; welore.distill.DistillTrainer distils) over `stream`
+    with welore's callbacks in place of Trainer's printing ones; `kwargs` go to the class (loss_chunk,
+    and a DistillTrainer's teacher, kd_weight, temperature)."""
+    trainer = (trainer_class or WeloreTrainer)(model=model, args=args, train_dataset=stream,
+                                               callbacks=list(callbacks), **kwargs)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return trainer

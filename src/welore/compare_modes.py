@@ -10,9 +10,11 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import MODES, FinetuneConfig
+from .config import FinetuneConfig
 from .errors import WeloreError
-from .io import atomic_dir, read_meta
+from .files import atomic_dir
+from .io import read_meta
+from .modes import MODES
 from .progress import set_enabled
 from .report import finetune_row, markdown_table, plot_loss_curves
 from .train import finetune
@@ -29,10 +31,10 @@ def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress:
         sys.exit(2)
 
 
-def mode_configs(cfg: FinetuneConfig, modes=MODES, lrs: dict[str, float] | None = None) -> dict[str, FinetuneConfig]:
+def mode_configs(cfg: FinetuneConfig, modes=tuple(MODES), lrs: dict[str, float] | None = None) -> dict[str, FinetuneConfig]:
     """Each mode's settings: `cfg` in that mode, at its own learning rate where `lrs` names one (full
     fine-tuning moves every weight and wants a lower rate than the factors or adapters do: on coin flip
-    at 300 steps, 5e-5 where the others train well at 2e-4; docs/results.md, "Downstream tasks"). Built, and so
+    at 300 steps, 5e-5 where the others train well at 2e-4; docs/results/tasks.md). Built, and so
     checked, before any run starts."""
     lrs = dict(lrs or {})
     for m in (*modes, *lrs):
@@ -44,7 +46,7 @@ def mode_configs(cfg: FinetuneConfig, modes=MODES, lrs: dict[str, float] | None 
     return {m: replace(cfg, mode=m, lr=lrs.get(m, cfg.lr)) for m in modes}
 
 
-def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=MODES, *,
+def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=tuple(MODES), *,
             lrs: dict[str, float] | None = None, overwrite: bool = False, device=None,
             progress: bool = True) -> list[dict]:
     """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process

@@ -1,9 +1,9 @@
-"""welore.compare: each mode's settings, a learning rate per mode, checked before any run."""
+"""welore.compare_modes: each mode's settings, a learning rate per mode, checked before any run."""
 
 import pytest
 
 from welore import FinetuneConfig
-from welore.compare import mode_configs
+from welore.compare_modes import mode_configs
 from welore.errors import WeloreError
 
 

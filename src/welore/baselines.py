@@ -1,0 +1,89 @@
+"""The comparison rows of `welore compress`: what the plan buys against the dense model, against
+uniform truncation at the same reduction, and against the calibrated recipe at the same parameter
+count. Every row is one `compress()` call with its own `CompressConfig`; the uniform row reuses
+the first pass's factors (`compress(..., reuse=)`), so it costs no second SVD or calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from torch import nn
+
+from .allocate import RankPlan
+from .compress import Compressed, compress
+from .config import CompressConfig
+from .evaluate import perplexity
+from .generate import continuation
+from .jobs import CompressJob
+from .layers import count_parameters
+
+Row = Callable[[str, RankPlan | None, nn.Module, float], dict]
+
+
+def row_maker(tokenizer, job: CompressJob, timings: dict | None = None) -> Row:
+    """`row(label, plan, model, seconds)`: one table row, evaluated as `job` says. `timings`, when
+    given, collects each row's evaluation speed (seconds per token) by label."""
+
+    def row(label: str, plan: RankPlan | None, model: nn.Module, seconds: float) -> dict:
+        r = {"model": label,
+             "eff. rank red.": f"{plan.effective_rank_reduction:.1%}" if plan else "0.0%",
+             "param red. (targets)": f"{plan.param_reduction:.1%}" if plan else "0.0%",
+             "params": count_parameters(model), "LRCs": len(plan.lrcs) if plan else 0, "compress s": seconds}
+        if job.eval:
+            res = perplexity(model, tokenizer, job.corpus, seqlen=job.seqlen, max_tokens=job.eval_tokens,
+                             progress=job.progress)
+            r[f"{job.corpus} ppl"] = res.ppl
+            if timings is not None:
+                timings[label] = res.seconds / max(res.tokens, 1)
+            if job.new_tokens:
+                r["continuation"] = continuation(model, tokenizer, prompt=job.prompt, max_new_tokens=job.new_tokens)
+        return r
+
+    return row
+
+
+def uniform_config(cfg: CompressConfig, plan: RankPlan) -> CompressConfig:
+    """Uniform truncation at the reduction `plan` reached, measured as the user asked (parameters for
+    a parameter target, else effective rank)."""
+    reached = plan.param_reduction if cfg.uniform_target == "params" else plan.effective_rank_reduction
+    return replace(cfg, allocation="uniform", ratio=_open_ratio(reached), target=cfg.uniform_target,
+                   threshold=None, min_ratio=None, calib_passes=1)
+
+
+def recipe_config(cfg: CompressConfig, plan: RankPlan, samples: int) -> CompressConfig:
+    """The calibrated recipe (loss allocation + whiten-fisher, `samples` calibration sequences) at
+    the parameter reduction `plan` reached."""
+    return CompressConfig(ratio=_open_ratio(plan.param_reduction), target="params", allocation="loss",
+                          method="whiten-fisher", min_ratio=0.0, calib_samples=samples,
+                          calib_seqlen=cfg.calib_seqlen, seed=cfg.seed, targets=cfg.targets, ignore=cfg.ignore)
+
+
+def comparison_rows(dense: nn.Module, tokenizer, done: Compressed, ours: dict, job: CompressJob, row: Row
+                    ) -> list[dict]:
+    """The rows in order: dense, uniform, ours, and the recipe (`job.recipe`, for a data-free run).
+    `dense` is used up: the uniform plan is applied to it in place, last, so at most two models are
+    in memory at any time."""
+    rows = [row("dense", None, dense, 0.0)]
+    recipe = None
+    if job.recipe and not done.config.calibrated:  # a calibrated run has no need to be shown calibration
+        t = time.perf_counter()
+        rc = recipe_config(done.config, done.plan, job.recipe_samples)
+        res = compress(copy.deepcopy(dense), tokenizer, rc, spectra=done.spectra, progress=job.progress)
+        recipe = row(f"loss + whiten-fisher ({rc.calib_samples}x{rc.calib_seqlen} calib.)", res.plan, res.model,
+                     time.perf_counter() - t)
+        del res
+        gc.collect()
+    uni = compress(dense, tokenizer, uniform_config(done.config, done.plan), reuse=done, progress=job.progress)
+    label = "uniform" if done.config.calib_passes == 1 else "uniform (1 pass)"
+    rows.append(row(label, uni.plan, dense, uni.prep_seconds + uni.apply_seconds))
+    return rows + [ours] + ([recipe] if recipe is not None else [])
+
+
+def _open_ratio(r: float) -> float:
+    """A reached reduction as a search target, which must lie in (0, 1)."""
+    return min(max(r, 1e-6), 1 - 1e-6)

@@ -1,0 +1,152 @@
+"""Training modes: what trains, and with which optimizer. One class per mode in a registry, as
+factorisation methods (welore.factorize) and allocation rules (welore.allocate) are, so a new mode
+is one class and one registry line; `welore finetune --train NAME` picks one.
+
+    lrc     only the LRC factors (WeLore): N-LRCs, embeddings, norms and head frozen
+    full    every weight of the compressed model
+    lora    PEFT LoRA adapters on the block linears (the N-LRCs and both factors of each LRC)
+    galore  every weight, with GaLore's projected Adam (Trainer's `optim="galore_adamw"`) on the
+            block matrices whose smaller side exceeds its rank
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import WeloreError
+from .layers import LowRankLinear, count_parameters
+from .targets import layer_of
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
+TRAINABLE = ("lrc", "full", "none")  # what `set_trainable` marks
+
+
+def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def set_trainable(model: nn.Module, mode: str = "lrc") -> tuple[int, int]:
+    """Mark what trains: "lrc" = only the LRC factors (WeLore), "full" = everything, "none".
+
+    In "lrc" mode N-LRCs, embeddings, norms, the LM head and the LRC biases stay frozen: the claim
+    under test is that the low-rank factors alone carry the adaptable part of the model.
+    Returns (trainable, total) parameter counts.
+    """
+    if mode not in TRAINABLE:
+        raise WeloreError(f"unknown train mode {mode!r}; choose one of {', '.join(TRAINABLE)}")
+    for p in model.parameters():
+        p.requires_grad_(mode == "full")
+    if mode == "lrc":
+        lrcs = low_rank_modules(model)
+        if not lrcs:
+            raise WeloreError("the model has no low-rank components to train")
+        for m in lrcs.values():
+            m.down.weight.requires_grad_(True)
+            m.up.weight.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, count_parameters(model)
+
+
+def block_linears(model: nn.Module, pattern: str | None = None) -> list[str]:
+    """Every nn.Linear inside the blocks (dense N-LRCs and both factors of each LRC), or those of
+    them whose name `pattern` (a regex) is found in."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and layer_of(n) is not None]
+    return names if pattern is None else [n for n in names if re.search(pattern, n)]
+
+
+def matched_lora_rank(model: nn.Module, pattern: str | None = None) -> int:
+    """The LoRA rank (on the targets `pattern` selects) whose trainable parameter count is closest
+    to the LRC factors' count."""
+    lrc = sum(m.down.weight.numel() + m.up.weight.numel() for m in low_rank_modules(model).values())
+    names = set(block_linears(model, pattern))
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n in names)
+    return max(1, round(lrc / per_rank)) if per_rank else 1
+
+
+class Mode:
+    """A training mode: `prepare` marks what trains (and may wrap the model), `finish` turns the
+    trained model back into a plain compressed one before it is saved."""
+
+    name: ClassVar[str]
+    settings: ClassVar[tuple[str, ...]] = ()  # FinetuneConfig fields only this mode reads
+
+    def prepare(self, model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
+        """(model, optimizer settings for TrainingArguments, facts for finetune.json)."""
+        set_trainable(model, "full")
+        return model, {"optim": "adamw_torch"}, {}
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+class Lrc(Mode):
+    name = "lrc"
+
+    def prepare(self, model, cfg):
+        set_trainable(model, "lrc")
+        return model, {"optim": "adamw_torch"}, {}
+
+
+class Full(Mode):
+    name = "full"
+
+
+class Lora(Mode):
+    name = "lora"
+    settings = ("lora_rank", "lora_alpha", "lora_targets")
+
+    def prepare(self, model, cfg):
+        from peft import LoraConfig, get_peft_model  # the training stack: imported where it is used
+
+        targets = block_linears(model, cfg.lora_targets)
+        if not targets:
+            raise WeloreError(f"no linear layer in the blocks matches --lora-targets {cfg.lora_targets!r}")
+        rank = cfg.lora_rank or matched_lora_rank(model, cfg.lora_targets)
+        set_trainable(model, "none")
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank,
+                                                 target_modules=targets, lora_dropout=0.0))
+        return model, {"optim": "adamw_torch"}, {"lora_rank": rank, "lora_matrices": len(targets)}
+
+    def finish(self, model):
+        return model.merge_and_unload()  # the adapters fold into the (factor) weights they adapt
+
+
+class GaLore(Mode):
+    name = "galore"
+    settings = ("galore_rank", "galore_update_gap", "galore_scale")
+
+    def prepare(self, model, cfg):
+        set_trainable(model, "full")
+        projected = [n for n in block_linears(model) if min(model.get_submodule(n).weight.shape) > cfg.galore_rank]
+        if not projected:
+            raise WeloreError(f"no block matrix has both sides above the GaLore rank {cfg.galore_rank}")
+        # GaLore's optimizer state holds its projector objects; a resumed run loads them back from
+        # our own checkpoint, which torch.load's weights-only unpickler refuses unless allowed.
+        # Imported here: galore-torch imports bitsandbytes, which the other modes never need
+        from galore_torch.galore_projector import GaLoreProjector
+
+        torch.serialization.add_safe_globals([GaLoreProjector])
+        optim = {"optim": "galore_adamw", "optim_target_modules": "|".join(re.escape(n) for n in projected),
+                 "optim_args": f"rank={cfg.galore_rank},update_proj_gap={cfg.galore_update_gap},"
+                               f"scale={cfg.galore_scale},proj_type=std"}
+        return model, optim, {"galore_rank": cfg.galore_rank, "galore_matrices": len(projected)}
+
+
+MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Lrc, Full, Lora, GaLore)}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise WeloreError(f"unknown training mode {name!r}; choose one of {', '.join(MODES)}")
+    return MODES[name]()
+
+
+def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
+    """`cfg.mode`'s `prepare`: (model, optimizer settings for TrainingArguments, facts)."""
+    return get_mode(cfg.mode).prepare(model, cfg)
