@@ -43,6 +43,9 @@ SHAPES = {  # the published configs' shapes, and a small one for a quick look
                  num_key_value_heads=2, vocab_size=1000),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
+    # TinyLlama's shapes with 6 blocks: which path `welore compress DIR` takes by itself (--auto)
+    "tinyllama-6l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
 }
@@ -162,6 +165,19 @@ def run(args: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t, peak / 2**30
 
 
+def auto_path(src: Path, out: Path, ratio: float) -> dict:
+    """Peak RSS of `welore compress SRC` with no path flag (it streams a directory, evaluating dense and
+    compressed block by block) against the in-memory path without evaluation, one process each."""
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    auto_s, auto_rss = run(["compress", str(src), "-o", str(out), "--ratio", str(ratio), "--eval-tokens", "2048",
+                            "--overwrite", "-q"])
+    mem_s, mem_rss = run(["compress", str(src), "-o", str(out) + "-memory", "--ratio", str(ratio), "--no-stream",
+                          "--no-eval", "--overwrite", "-q"])
+    return {"checkpoint_gib": size / 2**30, "auto_peak_rss_gib": auto_rss, "auto_wall_s": auto_s,
+            "auto_within_checkpoint_plus_1gib": auto_rss <= size / 2**30 + 1, "memory_peak_rss_gib": mem_rss,
+            "memory_wall_s": mem_s, "auto_rows": json.loads((out / "results.json").read_text())["rows"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["smollm2", "tinyllama-1.1b"],
@@ -171,6 +187,8 @@ def main() -> None:
                     "block by block (welore evaluate --stream), --eval-tokens tokens")
     ap.add_argument("--ratio", type=float, default=0.5, help="effective rank reduction")
     ap.add_argument("--work", default="bench-out/scale", help="where checkpoints and outputs go (large)")
+    ap.add_argument("--auto", action="store_true", help="instead: `welore compress DIR` as a user runs it (no "
+                    "--stream; it picks the path) against `--no-stream --no-eval`, peak RSS of each")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -183,6 +201,11 @@ def main() -> None:
         else:
             src = synthesize(size, work / f"{size}-synthetic")
             add_tokenizer(src)
+            if a.auto:
+                results[f"{size}-auto"] = auto_path(src, work / f"{size}-auto", a.ratio)
+                print(json.dumps({size: results[f"{size}-auto"]}, indent=1), flush=True)
+                (work / "scale.json").write_text(json.dumps(results, indent=1))
+                continue
             if a.eval_dense:  # the dense checkpoint evaluated block by block: no compression needed
                 results[f"{size}-dense-eval"] = evaluate_streaming(src, a.eval_tokens)
                 print(json.dumps({size: results[f"{size}-dense-eval"]}), flush=True)

@@ -27,7 +27,7 @@ def test_analyze(capsys, model_dir, tmp_path):
 
 def test_compress_evaluate_merge(capsys, model_dir, tmp_path):
     out = tmp_path / "c"
-    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--ratio", "0.4",
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--ratio", "0.4", "--no-stream",
                             "--min-ratio", "0", "--eval-tokens", "256", "--seqlen", "64", "-q")
     assert code == 0, err
     assert all(word in stdout for word in ("dense", "uniform", "WeLore", "wikitext2 ppl"))
@@ -294,9 +294,22 @@ def test_compress_picks_streaming_by_itself(capsys, model_dir, tmp_path):
                             "-q")
     assert code == 0 and stdout.startswith("welore: in memory (as asked)")
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "e"), "--no-compare",
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "d"), "--dtype", "bfloat16",
+                            "--no-eval", "-q")
+    assert code == 0 and stdout.startswith("welore: in memory (needs the model in memory for --dtype)")
+    # evaluated, the dense and compressed models are scored block by block: the in-memory figures
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "e"), "--ratio", "0.4",
                             "--eval-tokens", "128", "--seqlen", "64", "-q")
-    assert code == 0 and stdout.startswith("welore: in memory (needs the model in memory for evaluation)")
+    assert code == 0, err
+    assert stdout.startswith("welore: streamed block by block (a directory of safetensors weights; uniform and "
+                             "recipe rows and continuations: --no-stream)")
+    rows = json.loads((tmp_path / "e" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["dense", "WeLore"]
+    code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "f"), "--ratio", "0.4", "--no-stream",
+                       "--no-compare", "--eval-tokens", "128", "--seqlen", "64", "-q")
+    assert code == 0, err
+    in_memory = json.loads((tmp_path / "f" / "results.json").read_text())["rows"]
+    assert in_memory[0]["wikitext2 ppl"] == pytest.approx(rows[1]["wikitext2 ppl"], rel=1e-5)
 
 
 def _broken_checkpoint(src, how: str) -> None:

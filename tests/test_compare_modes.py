@@ -26,3 +26,13 @@ def test_each_mode_at_its_own_rate_where_given_else_the_shared_one():
 def test_bad_rates_and_modes_are_refused(modes, lrs, needle):
     with pytest.raises(WeloreError, match=needle):
         mode_configs(FinetuneConfig(), modes, lrs)
+
+
+def test_welore_compare_is_always_the_function():
+    """It was the function on first access and the submodule after (the module shared its name)."""
+    import welore
+
+    first = welore.compare
+    import welore.compare_modes
+
+    assert first is welore.compare is welore.compare_modes.compare and callable(welore.compare)

@@ -128,7 +128,7 @@ def cmd_compress(a) -> int:
     res = run_compress(a.model, cfg, job)
     if res.stream is not None:
         if res.stream.rank == 0:
-            print(f"welore: {res.path}\n{res.stream.summary()}")
+            print(f"welore: {res.path}\n{res.stream.summary()}" + (f"\n\n{res.table()}" if res.rows else ""))
         return 0
     print(f"welore: {res.path}\n{res.plan.summary()}\n\n{res.table()}\n\n{res.explain(recovering=bool(job.recover))}")
     print(f"\nwrote {res.output}/ (model.safetensors, welore.json, modeling_welore.py, report.md, spectra.png, "

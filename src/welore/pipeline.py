@@ -21,6 +21,7 @@ import psutil
 
 from .allocate import RankPlan, allocate
 from .baselines import comparison_rows, row_maker
+from .blockwise import perplexity_streaming
 from .compress import compress
 from .config import CompressConfig
 from .device import process_memory
@@ -80,17 +81,17 @@ def run_analyze(source, cfg: AnalyzeConfig) -> tuple[Path, Spectra, RankPlan]:
 
 
 def streams(source, job: CompressJob) -> tuple[bool, str]:
-    """Whether `welore compress` streams, and why: as --stream / --no-stream (or --resume) say; else
-    for a directory of safetensors weights whenever the job needs nothing that only the in-memory
-    path does (evaluated rows, a spectra cache, another dtype, a recovery), or whenever the model
-    would not fit in the memory available."""
+    """Whether `welore compress` streams, and why: as --stream / --no-stream (or --resume) say; else a
+    directory of safetensors weights streams unless the job needs the model in memory (a spectra
+    cache, another dtype, a recovery), and anything streams that would not fit in the memory
+    available. Streamed, the dense and compressed models are evaluated block by block; the uniform
+    and recipe rows and the continuations need the in-memory path (--no-stream)."""
     if job.stream is not None or job.resume:
         return bool(job.stream is not False), "as asked"
     d = Path(source) if source is not None else None
     if d is None or not d.is_dir() or (d / "welore.json").is_file() or not any(d.glob("*.safetensors")):
         return False, "the model is not a directory of safetensors weights"
-    needs = [what for what, on in (("evaluation", job.eval and read_tokenizer(d) is not None),
-                                   ("--spectra", job.spectra), ("--dtype", job.dtype != "auto"),
+    needs = [what for what, on in (("--spectra", job.spectra), ("--dtype", job.dtype != "auto"),
                                    ("--recover", job.recover)) if on]
     size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     need = size * MEMORY_FACTOR[bool(job.eval and job.compare)]
@@ -100,7 +101,23 @@ def streams(source, job: CompressJob) -> tuple[bool, str]:
         return True, f"in memory it would need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free{dropped}"
     if needs:
         return False, f"needs the model in memory for {', '.join(needs)}"
-    return True, "a directory of safetensors weights, and the job needs nothing else"
+    rows = "; uniform and recipe rows and continuations: --no-stream" if job.eval and job.compare else ""
+    return True, f"a directory of safetensors weights{rows}"
+
+
+def _streamed_rows(source, cfg: CompressConfig, res: StreamResult, job: CompressJob) -> list[dict]:
+    """Dense and compressed perplexity, each evaluated block by block (welore.blockwise): no model is
+    ever whole in memory. Written to the output's results.json."""
+    rows = []
+    for label, path, plan in (("dense", Path(source), None), (cfg.rule.label, res.output, res.plan)):
+        r = perplexity_streaming(path, None, job.corpus, seqlen=job.seqlen, max_tokens=job.eval_tokens,
+                                 device=job.device, progress=job.progress)
+        rows.append({"model": label, "eff. rank red.": f"{plan.effective_rank_reduction:.1%}" if plan else "0.0%",
+                     "param red. (targets)": f"{plan.param_reduction:.1%}" if plan else "0.0%",
+                     "LRCs": len(plan.lrcs) if plan else 0, f"{job.corpus} ppl": r.ppl, "eval s": r.seconds})
+    with atomic_file(res.output / "results.json") as f:
+        f.write_text(json.dumps({"rows": rows, "evaluation": job.evaluation, "streamed": True}, indent=1))
+    return rows
 
 
 def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResult:
@@ -115,7 +132,9 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
         out = Path(job.output) if job.output else default_output(Path(source).name, cfg)
         res = compress_streaming(source, out, cfg, resume=job.resume, overwrite=job.overwrite, device=job.device,
                                  progress=job.progress)
-        return CompressResult(res.output, res.plan, settings=cfg.to_dict(), path=path, stream=res)
+        evaluated = res.rank == 0 and job.eval and read_tokenizer(source) is not None
+        rows = _streamed_rows(source, cfg, res, job) if evaluated else []
+        return CompressResult(res.output, res.plan, rows, settings=cfg.to_dict(), path=path, stream=res)
     check_output(job.output, job.overwrite)
     t0 = time.perf_counter()
     loaded = load_model(source, device=job.device, dtype=job.dtype)
