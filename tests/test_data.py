@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from welore import WeloreError
 from welore.data import load_corpus
@@ -81,3 +82,22 @@ def test_bad_corpus_files(tmp_path, name, content, field, needle):
     path = str(tmp_path / name) if content is None else _write(tmp_path, name, content)
     with pytest.raises(WeloreError, match=needle):
         load_corpus(path, field)
+
+
+def test_a_whole_corpus_is_tokenised_once_per_cache(tokenizer, tmp_path, monkeypatch):
+    """Another process (here: the in-memory cache emptied) reads the ids back instead of tokenising
+    again: the same ids; without a cache nothing is written."""
+    import welore.data as data
+
+    monkeypatch.setenv("WELORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_ENCODED", {})
+    first = data.encode_corpus(tokenizer, "wikitext2")
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(data, "_ENCODED", {})
+    monkeypatch.setattr(data, "_tokenize", lambda *a: pytest.fail("tokenised again"))
+    assert torch.equal(data.encode_corpus(tokenizer, "wikitext2"), first) and first.dtype == torch.long
+    monkeypatch.undo()  # _tokenize back; then without a cache
+    monkeypatch.setenv("WELORE_CACHE", "off")
+    monkeypatch.setattr(data, "_ENCODED", {})
+    assert torch.equal(data.encode_corpus(tokenizer, "wikitext2"), first)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*"))) == 1

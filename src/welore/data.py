@@ -20,9 +20,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 from .errors import WeloreError, one_line
+from .files import atomic_file, cache_dir
 
 CORPORA = ("wikitext2", "c4", "c4-train")
 C4_EVAL_START = 1800
@@ -185,8 +187,35 @@ def encode_corpus(tokenizer, corpus: str, max_tokens: int | None = None, text_fi
             ids = _tokenize(tokenizer, text[: max_tokens * 8])
             if len(ids) < max_tokens + 256:
                 ids = None
-        _ENCODED[key] = torch.tensor(ids if ids is not None else _tokenize(tokenizer, text), dtype=torch.long)
+        _ENCODED[key] = torch.tensor(ids, dtype=torch.long) if ids is not None else \
+            _tokens_on_disk(key[0], corpus, text_field, lambda: _tokenize(tokenizer, text))
     return _ENCODED[key]
+
+
+def _tokens_on_disk(tokenizer_key: str, corpus: str, text_field: str, tokenize: Callable[[], list[int]]
+                    ) -> torch.Tensor:
+    """A whole corpus' token ids, kept in welore's cache by (tokenizer, corpus, file content): every
+    process that trains on C4 (each of a comparison's runs, each rank of a launch) otherwise tokenises
+    the same 1.1 MB again, seconds each. No cache (WELORE_CACHE=off): tokenised here, nothing written."""
+    root = cache_dir()
+    if root is None:
+        return torch.tensor(tokenize(), dtype=torch.long)
+    sha = corpus_info(corpus, text_field)["sha256"]
+    name = hashlib.blake2b(f"{tokenizer_key}:{corpus}:{text_field}:{sha}".encode(), digest_size=16).hexdigest()
+    path = root / "tokens" / f"{name}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["ids"].long()
+        except Exception:  # a damaged entry is made again
+            pass
+    ids = torch.tensor(tokenize(), dtype=torch.long)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file({"ids": ids.int()}, str(tmp))
+    except (OSError, WeloreError):  # a read-only cache costs the next process the tokenisation, nothing more
+        pass
+    return ids
 
 
 def is_text_file(name: str) -> bool:

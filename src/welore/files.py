@@ -92,3 +92,12 @@ def _public_permissions(root: Path) -> None:
     umask = _umask()
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def cache_dir() -> Path | None:
+    """welore's cache (converted GGUF models, tokenised corpora): $WELORE_CACHE, else
+    $XDG_CACHE_HOME/welore, else ~/.cache/welore. WELORE_CACHE=off (or 0, or empty): none, nothing written."""
+    env = os.environ.get("WELORE_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none") else Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "welore"

