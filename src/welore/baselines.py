@@ -21,19 +21,23 @@ from .evaluate import perplexity
 from .generate import continuation
 from .jobs import CompressJob
 from .layers import count_parameters
+from .quantize import bits_report
 
 Row = Callable[[str, RankPlan | None, nn.Module, float], dict]
 
 
-def row_maker(tokenizer, job: CompressJob, timings: dict | None = None) -> Row:
+def row_maker(tokenizer, job: CompressJob, timings: dict | None = None, bits: bool = False) -> Row:
     """`row(label, plan, model, seconds)`: one table row, evaluated as `job` says. `timings`, when
-    given, collects each row's evaluation speed (seconds per token) by label."""
+    given, collects each row's evaluation speed (seconds per token) by label; `bits`: a column of
+    the bits each row stores per block weight (a quantised run)."""
 
     def row(label: str, plan: RankPlan | None, model: nn.Module, seconds: float) -> dict:
         r = {"model": label,
              "eff. rank red.": f"{plan.effective_rank_reduction:.1%}" if plan else "0.0%",
              "param red. (targets)": f"{plan.param_reduction:.1%}" if plan else "0.0%",
              "params": count_parameters(model), "LRCs": len(plan.lrcs) if plan else 0, "compress s": seconds}
+        if bits:
+            r["bits/weight"] = bits_report(model)["bits_per_weight"]
         if job.eval:
             res = perplexity(model, tokenizer, job.corpus, seqlen=job.seqlen, max_tokens=job.eval_tokens,
                              progress=job.progress)
@@ -60,7 +64,8 @@ def recipe_config(cfg: CompressConfig, plan: RankPlan, samples: int) -> Compress
     the parameter reduction `plan` reached."""
     return CompressConfig(ratio=_open_ratio(plan.param_reduction), target="params", allocation="loss",
                           method="whiten-fisher", min_ratio=0.0, calib_samples=samples,
-                          calib_seqlen=cfg.calib_seqlen, seed=cfg.seed, targets=cfg.targets, ignore=cfg.ignore)
+                          calib_seqlen=cfg.calib_seqlen, seed=cfg.seed, targets=cfg.targets, ignore=cfg.ignore,
+                          bits=cfg.bits, group_size=cfg.group_size, quantizer=cfg.quantizer)
 
 
 def comparison_rows(dense: nn.Module, tokenizer, done: Compressed, ours: dict, job: CompressJob, row: Row

@@ -22,8 +22,9 @@ from .calibrate import calibration_batches, collect_stats
 from .config import CompressConfig
 from .errors import WeloreError
 from .factorize import analyze_data_aware, attach_loss_tails, refit_up
-from .layers import LowRankLinear
+from .layers import LowRankLinear, QuantLinear
 from .progress import bar
+from .quantize import quantize_model
 from .spectrum import Spectra, analyze, thin_svd
 from .targets import Target, find_targets, module_kind, weight_matrix
 
@@ -40,7 +41,8 @@ class Compressed:
     first_pass: tuple[Spectra, Spectra, dict | None]  # (factors, spectra the rule read, statistics)
     stats: dict | None  # the last pass's calibration statistics (None when data-free)
     prep_seconds: float  # analysis + calibration + factorisation + planning
-    apply_seconds: float
+    apply_seconds: float  # factors in place, and quantised (with cfg.bits)
+    quant: dict | None = None  # welore.quantize.bits_report when cfg.bits is set
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spectra | None = None,
@@ -91,7 +93,15 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     prep_s = time.perf_counter() - t
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
-    return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t)
+    return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t,
+                      _quantize(model, cfg, progress))
+
+
+def _quantize(model: nn.Module, cfg: CompressConfig, progress: bool) -> dict | None:
+    """With cfg.bits: factors and N-LRCs to low-bit groups (welore.quantize); the bits spent."""
+    if cfg.bits is None:
+        return None
+    return quantize_model(model, cfg.bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, progress=progress)
 
 
 SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "seed", "targets", "ignore")
@@ -107,8 +117,9 @@ def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: 
                     min_ratio=cfg.min_ratio, threshold=cfg.threshold)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
+    quant = _quantize(model, cfg, progress)
     return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
-                      time.perf_counter() - t)
+                      time.perf_counter() - t, quant)
 
 
 def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: list[str] | None = None,
@@ -161,8 +172,11 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
 
 
 def merge_to_dense(model: nn.Module) -> nn.Module:
-    """Replace every LowRankLinear by an equivalent dense module of the original type (in place)."""
+    """Replace every LowRankLinear and QuantLinear by an equivalent dense module of the original type
+    (in place; quantised weights are dequantised)."""
+    merged: list[str] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            model.set_submodule(name, module.to_dense())
+        if isinstance(module, (LowRankLinear, QuantLinear)) and not any(name.startswith(m + ".") for m in merged):
+            model.set_submodule(name, module.to_dense())  # an LRC's quantised factors go with it
+            merged.append(name)
     return model

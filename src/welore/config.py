@@ -20,6 +20,7 @@ from .data import check_training_text, is_text_file
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
 from .modes import MODES, get_mode
+from .quantize import BITS, QUANTIZERS, check_quant_args
 from .tasks import TASKS
 
 # settings read only when distilling
@@ -81,8 +82,16 @@ class CompressConfig(Selection):
     calib_passes: int = field(default=1, metadata=_help(
         "2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)"))
     seed: int = field(default=0, metadata=_help("seed of the calibration sample"))
+    bits: int | None = field(default=None, metadata=_help(
+        "store the LRC factors and N-LRCs as B-bit integers in groups, each with an fp16 scale and zero "
+        f"({', '.join(map(str, BITS))}; default: unquantised)"))
+    group_size: int = field(default=128, metadata=_help("weights per quantisation group (with --bits)"))
+    quantizer: str = field(default="rtn", metadata=_help(
+        "with --bits: round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free)",
+        choices=QUANTIZERS.keys()))
 
     def __post_init__(self) -> None:
+        check_quant_args(self.bits, self.group_size, self.quantizer)
         if self.min_ratio is None:
             self.min_ratio = RULES[self.allocation].default_min_ratio if self.allocation in RULES else 0.5
         check_allocation_args(ratio=self.ratio, target=self.target, allocation=self.allocation,

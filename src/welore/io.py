@@ -6,7 +6,8 @@
       modeling_welore.py      welore's layers.py, self-contained: with it, plain transformers loads the
                               directory (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`)
       generation_config.json  (when the model has one)
-      model.safetensors       all weights; LRCs as `<name>.down.weight` / `<name>.up.weight[/bias]`
+      model.safetensors       all weights; LRCs as `<name>.down.weight` / `<name>.up.weight[/bias]`;
+                              quantised matrices (--bits) as `<name>.qweight` / `.scale` / `.zero`
       welore.json             format, versions, base model, settings, rank plan
       tokenizer files         (when a tokenizer is known)
 
@@ -40,7 +41,8 @@ from .allocate import RankPlan
 from .device import pick_device
 from .errors import WeloreError
 from .files import atomic_dir
-from .layers import column_major, low_rank_specs, swap_in_low_rank
+from .layers import column_major, low_rank_specs, quant_specs, swap_in_low_rank, swap_in_quant
+from .quantize import bits_report
 from .shards import ShardReader
 
 FORMAT = "welore/1"
@@ -106,6 +108,8 @@ def write_metadata(model: nn.Module, out: Path, plan: RankPlan, *, tokenizer=Non
         "settings": settings or {},
         "plan": plan.to_dict(),
     }
+    if quant_specs(model):  # the bits actually stored, per matrix and in all
+        meta["quantization"] = bits_report(model)
     _save_config_and_modeling(model, out)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -122,9 +126,11 @@ def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
     """config.json with the low-rank layers' shapes and an auto_map to a copy of welore's layers.py,
     so that stock transformers (trust_remote_code=True) loads the directory without welore."""
     config = copy.deepcopy(model.config)
-    specs = low_rank_specs(model)
+    specs, quant = low_rank_specs(model), quant_specs(model)
     base = next((c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c), None)
-    if specs and base is not None:
+    if quant:
+        config.welore_quant = quant
+    if (specs or quant) and base is not None:
         config.welore_lrcs = specs
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.WeloreForCausalLM"}
         source = Path(layers.__file__).read_text()
@@ -132,7 +138,7 @@ def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
         if marker not in source:
             raise RuntimeError("welore/layers.py lost its BASE_CLASS line")
         (out / MODELING).write_text(source.replace(marker, f"\nBASE_CLASS = {base!r}\n"))
-    elif specs:
+    elif specs or quant:
         logging.getLogger(__name__).warning("%s is not a transformers class: the output loads with welore only",
                                             type(model).__name__)
     config.save_pretrained(out)
@@ -168,6 +174,7 @@ def build_skeleton(config, plan: RankPlan | None = None, dtype: torch.dtype | No
             specs[mp.name] = {"in": mp.in_features, "out": mp.out_features, "rank": mp.alloc_rank,
                               "bias": bias, "kind": mp.kind}
         swap_in_low_rank(model, specs)
+        swap_in_quant(model, getattr(config, "welore_quant", None) or {})  # after: LRC factors may be quantised
     return model
 
 

@@ -1,4 +1,5 @@
-"""LowRankLinear: a weight W (out x in) stored as two factors, W ~= up.weight @ down.weight.
+"""LowRankLinear: a weight W (out x in) stored as two factors, W ~= up.weight @ down.weight;
+QuantLinear: a weight stored in low-bit groups (HQQ's packing) with a scale and zero per group.
 
 The factors come from one truncated SVD, W_k = U_k S_k V_k^T, with sqrt(S_k) folded into *both*:
 down = sqrt(S_k) V_k^T (k x in), up = U_k sqrt(S_k) (out x k). Balanced factors have equal norms,
@@ -16,9 +17,12 @@ the low-rank layers where welore is not installed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 
@@ -48,7 +52,7 @@ class LowRankLinear(nn.Module):
         F.linear in batch-1 decoding on CPU (benchmarks/compress.py). Saving writes them row-major
         as usual; loading calls this again."""
         for f in (self.down, self.up):
-            w = f.weight
+            w = getattr(f, "weight", None)  # a QuantLinear factor has none
             if isinstance(w, nn.Parameter) and not w.t().is_contiguous():
                 f.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
         return self
@@ -86,28 +90,132 @@ class LowRankLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The dense (out x in) matrix the factors represent."""
-        return self.up.weight @ self.down.weight
+        return dense_weight(self.up) @ dense_weight(self.down)
 
     def to_dense(self) -> nn.Module:
         """An equivalent dense module of the original type (Linear, or GPT-2's Conv1D)."""
-        w = self.weight().detach()
-        has_bias = self.up.bias is not None
-        if self.kind == "conv1d":
-            dense = Conv1D(self.out_features, self.in_features)
-            dense.to(device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(w.t())
-                dense.bias.copy_(self.up.bias if has_bias else torch.zeros_like(dense.bias))
-            return dense
-        dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if has_bias:
-                dense.bias.copy_(self.up.bias)
-        return dense
+        return dense_module(self.weight().detach(), self.up.bias, self.kind)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, kind={self.kind}"
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as `bits`-bit integers in groups of `group` consecutive weights
+    (row-major, so a group stays in one row whenever `group` divides in_features), each group with an
+    fp16 scale and zero: W = (q - zero) * scale. Quantising, packing and unpacking are the HQQ
+    library's (hqq.core.quantize.Quantizer), imported only when used; the weight is dequantised on
+    every forward (the packed one is what is kept in memory and on disk)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int, qshape: tuple[int, int],
+                 qdtype: str = "uint8", bias: bool = True, kind: str = "linear", device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self.kind = kind  # the module it replaced: "linear", or "conv1d" (GPT-2), for to_dense
+        groups = qgroups(in_features * out_features, group)
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=getattr(torch, qdtype), device=device))
+        self.register_buffer("scale", torch.ones(groups, 1, dtype=torch.float16, device=device))
+        self.register_buffer("zero", torch.zeros(groups, 1, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int,
+                    optimize: bool = False, kind: str = "linear") -> QuantLinear:
+        """Quantise `w` (out x in): round to nearest (optimize=False) or HQQ's half-quadratic fit of
+        scale and zero to the weights (optimize=True); no data either way."""
+        from hqq.core.quantize import Quantizer
+
+        out_features, in_features = w.shape
+        flat = w.detach().float().reshape(-1)
+        groups = qgroups(flat.numel(), group)
+        # padded with the last weight so no group's range grows; the padding is cut off on the way back
+        flat = torch.cat([flat, flat[-1:].expand(groups * group - flat.numel())]).view(groups, group)
+        q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=optimize, axis=1,
+                                     device=str(w.device), compute_dtype=torch.float32)
+        layer = cls(in_features, out_features, bits, group, tuple(q.shape), str(q.dtype).removeprefix("torch."),
+                    bias=bias is not None, kind=kind, device=w.device,
+                    dtype=bias.dtype if bias is not None else w.dtype)
+        layer.qweight.copy_(q)
+        layer.scale.copy_(meta["scale"].reshape(groups, 1))
+        layer.zero.copy_(meta["zero"].reshape(groups, 1))
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out x in) weight in `dtype` (default: the bias's, else float32)."""
+        from hqq.core.quantize import Quantizer
+
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        packing = Quantizer.bit_to_packing[self.bits]
+        meta = {"nbits": self.bits, "group_size": self.group, "shape": (self.scale.shape[0], self.group),
+                "scale": self.scale.to(dtype), "zero": self.zero.to(dtype), "axis": 1, "packing": packing,
+                "view_as_float": False, "compute_dtype": dtype}
+        w = Quantizer.dequantize(self.qweight, meta)
+        return w.reshape(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The dequantised weight in a plain module of the original type."""
+        return dense_module(self.dequantize(dtype).detach(), self.bias, self.kind)
+
+    def spec(self) -> dict:
+        """What `swap_in_quant` needs to rebuild this layer empty (config.json's `welore_quant`)."""
+        return {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group": self.group,
+                "qshape": list(self.qweight.shape), "qdtype": str(self.qweight.dtype).removeprefix("torch."),
+                "bias": self.bias is not None, "kind": self.kind}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}"
+
+
+def dense_module(w: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
+    """A plain module of type `kind` (Linear, or GPT-2's Conv1D) holding weight `w` (out x in) and `bias`."""
+    out_features, in_features = w.shape
+    if kind == "conv1d":
+        dense = Conv1D(out_features, in_features)
+        dense.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w.t())
+            dense.bias.copy_(bias if bias is not None else torch.zeros_like(dense.bias))
+        return dense
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+def qgroups(numel: int, group: int) -> int:
+    """Groups of a quantised matrix: enough for `numel` weights, a multiple of 8 so that every packing
+    (8 two-bit or one-bit values, or two four-bit values, per byte) packs whole rows of groups."""
+    return 8 * math.ceil(numel / (8 * group))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight of a Linear or a QuantLinear."""
+    return module.dequantize() if isinstance(module, QuantLinear) else module.weight
+
+
+def swap_in_quant(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
+    """Replace each module named in `specs` (QuantLinear.spec()) by an empty QuantLinear."""
+    for name, spec in specs.items():
+        old = model.get_submodule(name)
+        w = getattr(old, "weight", None)
+        model.set_submodule(name, QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group"],
+                                              tuple(spec["qshape"]), spec["qdtype"], bias=spec["bias"],
+                                              kind=spec.get("kind", "linear"), device=w.device if w is not None else None,
+                                              dtype=w.dtype if w is not None else None))
+    return model
+
+
+def quant_specs(model: nn.Module) -> dict[str, dict]:
+    """The `welore_quant` entry of a quantised model's config.json."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def swap_in_low_rank(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
@@ -139,13 +247,15 @@ def column_major(model: nn.Module) -> nn.Module:
 
 
 def low_rank_causal_lm(base: type) -> type:
-    """A subclass of the transformers class `base` that builds the low-rank layers listed in
-    `config.welore_lrcs` before the weights load (a config without it gives the plain model)."""
+    """A subclass of the transformers class `base` that builds the low-rank and quantised layers listed
+    in `config.welore_lrcs` / `config.welore_quant` before the weights load (a config without them
+    gives the plain model)."""
 
     class WeloreForCausalLM(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             swap_in_low_rank(self, getattr(config, "welore_lrcs", None) or {})
+            swap_in_quant(self, getattr(config, "welore_quant", None) or {})  # after: factors may be quantised
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
@@ -161,10 +271,11 @@ if BASE_CLASS is not None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
+    """Unique parameters (tied weights counted once); a QuantLinear's weights count too (they are
+    stored as buffers of packed integers)."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen or p.device.type == "meta":
             seen.add(p.data_ptr())
             total += p.numel()
-    return total
+    return total + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))

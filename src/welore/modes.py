@@ -46,6 +46,9 @@ def set_trainable(model: nn.Module, mode: str = "lrc") -> tuple[int, int]:
         lrcs = low_rank_modules(model)
         if not lrcs:
             raise WeloreError("the model has no low-rank components to train")
+        if any(not hasattr(f, "weight") for m in lrcs.values() for f in (m.down, m.up)):
+            raise WeloreError("this model's low-rank factors are quantised (--bits) and cannot be trained; "
+                              "compress without --bits to fine-tune, or `welore merge` to dequantise")
         for m in lrcs.values():
             m.down.weight.requires_grad_(True)
             m.up.weight.requires_grad_(True)

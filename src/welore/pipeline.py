@@ -124,7 +124,14 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     """The main job (see module docstring): the compressed model in `job.output`, its comparison rows."""
     if job.spectra and cfg.rule.needs_tails and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
+    if cfg.bits is not None and job.recover:
+        raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
+                          "(welore finetune), then quantise, or drop one of the two")
     stream, why = streams(source, job)
+    if stream and cfg.bits is not None:  # quantisation runs on the model in memory
+        if job.stream:
+            raise WeloreError("--bits needs the model in memory; drop --stream")
+        stream, why = False, "needs the model in memory for --bits"
     path = f"{'streamed block by block' if stream else 'in memory'} ({why})"
     if stream:
         if source is None:
@@ -165,7 +172,7 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
                     overwrite=job.overwrite, extra=write_spectra)
     speed: dict = {}
-    row = row_maker(tok, job, speed)
+    row = row_maker(tok, job, speed, bits=cfg.bits is not None)
     ours = row(cfg.rule.label, plan, model, done.prep_seconds + done.apply_seconds)
     del model
     done.model = loaded.model = None  # only `dense` stays in memory for the baselines

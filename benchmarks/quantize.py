@@ -1,0 +1,150 @@
+"""Low rank + quantisation against plain quantisation, per bit, side by side in one run.
+
+On the embedded default (or --model): every row is one model, evaluated on WikiText-2 and held-out
+C4 (perplexity, `--tokens` each), with the bits it stores per block weight counted from its
+tensors (packed integers, scales, zeros, norms, biases: everything in the blocks; embeddings and
+head apart, unquantised in every row):
+  plain    HQQ's round-to-nearest and HQQ's half-quadratic fit, at 8/4/3/2 bits, groups of 128 and 64
+  welore   the calibrated recipe (loss allocation + whiten-fisher) at 10% and 20% fewer parameters,
+           factors and N-LRCs then quantised the same ways at 4/3/2 bits
+with the wall time of each quantisation and batch-1 decode tokens/s of dense, the best plain row
+and the best welore row at 4 bits. Writes results.json, results.md and quantize.png to --out.
+
+    python benchmarks/quantize.py           # ~15 min on 2 CPU cores, nothing else running
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from welore import CompressConfig, load_model, perplexity
+from welore.compress import compress
+from welore.quantize import bits_report, quantize_model
+from welore.report import markdown_table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="any model welore loads (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens per corpus")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    ap.add_argument("--groups", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--param-ratios", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--out", default="bench-out/quantize")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    loaded = load_model(a.model)
+    dense, tok = loaded.model, loaded.tokenizer
+    rows: list[dict] = []
+
+    def row(family: str, label: str, model, seconds: float) -> dict:
+        # an unquantised model counts as stored in 16 bits (what a checkpoint of it holds), not as
+        # the float32 copy this CPU computes with
+        quantised = any(type(m).__name__ == "QuantLinear" for m in model.modules())
+        bits = bits_report(model if quantised else copy.deepcopy(model).half())["bits_per_weight"]
+        r = {"family": family, "model": label, "bits/weight": bits}
+        for corpus in ("wikitext2", "c4"):
+            r[f"{corpus} ppl"] = perplexity(model, tok, corpus, seqlen=a.seqlen, max_tokens=a.tokens,
+                                            progress=False).ppl
+        r["quantise s"] = round(seconds, 1)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+    ref = row("dense", "dense (16-bit)", dense, 0.0)
+    models = {"dense": dense}
+    for bits in a.bits:
+        for group in a.groups if bits < 8 else a.groups[:1]:
+            for quantizer in ("rtn", "hqq"):
+                m = copy.deepcopy(dense)
+                t = time.perf_counter()
+                quantize_model(m, bits, group, quantizer, progress=False)
+                r = row("plain", f"{quantizer} {bits}-bit g{group}", m, time.perf_counter() - t)
+                models[r["model"]] = m if bits == 4 else None
+                del m
+                gc.collect()
+    for ratio in a.param_ratios:
+        cfg = CompressConfig(ratio=ratio, target="params", allocation="loss", method="whiten-fisher",
+                             min_ratio=0.0, calib_samples=a.calib_samples)
+        t = time.perf_counter()
+        lr = compress(copy.deepcopy(dense), tok, cfg, progress=False).model
+        compress_s = time.perf_counter() - t
+        row("low rank", f"recipe {ratio:.0%} fewer params, 16-bit factors", lr, compress_s)
+        for bits in [b for b in a.bits if b < 8]:
+            for quantizer in ("rtn", "hqq"):
+                m = copy.deepcopy(lr)
+                t = time.perf_counter()
+                quantize_model(m, bits, a.groups[0], quantizer, progress=False)
+                r = row("welore", f"recipe {ratio:.0%} + {quantizer} {bits}-bit g{a.groups[0]}", m,
+                        compress_s + time.perf_counter() - t)
+                models[r["model"]] = m if bits == 4 else None
+                del m
+                gc.collect()
+        del lr
+        gc.collect()
+
+    speed = decode_speeds(rows, models, tok, a.decode_tokens)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "decode": speed, "args": vars(a)}, indent=1))
+    table = markdown_table([{**r, "wikitext2 x dense": r["wikitext2 ppl"] / ref["wikitext2 ppl"],
+                             "c4 x dense": r["c4 ppl"] / ref["c4 ppl"]} for r in rows])
+    (out / "results.md").write_text(f"{table}\n\nDecode (batch 1, {a.decode_tokens} new tokens): "
+                                    + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()) + "\n")
+    plot(rows, out / "quantize.png")
+    print(table)
+    print(speed)
+
+
+def decode_speeds(rows: list[dict], models: dict, tok, new_tokens: int) -> dict[str, float]:
+    """Greedy batch-1 decode tokens/s of dense and of the best 4-bit plain and welore rows."""
+    picks = ["dense"]
+    for family in ("plain", "welore"):
+        kept = [r for r in rows if r["family"] == family and models.get(r["model"]) is not None]
+        if kept:
+            picks.append(min(kept, key=lambda r: r["wikitext2 ppl"])["model"])
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    speed = {}
+    for name in picks:
+        m = models[name]
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+            t = time.perf_counter()
+            m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            speed[name] = new_tokens / (time.perf_counter() - t)
+    return speed
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, corpus in zip(axes, ("wikitext2", "c4")):
+        for family, marker in (("plain", "o"), ("welore", "s"), ("low rank", "^"), ("dense", "*")):
+            pts = sorted((r["bits/weight"], r[f"{corpus} ppl"]) for r in rows if r["family"] == family)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, linestyle="" if family != "plain" else ":", label=family)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per block weight (stored)")
+        ax.set_ylabel(f"{corpus} perplexity")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
