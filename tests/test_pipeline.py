@@ -98,6 +98,8 @@ def test_next_steps_suggest_only_what_applies(tmp_path):
     nothing = CompressResult(tmp_path, dense, settings={"allocation": "welore", "method": "svd"}).explain()
     assert "--param-ratio" not in nothing and "finetune" not in nothing and "welore generate" in nothing
     assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={}).explain(recovering=True)
+    # quantised factors cannot train (welore.modes refuses them): no recovery hint for a --bits run
+    assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={"bits": 4}).explain()
 
 
 def test_the_recovery_hint_is_the_recovery_recipe(tmp_path):

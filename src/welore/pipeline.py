@@ -232,7 +232,7 @@ def next_steps(out: Path, plan: RankPlan, settings: dict, rows: list[dict], per_
         when = f" (its row above took {took['compress s']:.0f} s at a smaller calibration)" if took else ""
         lines.append(f"  better quality at this size, calibrated{when}: welore compress --param-ratio "
                      f"{plan.param_reduction:.3f} --allocation loss --method whiten-fisher")
-    if plan.lrcs and not recovering:  # FinetuneConfig.recovery(500), as flags
+    if plan.lrcs and not recovering and settings.get("bits") is None:  # FinetuneConfig.recovery(500), as flags
         when = f" (~{per_token * (RECOVERY_TOKENS * RECOVERY_COST + RECOVERY_EVAL_TOKENS) / 60:.0f} min here, from " \
                "this run's evaluation speed)" if per_token else ""
         lines.append(f"  recover quality by training the low-rank factors on C4 text{when}; or add --recover 500 to "
