@@ -204,13 +204,16 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def swap_in_quant(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     """Replace each module named in `specs` (QuantLinear.spec()) by an empty QuantLinear."""
     for name, spec in specs.items():
-        old = model.get_submodule(name)
-        w = getattr(old, "weight", None)
         model.set_submodule(name, QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group"],
                                               tuple(spec["qshape"]), spec["qdtype"], bias=spec["bias"],
-                                              kind=spec.get("kind", "linear"), device=w.device if w is not None else None,
-                                              dtype=w.dtype if w is not None else None))
+                                              kind=spec.get("kind", "linear"), **_placement(model, name)))
     return model
+
+
+def _placement(model: nn.Module, name: str) -> dict:
+    """The device and dtype of the weight of the module `name` replaces (none: the defaults)."""
+    w = getattr(model.get_submodule(name), "weight", None)
+    return {"device": w.device, "dtype": w.dtype} if w is not None else {"device": None, "dtype": None}
 
 
 def quant_specs(model: nn.Module) -> dict[str, dict]:
@@ -222,12 +225,8 @@ def swap_in_low_rank(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     """Replace each module named in `specs` ({name: {"in", "out", "rank", "bias", "kind"}}) by an
     empty LowRankLinear of that rank, on the replaced module's device and dtype (meta stays meta)."""
     for name, spec in specs.items():
-        old = model.get_submodule(name)
-        w = getattr(old, "weight", None)
         model.set_submodule(name, LowRankLinear(spec["in"], spec["out"], spec["rank"], bias=spec["bias"],
-                                                kind=spec.get("kind", "linear"),
-                                                device=w.device if w is not None else None,
-                                                dtype=w.dtype if w is not None else None))
+                                                kind=spec.get("kind", "linear"), **_placement(model, name)))
     return model
 
 

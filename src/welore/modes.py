@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import WeloreError
-from .layers import LowRankLinear, count_parameters
+from .layers import LowRankLinear, QuantLinear, count_parameters
 from .targets import layer_of
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def set_trainable(model: nn.Module, mode: str = "lrc") -> tuple[int, int]:
         lrcs = low_rank_modules(model)
         if not lrcs:
             raise WeloreError("the model has no low-rank components to train")
-        if any(not hasattr(f, "weight") for m in lrcs.values() for f in (m.down, m.up)):
+        if any(isinstance(f, QuantLinear) for m in lrcs.values() for f in (m.down, m.up)):
             raise WeloreError("this model's low-rank factors are quantised (--bits) and cannot be trained; "
                               "compress without --bits to fine-tune, or `welore merge` to dequantise")
         for m in lrcs.values():

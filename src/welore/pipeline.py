@@ -80,12 +80,17 @@ def run_analyze(source, cfg: AnalyzeConfig) -> tuple[Path, Spectra, RankPlan]:
     return output, spectra, plan
 
 
-def streams(source, job: CompressJob) -> tuple[bool, str]:
-    """Whether `welore compress` streams, and why: as --stream / --no-stream (or --resume) say; else a
+def streams(source, cfg: CompressConfig, job: CompressJob) -> tuple[bool, str]:
+    """Whether `welore compress` streams, and why: never with --bits (quantisation runs on the model
+    in memory; --stream with it is an error); else as --stream / --no-stream (or --resume) say; else a
     directory of safetensors weights streams unless the job needs the model in memory (a spectra
     cache, another dtype, a recovery), and anything streams that would not fit in the memory
     available. Streamed, the dense and compressed models are evaluated block by block; the uniform
     and recipe rows and the continuations need the in-memory path (--no-stream)."""
+    if cfg.bits is not None:
+        if job.stream:
+            raise WeloreError("--bits needs the model in memory; drop --stream")
+        return False, "needs the model in memory for --bits"
     if job.stream is not None or job.resume:
         return bool(job.stream is not False), "as asked"
     d = Path(source) if source is not None else None
@@ -127,11 +132,7 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     if cfg.bits is not None and job.recover:
         raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
                           "(welore finetune), then quantise, or drop one of the two")
-    stream, why = streams(source, job)
-    if stream and cfg.bits is not None:  # quantisation runs on the model in memory
-        if job.stream:
-            raise WeloreError("--bits needs the model in memory; drop --stream")
-        stream, why = False, "needs the model in memory for --bits"
+    stream, why = streams(source, cfg, job)
     path = f"{'streamed block by block' if stream else 'in memory'} ({why})"
     if stream:
         if source is None:
