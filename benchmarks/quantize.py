@@ -7,10 +7,13 @@ head apart, unquantised in every row):
   plain    HQQ's round-to-nearest and HQQ's half-quadratic fit, at 8/4/3/2 bits, groups of 128 and 64
   welore   the calibrated recipe (loss allocation + whiten-fisher) at 10% and 20% fewer parameters,
            factors and N-LRCs then quantised the same ways at 4/3/2 bits
-with the wall time of each quantisation and batch-1 decode tokens/s of dense, the best plain row
-and the best welore row at 4 bits. Writes results.json, results.md and quantize.png to --out.
+  rank+bits  `welore compress --bits-per-weight B` (the `bits` rule: every matrix's rank and bit
+           width chosen together on calibrated loss estimates), at each --budgets B: one
+           calibration and one table of storage choices, re-planned per budget and quantiser
+with the wall time and peak memory (resident memory it adds over the model copy it works on) of each, and batch-1 decode
+tokens/s of dense, the best plain row and the best welore row at 4 bits. Writes results.json, results.md and quantize.png to --out.
 
-    python benchmarks/quantize.py           # ~15 min on 2 CPU cores, nothing else running
+    python benchmarks/quantize.py           # ~25 min on 2 CPU cores, nothing else running
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import argparse
 import copy
 import gc
 import json
+import resource
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,6 +45,9 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--param-ratios", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.25, 3.5, 4.25, 4.5],
+                    help="bits per weight for the rank+bits rows")
+    ap.add_argument("--joint-quantizers", nargs="+", default=["hqq", "rtn"])
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench-out/quantize")
     a = ap.parse_args()
@@ -49,7 +58,7 @@ def main() -> None:
     dense, tok = loaded.model, loaded.tokenizer
     rows: list[dict] = []
 
-    def row(family: str, label: str, model, seconds: float) -> dict:
+    def row(family: str, label: str, model, seconds: float, peak: float | None = None) -> dict:
         # an unquantised model counts as stored in 16 bits (what a checkpoint of it holds), not as
         # the float32 copy this CPU computes with
         quantised = any(type(m).__name__ == "QuantLinear" for m in model.modules())
@@ -59,6 +68,7 @@ def main() -> None:
             r[f"{corpus} ppl"] = perplexity(model, tok, corpus, seqlen=a.seqlen, max_tokens=a.tokens,
                                             progress=False).ppl
         r["quantise s"] = round(seconds, 1)
+        r["peak GiB"] = None if peak is None else round(peak, 2)
         rows.append(r)
         print(json.dumps(r), flush=True)
         return r
@@ -70,25 +80,49 @@ def main() -> None:
             for quantizer in ("rtn", "hqq"):
                 m = copy.deepcopy(dense)
                 t = time.perf_counter()
-                quantize_model(m, bits, group, quantizer, progress=False)
-                r = row("plain", f"{quantizer} {bits}-bit g{group}", m, time.perf_counter() - t)
+                with PeakRSS() as peak:
+                    quantize_model(m, bits, group, quantizer, progress=False)
+                r = row("plain", f"{quantizer} {bits}-bit g{group}", m, time.perf_counter() - t, peak.gib)
                 models[r["model"]] = m if bits == 4 else None
                 del m
                 gc.collect()
+    first = None  # one calibration and one table of choices (quantiser-independent) serve every row
+    for quantizer in a.joint_quantizers:
+        for budget in a.budgets:
+            cfg = CompressConfig(bits_per_weight=budget, method="whiten-fisher", quantizer=quantizer,
+                                 group_size=a.groups[0], calib_samples=a.calib_samples)
+            m = copy.deepcopy(dense)
+            t = time.perf_counter()
+            with PeakRSS() as peak:
+                done = compress(m, tok, cfg, reuse=first, progress=False)
+            seconds = time.perf_counter() - t + (first.prep_seconds if first is not None else 0.0)
+            r = row("rank+bits", f"rank+bits {budget:g} ({quantizer} g{a.groups[0]})", m, seconds,
+                    peak.gib if first is None else None)  # a re-plan's peak is not the method's
+            first = first or done
+            r["storage"] = dict(sorted(Counter(
+                f"{mp.bits}-bit" + (" LRC" if mp.lrc else f" + rank {mp.correction}" if mp.correction else "")
+                for mp in done.plan.matrices).items()))
+            del m, done
+            gc.collect()
+    del first
+    gc.collect()
     for ratio in a.param_ratios:
         cfg = CompressConfig(ratio=ratio, target="params", allocation="loss", method="whiten-fisher",
                              min_ratio=0.0, calib_samples=a.calib_samples)
+        lr = copy.deepcopy(dense)
         t = time.perf_counter()
-        lr = compress(copy.deepcopy(dense), tok, cfg, progress=False).model
+        with PeakRSS() as peak:
+            compress(lr, tok, cfg, progress=False)
         compress_s = time.perf_counter() - t
-        row("low rank", f"recipe {ratio:.0%} fewer params, 16-bit factors", lr, compress_s)
+        row("low rank", f"recipe {ratio:.0%} fewer params, 16-bit factors", lr, compress_s, peak.gib)
         for bits in [b for b in a.bits if b < 8]:
             for quantizer in ("rtn", "hqq"):
                 m = copy.deepcopy(lr)
                 t = time.perf_counter()
-                quantize_model(m, bits, a.groups[0], quantizer, progress=False)
+                with PeakRSS() as q_peak:
+                    quantize_model(m, bits, a.groups[0], quantizer, progress=False)
                 r = row("welore", f"recipe {ratio:.0%} + {quantizer} {bits}-bit g{a.groups[0]}", m,
-                        compress_s + time.perf_counter() - t)
+                        compress_s + time.perf_counter() - t, max(peak.gib, q_peak.gib))
                 models[r["model"]] = m if bits == 4 else None
                 del m
                 gc.collect()
@@ -97,13 +131,42 @@ def main() -> None:
 
     speed = decode_speeds(rows, models, tok, a.decode_tokens)
     (out / "results.json").write_text(json.dumps({"rows": rows, "decode": speed, "args": vars(a)}, indent=1))
-    table = markdown_table([{**r, "wikitext2 x dense": r["wikitext2 ppl"] / ref["wikitext2 ppl"],
+    table = markdown_table([{**{k: v for k, v in r.items() if k != "storage"},
+                             "wikitext2 x dense": r["wikitext2 ppl"] / ref["wikitext2 ppl"],
                              "c4 x dense": r["c4 ppl"] / ref["c4 ppl"]} for r in rows])
+    storage = "\n".join(f"- {r['model']}: " + ", ".join(f"{n} {k}" for k, n in r["storage"].items())
+                        for r in rows if "storage" in r)
     (out / "results.md").write_text(f"{table}\n\nDecode (batch 1, {a.decode_tokens} new tokens): "
-                                    + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()) + "\n")
+                                    + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items())
+                                    + f"\n\nMatrices per storage choice:\n{storage}\n")
     plot(rows, out / "quantize.png")
     print(table)
     print(speed)
+
+
+def rss_gib() -> float:
+    """Resident memory now (GiB), from /proc (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
+class PeakRSS:
+    """`with PeakRSS() as p:` ... then p.gib: the most resident memory above the start, sampled every 20 ms
+    in a thread (the process-wide ru_maxrss cannot tell one method's peak from an earlier one's)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base, self.top, self.done = rss_gib(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.02):
+            self.top = max(self.top, rss_gib())
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.gib = max(self.top, rss_gib()) - self.base
 
 
 def decode_speeds(rows: list[dict], models: dict, tok, new_tokens: int) -> dict[str, float]:
@@ -132,10 +195,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, corpus in zip(axes, ("wikitext2", "c4")):
-        for family, marker in (("plain", "o"), ("welore", "s"), ("low rank", "^"), ("dense", "*")):
+        for family, marker in (("plain", "o"), ("welore", "s"), ("rank+bits", "D"), ("low rank", "^"),
+                               ("dense", "*")):
             pts = sorted((r["bits/weight"], r[f"{corpus} ppl"]) for r in rows if r["family"] == family)
             if pts:
-                ax.plot(*zip(*pts), marker=marker, linestyle="" if family != "plain" else ":", label=family)
+                ax.plot(*zip(*pts), marker=marker, linestyle=":" if family in ("plain", "rank+bits") else "",
+                        label=family)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("bits per block weight (stored)")

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
@@ -16,8 +17,8 @@ from welore.compress import compress
 from welore.io import unique_state_dict
 from welore.layers import QuantLinear, count_parameters
 from welore.modes import set_trainable
-from welore.quantize import BITS, group_for, quantize_model
-from welore.targets import layer_of
+from welore.quantize import BITS, attach_choices, group_for, quantize_model
+from welore.targets import find_targets, layer_of, weight_matrix
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -120,7 +121,12 @@ def test_plain_quantisation_of_a_dense_model():
     (["--bits", "5"], "bits must be one of 2, 3, 4, 8"),
     (["--bits", "4", "--group-size", "12"], "group size must be a positive multiple of 8"),
     (["--bits", "4", "--recover", "10"], "--recover trains the LRC factors"),
-    (["--bits", "4", "--stream"], "--bits needs the model in memory"),
+    (["--bits", "4", "--stream"], "quantising needs the model in memory"),
+    (["--bits-per-weight", "0.5"], "below the smallest setting"),
+    (["--bits-per-weight", "3", "--bits", "4"], "drop --bits"),
+    (["--bits-per-weight", "3", "--allocation", "loss"], "drop --allocation loss"),
+    (["--bits-per-weight", "17"], "bits per weight must be in (0, 16]"),
+    (["--allocation", "bits"], "needs a budget"),
 ])
 def test_bad_quantisation_flags_are_one_line(capsys, model_dir, tmp_path, flags, message):
     code, _, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), "--no-eval", "-q", *flags)
@@ -133,3 +139,141 @@ def test_an_unknown_quantizer_is_refused_by_the_parser(capsys, model_dir, tmp_pa
         run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), "--bits", "4", "--quantizer", "gptq")
     assert e.value.code == 2 and "invalid choice: 'gptq'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_storage_choices_measure_what_each_choice_stores_and_loses():
+    from welore.spectrum import analyze
+
+    model = make_tiny("llama")
+    targets = find_targets(model)
+    spectra = attach_choices(model, analyze(model, targets, keep_factors=True, progress=False), group=32,
+                             progress=False)
+    t = targets[0]
+    c = spectra.choices[t.name]
+    full, (m, n) = min(t.shape), t.shape
+    dense = c["rank"] == full
+    assert sorted(c["bits"][dense]) == [*BITS, 32] and c["err"][dense & (c["bits"] == 32)] == 0
+    errs = [c["err"][dense & (c["bits"] == b)][0] for b in BITS]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3  # more bits, less error
+    q = QuantLinear.from_weight(weight_matrix(model.get_submodule(t.name)), None, 4, group_for(n, 32))
+    assert c["nbytes"][dense & (c["bits"] == 4)][0] == sum(b.numel() * b.element_size() for b in q.buffers())
+    low = ~dense
+    assert low.any() and (c["rank"][low] * (m + n) < m * n).all()
+    # at the same rank, factors in fewer bits lose more
+    k = c["rank"][low].max()
+    assert (np.diff(c["err"][(c["rank"] == k)][np.argsort(-c["bits"][c["rank"] == k])]) >= 0).all()
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten-fisher"])
+def test_a_bits_per_weight_budget_is_met_and_stored_as_planned(tmp_path, tokenizer, method):
+    model = make_tiny("llama")
+    cfg = CompressConfig(bits_per_weight=5.0, group_size=32, method=method, calib_samples=2, calib_seqlen=32)
+    assert cfg.allocation == "bits" and cfg.target == "bits"
+    tok = tokenizer if method != "svd" else None
+    done = compress(model, tok, cfg, progress=False)
+    plan = done.plan
+    assert plan.bits_per_weight <= 5.0 and done.quant["bits_per_weight"] <= 5.0 + 1e-9
+    assert done.quant["bits_per_weight"] > 4.0  # the budget is spent, not wasted
+    assert len({m.bits for m in plan.matrices}) > 1  # mixed widths: the point of a joint rule
+    for mp in plan.matrices:  # the bytes the plan counted are the bytes stored
+        stored = done.quant["matrices"][mp.name]
+        assert stored["bits"] == pytest.approx(8 * mp.nbytes / mp.params_before, abs=1e-3), mp.name
+    out = save_compressed(model, tmp_path / "q", plan, settings=cfg.to_dict())
+    assert torch.equal(_logits(load_compressed(out, device="cpu").model), _logits(model))
+    assert json.loads((out / "welore.json").read_text())["plan"]["totals"]["bits_per_weight"] == plan.bits_per_weight
+
+
+def test_a_larger_budget_never_plans_a_worse_model():
+    from welore.allocate import allocate
+    from welore.spectrum import analyze
+
+    model = make_tiny("llama")
+    spectra = attach_choices(model, analyze(model, find_targets(model), keep_factors=True, progress=False),
+                             group=32, progress=False)
+
+    def err(plan):
+        total = 0.0
+        for mp in plan.matrices:
+            c = spectra.choices[mp.name]
+            total += c["err"][(c["rank"] == mp.kept_rank) & (c["bits"] == mp.bits)].min()
+        return total
+
+    plans = [allocate(spectra, ratio=b, target="bits", allocation="bits", min_ratio=0.0) for b in (3, 4, 6, 10)]
+    assert all(p.bits_per_weight <= b for p, b in zip(plans, (3, 4, 6, 10)))
+    errs = [err(p) for p in plans]
+    assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1]
+    assert any(p.lrcs for p in plans[:2])  # at tight budgets low rank is among the choices taken
+
+
+def test_the_main_job_with_a_budget_compares_plain_quantisation_around_it(capsys, model_dir, tmp_path):
+    code, out, err = run(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o"), "--bits-per-weight", "4.5",
+                         "--group-size", "32", "--eval-tokens", "256", "--seqlen", "64", "--new-tokens", "0", "-q")
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("plain", "rank+bits"))}
+    # the tiny model's 32-wide rows pay a bit per weight for scales and zeros: 2 bits fit, 3 do not
+    assert list(rows) == ["plain hqq 2-bit", "plain hqq 3-bit", "rank+bits"], out  # hqq: the default with a budget
+    bits = {k: float(v[-2]) for k, v in rows.items()}  # the columns end: bits/weight, wikitext2 ppl
+    assert bits["plain hqq 2-bit"] <= bits["rank+bits"] <= 4.5 < bits["plain hqq 3-bit"]
+    meta = json.loads((tmp_path / "o" / "welore.json").read_text())
+    assert meta["quantization"]["bits_per_weight"] == pytest.approx(bits["rank+bits"], abs=0.005)
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_q_plus_lr_corrects_what_the_quantiser_loses(whitened):
+    """W ~ Q(W - LR) + LR: the correction takes back most of a 2-bit quantiser's loss in the norm it is
+    fitted in (the output error on given inputs, when whitened), and more rank takes back more."""
+    from welore.factorize import whitening_factor
+    from welore.quantize import fit_q_plus_lr
+
+    g = torch.Generator().manual_seed(0)
+    # a heavy-tailed weight (a few strong directions over noise), as trained matrices have
+    w = torch.randn(96, 8, generator=g) @ torch.randn(8, 128, generator=g) + 0.3 * torch.randn(96, 128, generator=g)
+    x = torch.randn(512, 128, generator=g) * torch.linspace(0.1, 3, 128)  # uneven input channels
+    scaling = tuple(f.float() for f in whitening_factor((x.T @ x).double())[:2]) if whitened else None
+
+    def error(approx):
+        d = w - approx
+        return float((x @ d.T).norm() if whitened else d.norm())
+
+    plain = error(QuantLinear.from_weight(w, None, 2, 32).dequantize())
+    errs = [error(fit_q_plus_lr(w, 2, 32, k, scaling=scaling).dense()) for k in (4, 8, 16)]
+    assert errs[1] < 0.2 * plain and errs == sorted(errs, reverse=True)  # rank 8: the planted directions
+    q = fit_q_plus_lr(w, 2, 32, 8, scaling=scaling, bias=torch.zeros(96))
+    x1 = torch.randn(3, 128, generator=g)
+    torch.testing.assert_close(q(x1), x1 @ q.dense().T, atol=1e-4, rtol=1e-4)
+
+
+def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path):
+    """A model holding Q + LR layers (what the bits rule picks at low budgets on larger matrices than a
+    tiny model has) loads in welore and plain transformers with the same logits, and merges."""
+    from welore.quantize import fit_q_plus_lr
+
+    model = make_tiny("llama")
+    done = compress(model, None, CompressConfig(ratio=0.3, min_ratio=0.0), progress=False)
+    dense = [mp.name for mp in done.plan.matrices if not mp.lrc][:2]
+    for name in dense:
+        module = model.get_submodule(name)
+        model.set_submodule(name, fit_q_plus_lr(module.weight, 3, 32, 4, bias=module.bias))
+    out = save_compressed(model, tmp_path / "q", done.plan, settings={})
+    meta = json.loads((out / "welore.json").read_text())
+    assert meta["quantization"]["matrices"][dense[0]]["stored"] == (
+        "3-bit g32 + rank 4 fp16 correction")
+    loaded = load_compressed(out, device="cpu")
+    assert torch.equal(_logits(loaded.model), _logits(model))
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(model))
+    before = _logits(model)
+    merge_to_dense(model)
+    torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-4)
+
+
+def test_a_budget_alone_picks_the_benchmarks_best_configuration():
+    cfg = CompressConfig(bits_per_weight=3.25)
+    assert (cfg.allocation, cfg.method, cfg.quantizer, cfg.target, cfg.ratio) == (
+        "bits", "whiten-fisher", "hqq", "bits", 3.25)
+    assert CompressConfig(bits_per_weight=3.25, method="svd", quantizer="rtn").method == "svd"  # as asked
+    assert (CompressConfig().method, CompressConfig(bits=4).quantizer) == ("svd", "rtn")  # without a budget

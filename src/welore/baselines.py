@@ -21,7 +21,7 @@ from .evaluate import perplexity
 from .generate import continuation
 from .jobs import CompressJob
 from .layers import count_parameters
-from .quantize import bits_report
+from .quantize import BITS, bits_report, quantize_model
 
 Row = Callable[[str, RankPlan | None, nn.Module, float], dict]
 
@@ -74,6 +74,8 @@ def comparison_rows(dense: nn.Module, tokenizer, done: Compressed, ours: dict, j
     `dense` is used up: the uniform plan is applied to it in place, last, so at most two models are
     in memory at any time."""
     rows = [row("dense", None, dense, 0.0)]
+    if done.config.target == "bits":
+        return rows + plain_rows(dense, done, row, job) + [ours]
     recipe = None
     if job.recipe and not done.config.calibrated:  # a calibrated run has no need to be shown calibration
         t = time.perf_counter()
@@ -87,6 +89,34 @@ def comparison_rows(dense: nn.Module, tokenizer, done: Compressed, ours: dict, j
     label = "uniform" if done.config.calib_passes == 1 else "uniform (1 pass)"
     rows.append(row(label, uni.plan, dense, uni.prep_seconds + uni.apply_seconds))
     return rows + [ours] + ([recipe] if recipe is not None else [])
+
+
+def plain_widths(done: Compressed) -> list[int]:
+    """The two widths of plain quantisation around a bits-per-weight run's budget: the most bits
+    under it (if any) and the fewest over it (if any), from the storage choices the rule read."""
+    choices = done.first_pass[1].choices
+    weights = sum(t.out_features * t.in_features for t in done.targets)
+
+    def bpw(b: int) -> float:
+        return 8 * sum(int(c["nbytes"][(c["bits"] == b) & (c["rank"] == min(t.shape))][0])
+                       for t, c in ((t, choices[t.name]) for t in done.targets)) / weights
+
+    fit = [b for b in BITS if bpw(b) <= done.config.bits_per_weight]
+    over = [b for b in BITS if bpw(b) > done.config.bits_per_weight]
+    return ([max(fit)] if fit else []) + ([min(over)] if over else [])
+
+
+def plain_rows(dense: nn.Module, done: Compressed, row: Row, job: CompressJob) -> list[dict]:
+    """Plain quantisation (the same quantiser and groups, no low rank) at `plain_widths`; `dense` is
+    quantised in place for the last."""
+    cfg, rows, widths = done.config, [], plain_widths(done)
+    for i, b in enumerate(widths):
+        model = dense if i == len(widths) - 1 else copy.deepcopy(dense)
+        t = time.perf_counter()
+        quantize_model(model, b, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, progress=job.progress)
+        rows.append(row(f"plain {cfg.quantizer} {b}-bit", None, model, time.perf_counter() - t))
+        del model
+    return rows
 
 
 def _open_ratio(r: float) -> float:

@@ -24,9 +24,9 @@ from .errors import WeloreError
 from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear, QuantLinear
 from .progress import bar
-from .quantize import quantize_model
+from .quantize import attach_choices, quantize_model
 from .spectrum import Spectra, analyze, thin_svd
-from .targets import Target, find_targets, module_kind, weight_matrix
+from .targets import Target, find_targets, layer_of, module_kind, weight_matrix
 
 
 @dataclass
@@ -70,7 +70,9 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
         alloc_spectra = factors if cfg.alloc_spectrum == "data" else spectra
         if rule.needs_tails:
             alloc_spectra = attach_loss_tails(model, factors, stats, cfg.method)
-        return factors, alloc_spectra, allocate(alloc_spectra, ratio=cfg.ratio, target=cfg.target,
+        if rule.needs_choices:
+            alloc_spectra = attach_choices(model, factors, stats, group=cfg.group_size, progress=progress)
+        return factors, alloc_spectra, allocate(alloc_spectra, ratio=_ratio(model, cfg, targets), target=cfg.target,
                                                 allocation=cfg.allocation, min_ratio=cfg.min_ratio,
                                                 threshold=cfg.threshold)
 
@@ -94,14 +96,31 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
     return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t,
-                      _quantize(model, cfg, progress))
+                      _quantize(model, cfg, plan, stats, progress))
 
 
-def _quantize(model: nn.Module, cfg: CompressConfig, progress: bool) -> dict | None:
-    """With cfg.bits: factors and N-LRCs to low-bit groups (welore.quantize); the bits spent."""
-    if cfg.bits is None:
+def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> float | None:
+    """cfg.ratio, except for a bits-per-weight budget, which counts everything in the blocks (norms and
+    biases, stored as they are) while the rule counts the target matrices: their share of it."""
+    if cfg.target != "bits":
+        return cfg.ratio
+    names = {t.name for t in targets}
+    other = [p for n, p in model.named_parameters()
+             if layer_of(n) is not None and not (n.rpartition(".")[0] in names and n.endswith(".weight"))]
+    weights = sum(t.out_features * t.in_features for t in targets)
+    other_bits = sum(8 * p.numel() * p.element_size() for p in other)
+    return (cfg.ratio * (weights + sum(p.numel() for p in other)) - other_bits) / weights
+
+
+def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict | None, progress: bool
+              ) -> dict | None:
+    """With cfg.bits: factors and N-LRCs to low-bit groups (welore.quantize), or each matrix to the width
+    its plan chose; the bits spent."""
+    if cfg.bits is None and plan.bits_per_weight is None:
         return None
-    return quantize_model(model, cfg.bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, progress=progress)
+    bits = cfg.bits if cfg.bits is not None else {m.name: m.bits for m in plan.matrices}
+    return quantize_model(model, bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, stats=stats,
+                          corrections={m.name: m.correction for m in plan.matrices if m.correction}, progress=progress)
 
 
 SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "seed", "targets", "ignore")
@@ -113,11 +132,13 @@ def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: 
     if differ or cfg.calib_passes != 1:
         raise WeloreError(f"cannot reuse factors made with other settings ({', '.join(differ) or 'calib_passes'})")
     factors, alloc_spectra, stats = reuse.first_pass
-    plan = allocate(alloc_spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
-                    min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+    if cfg.rule.needs_choices and not alloc_spectra.choices:
+        raise WeloreError("cannot reuse a first pass without storage choices for the bits allocation")
+    plan = allocate(alloc_spectra, ratio=_ratio(model, cfg, reuse.targets), target=cfg.target,
+                    allocation=cfg.allocation, min_ratio=cfg.min_ratio, threshold=cfg.threshold)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
-    quant = _quantize(model, cfg, progress)
+    quant = _quantize(model, cfg, plan, stats, progress)
     return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
                       time.perf_counter() - t, quant)
 

@@ -20,7 +20,7 @@ from .data import check_training_text, is_text_file
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
 from .modes import MODES, get_mode
-from .quantize import BITS, QUANTIZERS, check_quant_args
+from .quantize import BITS, QUANTIZERS, check_budget, check_quant_args
 from .tasks import TASKS
 
 # settings read only when distilling
@@ -71,9 +71,9 @@ class CompressConfig(Selection):
         "a matrix is low-rank only if its reduction exceeds this (default 0.5; 0 for --allocation loss; 0 = "
         "truncate all, as the paper's compression-only script)"))
     threshold: float | None = field(default=None, metadata=_help("WeLore threshold t in [0,1], not searched"))
-    method: str = field(default="svd", metadata=_help(
+    method: str | None = field(default=None, metadata=_help(
         "factorisation: plain SVD (WeLore), activation-aware (ASVD), whitened (SVD-LLM), or whitened inputs + "
-        "loss-gradient-weighted outputs", choices=METHODS.keys()))
+        "loss-gradient-weighted outputs (default: svd; whiten-fisher with --bits-per-weight)", choices=METHODS.keys()))
     alloc_spectrum: str = field(default="weight", metadata=_help(
         "allocate ranks on the weight spectra (data-free) or the data-aware ones", choices=("weight", "data")))
     refit: bool = field(default=False, metadata=_help("least-squares refit of each up factor on calibration data"))
@@ -85,13 +85,23 @@ class CompressConfig(Selection):
     bits: int | None = field(default=None, metadata=_help(
         "store the LRC factors and N-LRCs as B-bit integers in groups, each with an fp16 scale and zero "
         f"({', '.join(map(str, BITS))}; default: unquantised)"))
+    bits_per_weight: float | None = field(default=None, metadata=_help(
+        "a byte budget: at most B bits stored per block weight, each matrix's rank and bit width chosen together "
+        "(--allocation bits; data-aware with a calibrated --method)"))
     group_size: int = field(default=128, metadata=_help("weights per quantisation group (with --bits)"))
-    quantizer: str = field(default="rtn", metadata=_help(
-        "with --bits: round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free)",
-        choices=QUANTIZERS.keys()))
+    quantizer: str | None = field(default=None, metadata=_help(
+        "round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free; default: rtn with --bits, "
+        "hqq with --bits-per-weight)", choices=QUANTIZERS.keys()))
 
     def __post_init__(self) -> None:
+        # --bits-per-weight alone: the configuration benchmarks/quantize.py ranks best at every budget
+        budget = self.bits_per_weight is not None
+        self.method = self.method or ("whiten-fisher" if budget else "svd")
+        self.quantizer = self.quantizer or ("hqq" if budget else "rtn")
         check_quant_args(self.bits, self.group_size, self.quantizer)
+        if self.bits_per_weight is not None or self.allocation == "bits":  # the bits rule, searched for B
+            check_budget(self.bits_per_weight, bits=self.bits, allocation=self.allocation, threshold=self.threshold)
+            self.allocation, self.target, self.ratio = "bits", "bits", self.bits_per_weight
         if self.min_ratio is None:
             self.min_ratio = RULES[self.allocation].default_min_ratio if self.allocation in RULES else 0.5
         check_allocation_args(ratio=self.ratio, target=self.target, allocation=self.allocation,
@@ -109,6 +119,11 @@ class CompressConfig(Selection):
             raise WeloreError(f"calibration passes must be a positive integer, got {self.calib_passes}")
         if self.calib_passes > 1 and not self.calibrated:
             raise WeloreError("more than one calibration pass needs a calibrated method, refit or the loss allocation")
+
+    @property
+    def quantized(self) -> bool:
+        """Stores low-bit integers (--bits or --bits-per-weight)."""
+        return self.bits is not None or self.bits_per_weight is not None
 
     @property
     def rule(self) -> type[Rule]:

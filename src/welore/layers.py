@@ -108,14 +108,18 @@ class QuantLinear(nn.Module):
     every forward (the packed one is what is kept in memory and on disk)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int, qshape: tuple[int, int],
-                 qdtype: str = "uint8", bias: bool = True, kind: str = "linear", device=None, dtype=None):
+                 qdtype: str = "uint8", bias: bool = True, kind: str = "linear", device=None, dtype=None,
+                 rank: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
-        self.kind = kind  # the module it replaced: "linear", or "conv1d" (GPT-2), for to_dense
+        self.kind, self.rank = kind, rank  # kind: the module it replaced ("linear" or GPT-2's "conv1d")
         groups = qgroups(in_features * out_features, group)
         self.register_buffer("qweight", torch.zeros(qshape, dtype=getattr(torch, qdtype), device=device))
         self.register_buffer("scale", torch.ones(groups, 1, dtype=torch.float16, device=device))
         self.register_buffer("zero", torch.zeros(groups, 1, dtype=torch.float16, device=device))
+        if rank:  # Q + LR: W ~ dequantised Q + lr_up @ lr_down, a low-rank correction in fp16
+            self.register_buffer("lr_down", torch.zeros(rank, in_features, dtype=torch.float16, device=device))
+            self.register_buffer("lr_up", torch.zeros(out_features, rank, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -156,20 +160,27 @@ class QuantLinear(nn.Module):
         return w.reshape(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y if not self.rank else y + (x @ self.lr_down.t().to(x.dtype)) @ self.lr_up.t().to(x.dtype)
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out x in) matrix this layer stands for: the dequantised weight, plus the correction."""
+        w = self.dequantize(dtype)
+        return w if not self.rank else w + (self.lr_up.to(w.dtype) @ self.lr_down.to(w.dtype))
 
     def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The dequantised weight in a plain module of the original type."""
-        return dense_module(self.dequantize(dtype).detach(), self.bias, self.kind)
+        return dense_module(self.dense(dtype).detach(), self.bias, self.kind)
 
     def spec(self) -> dict:
         """What `swap_in_quant` needs to rebuild this layer empty (config.json's `welore_quant`)."""
         return {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group": self.group,
                 "qshape": list(self.qweight.shape), "qdtype": str(self.qweight.dtype).removeprefix("torch."),
-                "bias": self.bias is not None, "kind": self.kind}
+                "bias": self.bias is not None, "kind": self.kind, "rank": self.rank}
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}"
+        lr = f", rank={self.rank}" if self.rank else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}{lr}"
 
 
 def dense_module(w: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
@@ -198,7 +209,7 @@ def qgroups(numel: int, group: int) -> int:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The (out x in) weight of a Linear or a QuantLinear."""
-    return module.dequantize() if isinstance(module, QuantLinear) else module.weight
+    return module.dense() if isinstance(module, QuantLinear) else module.weight
 
 
 def swap_in_quant(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
@@ -206,7 +217,8 @@ def swap_in_quant(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     for name, spec in specs.items():
         model.set_submodule(name, QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group"],
                                               tuple(spec["qshape"]), spec["qdtype"], bias=spec["bias"],
-                                              kind=spec.get("kind", "linear"), **_placement(model, name)))
+                                              kind=spec.get("kind", "linear"), rank=spec.get("rank", 0),
+                                              **_placement(model, name)))
     return model
 
 

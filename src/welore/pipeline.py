@@ -87,10 +87,10 @@ def streams(source, cfg: CompressConfig, job: CompressJob) -> tuple[bool, str]:
     cache, another dtype, a recovery), and anything streams that would not fit in the memory
     available. Streamed, the dense and compressed models are evaluated block by block; the uniform
     and recipe rows and the continuations need the in-memory path (--no-stream)."""
-    if cfg.bits is not None:
+    if cfg.quantized:
         if job.stream:
-            raise WeloreError("--bits needs the model in memory; drop --stream")
-        return False, "needs the model in memory for --bits"
+            raise WeloreError("quantising needs the model in memory; drop --stream")
+        return False, "needs the model in memory to quantise"
     if job.stream is not None or job.resume:
         return bool(job.stream is not False), "as asked"
     d = Path(source) if source is not None else None
@@ -127,9 +127,9 @@ def _streamed_rows(source, cfg: CompressConfig, res: StreamResult, job: Compress
 
 def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResult:
     """The main job (see module docstring): the compressed model in `job.output`, its comparison rows."""
-    if job.spectra and cfg.rule.needs_tails and cfg.factorizer.is_weight_svd:
+    if job.spectra and (cfg.rule.needs_tails or cfg.rule.needs_choices) and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
-    if cfg.bits is not None and job.recover:
+    if cfg.quantized and job.recover:
         raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
                           "(welore finetune), then quantise, or drop one of the two")
     stream, why = streams(source, cfg, job)
@@ -173,7 +173,7 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
                     overwrite=job.overwrite, extra=write_spectra)
     speed: dict = {}
-    row = row_maker(tok, job, speed, bits=cfg.bits is not None)
+    row = row_maker(tok, job, speed, bits=cfg.quantized)
     ours = row(cfg.rule.label, plan, model, done.prep_seconds + done.apply_seconds)
     del model
     done.model = loaded.model = None  # only `dense` stays in memory for the baselines
@@ -203,7 +203,9 @@ def type_summary(spectra: Spectra, plan: RankPlan, name: str) -> str:
     rows = [{"matrix type": typ, "shape": f"{ms[0].out_features}x{ms[0].in_features}", "count": len(ms),
              "mean reduction": sum(m.reduction for m in ms) / len(ms),
              "min": min(m.reduction for m in ms), "max": max(m.reduction for m in ms),
-             "LRCs": sum(m.lrc for m in ms)} for typ, ms in by_type.items()]
+             "LRCs": sum(m.lrc for m in ms),
+             **({"bits/weight": 8 * sum(m.nbytes for m in ms) / sum(m.params_before for m in ms)}
+                if plan.bits_per_weight is not None else {})} for typ, ms in by_type.items()]
     return (f"# {name}: spectra\n\n{len(spectra.targets)} target matrices, SVD in {spectra.seconds:.1f} s.\n\n"
             f"WeLore plan at the requested ratio: {plan.summary()}\n\n{markdown_table(rows)}\n")
 
@@ -227,13 +229,14 @@ def next_steps(out: Path, plan: RankPlan, settings: dict, rows: list[dict], per_
                      f"(lower is better; dense is the uncompressed model). continuation: greedy, "
                      f"{ev.get('new_tokens', 12)} tokens after {prompt!r}.")
     lines += ["", "Next:"]
-    if plan.param_reduction > 0 and not (settings.get("allocation") == "loss"
-                                         and settings.get("method") == "whiten-fisher"):
+    if plan.param_reduction > 0 and settings.get("allocation") != "bits" and not (
+            settings.get("allocation") == "loss" and settings.get("method") == "whiten-fisher"):
         took = next((r for r in rows if r["model"].startswith("loss + whiten-fisher")), None)
         when = f" (its row above took {took['compress s']:.0f} s at a smaller calibration)" if took else ""
         lines.append(f"  better quality at this size, calibrated{when}: welore compress --param-ratio "
                      f"{plan.param_reduction:.3f} --allocation loss --method whiten-fisher")
-    if plan.lrcs and not recovering and settings.get("bits") is None:  # FinetuneConfig.recovery(500), as flags
+    quantised = settings.get("bits") is not None or settings.get("bits_per_weight") is not None
+    if plan.lrcs and not recovering and not quantised:  # FinetuneConfig.recovery(500), as flags
         when = f" (~{per_token * (RECOVERY_TOKENS * RECOVERY_COST + RECOVERY_EVAL_TOKENS) / 60:.0f} min here, from " \
                "this run's evaluation speed)" if per_token else ""
         lines.append(f"  recover quality by training the low-rank factors on C4 text{when}; or add --recover 500 to "

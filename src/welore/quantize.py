@@ -18,15 +18,26 @@ reported apart, in their own precision.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import nn
 
 from .errors import WeloreError
+from .factorize import whitening_factor
 from .layers import LowRankLinear, QuantLinear
 from .progress import bar
+from .spectrum import Spectra
 from .targets import find_targets, layer_of, module_kind, weight_matrix
 
 QUANTIZERS = {"rtn": False, "hqq": True}  # name -> HQQ's `optimize`
 BITS = (2, 3, 4, 8)
+# the storage choices of the `bits` allocation (welore.allocate.bits): dense at any width, factors at
+# 3 bits and up (2-bit factors measured worse than dropping their rank), ranks on a grid of fractions
+FACTOR_BITS = (3, 4, 8)
+RANK_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8)
+# Q + LR choices: a quantised dense matrix with a small fp16 correction (up to an eighth of the rank);
+# measured on the default at 2.5 and 3.25 bits, the rule never took 2-bit + LR nor a rank above 16
+QLR_BITS, QLR_RANKS = (3, 4), (8, 16)
 
 
 def check_quant_args(bits: int | None, group: int, quantizer: str) -> None:
@@ -37,6 +48,16 @@ def check_quant_args(bits: int | None, group: int, quantizer: str) -> None:
         raise WeloreError(f"group size must be a positive multiple of 8, got {group}")
     if quantizer not in QUANTIZERS:
         raise WeloreError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+
+
+def check_budget(bits_per_weight: float | None, *, bits: int | None, allocation: str, threshold: float | None) -> None:
+    """One-line errors for a bits-per-weight budget (the `bits` allocation) with settings it overrides."""
+    if bits_per_weight is None:
+        raise WeloreError("the bits allocation needs a budget: --bits-per-weight B")
+    clash = ("--bits" if bits is not None else "--threshold" if threshold is not None else
+             f"--allocation {allocation}" if allocation not in ("welore", "bits") else None)  # welore: the default
+    if clash:
+        raise WeloreError(f"--bits-per-weight chooses every matrix's rank and bit width itself: drop {clash}")
 
 
 def group_for(in_features: int, group: int) -> int:
@@ -51,18 +72,149 @@ def group_for(in_features: int, group: int) -> int:
     return group
 
 
-def quantize_model(model: nn.Module, bits: int, group: int = 128, quantizer: str = "rtn", *,
-                   ignore: list[str] | None = None, progress: bool = True) -> dict:
+def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 128, quantizer: str = "rtn", *,
+                   ignore: list[str] | None = None, corrections: dict[str, int] | None = None,
+                   stats: dict | None = None, progress: bool = True) -> dict:
     """Quantise, in place, every linear matrix in the blocks of `model` (the factors of LowRankLinear
-    layers included; embeddings and head never) to `bits` bits. Returns `bits_report(model)`."""
-    check_quant_args(bits, group, quantizer)
+    layers included; embeddings and head never) to `bits` bits, or, with a dict, each matrix named
+    in it to its own width (an LRC's factors to their matrix's; 16 and up: left as stored).
+    `corrections`: {name: rank} of matrices stored as Q + LR (`fit_q_plus_lr`, whitened with the
+    calibration `stats` where given). Returns `bits_report(model)`."""
+    widths, corrections = (bits if isinstance(bits, dict) else None), corrections or {}
+    for b in set(widths.values()) - {16, 32} if widths else [bits]:
+        check_quant_args(b, group, quantizer)
     targets = find_targets(model, ignore=ignore)
-    for t in bar(targets, progress=progress, desc=f"Quantising ({quantizer}, {bits}-bit)", unit="matrix"):
-        module = model.get_submodule(t.name)
-        q = QuantLinear.from_weight(weight_matrix(module), module.bias, bits, group_for(t.in_features, group),
-                                    optimize=QUANTIZERS[quantizer], kind=t.kind)
+    what = "mixed" if widths else f"{bits}-bit"
+    for t in bar(targets, progress=progress, desc=f"Quantising ({quantizer}, {what})", unit="matrix"):
+        b = bits if widths is None else widths.get(t.name, widths.get(t.name.rpartition(".")[0], 16))
+        if b >= 16:
+            continue
+        module, g, opt = model.get_submodule(t.name), group_for(t.in_features, group), QUANTIZERS[quantizer]
+        w = weight_matrix(module)
+        if corrections.get(t.name):
+            st = (stats or {}).get(t.name)
+            scaling = None if st is None else tuple(f.float() for f in whitening_factor(st.gram.to(w.device))[:2])
+            q = fit_q_plus_lr(w, b, g, corrections[t.name], optimize=opt, scaling=scaling, bias=module.bias,
+                              kind=t.kind)
+        else:
+            q = QuantLinear.from_weight(w, module.bias, b, g, optimize=opt, kind=t.kind)
         model.set_submodule(t.name, q)
     return bits_report(model)
+
+
+@torch.no_grad()
+def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None, *, group: int = 128,
+                   progress: bool = True) -> Spectra:
+    """Set `spectra.choices[name]` to the storage choices of each target matrix, what the `bits`
+    allocation chooses among: arrays `rank` (full rank: dense), `bits`, `nbytes` (what it stores,
+    counted from the quantised tensors), `err` and `correction` (the rank of a Q + LR correction, 0
+    for none). Dense at every width in BITS and as stored; Q + LR (`fit_q_plus_lr`, whitened with
+    `stats`) at QLR_BITS with QLR_RANKS; the leading k triplets of `spectra.factors` (when there are
+    any) at FACTOR_BITS, for k on RANK_FRACTIONS of the rank where the factors are smaller than the
+    dense matrix. Bytes are those stored; `err`, from
+    what `stats` (calibration statistics) carry: with loss gradients, the estimated loss increase
+    (as `welore.factorize` estimates it for the `loss` rule); with inputs only, the relative output
+    error; without, the relative weight error ||W - W'||^2 / ||W||^2."""
+    check_quant_args(None, group, "rtn")
+    # errors estimated with round to nearest whatever stores the model: the bytes are the same, HQQ's
+    # fit only lowers the error, and it costs 20-50x as much (half an hour for the 135M default's table)
+    opt = False
+    for t in bar(spectra.targets, progress=progress, desc="Storage choices", unit="matrix"):
+        w = weight_matrix(model.get_submodule(t.name)).detach()
+        m, n = w.shape
+        st = stats.get(t.name) if stats else None
+        size, err = w.element_size(), _error_of(w.float(), st)
+        full = min(m, n)
+        rows = [(full, 8 * size, size * m * n, 0.0, 0)]
+        for b in BITS:
+            q = QuantLinear.from_weight(w, None, b, group_for(n, group), optimize=opt)
+            rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
+        scaling = None if st is None else tuple(f.float() for f in whitening_factor(st.gram.to(w.device))[:2])
+        ranks = [k for k in QLR_RANKS if k <= full // 8]
+        if ranks:  # every start is a prefix of one fit at the largest rank
+            up, down = low_rank_fit(w.float(), max(ranks), scaling)
+        for b in QLR_BITS:
+            for k in ranks:
+                q = fit_q_plus_lr(w, b, group_for(n, group), k, optimize=opt, scaling=scaling,
+                                  start=up[:, :k] @ down[:k])
+                rows.append((full, b, _nbytes(q), err(q.dense(torch.float32)), k))
+        if t.name in spectra.factors:
+            U, S, Vh = spectra.factors[t.name]
+            for k in sorted({max(1, round(f * full)) for f in RANK_FRACTIONS}):
+                if k > S.numel() or k * (m + n) >= m * n:
+                    continue
+                lr = LowRankLinear.from_svd(U.to(w.device), S.to(w.device), Vh.to(w.device), k, None,
+                                            dtype=torch.float32)
+                for b in FACTOR_BITS:
+                    qd = QuantLinear.from_weight(lr.down.weight, None, b, group_for(n, group), optimize=opt)
+                    qu = QuantLinear.from_weight(lr.up.weight, None, b, group_for(k, group), optimize=opt)
+                    rows.append((k, b, _nbytes(qd) + _nbytes(qu),
+                                 err(qu.dequantize(torch.float32) @ qd.dequantize(torch.float32)), 0))
+        spectra.choices[t.name] = {key: np.array(col) for key, col in
+                                   zip(("rank", "bits", "nbytes", "err", "correction"), zip(*rows))}
+    return spectra
+
+
+@torch.no_grad()
+def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize: bool = False,
+                  scaling: tuple[torch.Tensor, torch.Tensor] | None = None, rounds: int = 1,
+                  bias: torch.Tensor | None = None, kind: str = "linear", start: torch.Tensor | None = None
+                  ) -> QuantLinear:
+    """W ~ Q(W - LR) + LR, the shape of LQ-LoRA and CALDERA: from the rank-`rank` part of W, alternately
+    quantise what the correction leaves and refit the correction to what the quantiser lost, by a truncated SVD in the
+    whitened norm ||(.) S|| when `scaling` = (S, S^-1) is given (the output error on the calibration
+    inputs, as the `whiten` method), else in the plain one. A QuantLinear holding both."""
+    w32 = w.detach().float()
+    # started from the weight's own leading directions, not from zero (LoftQ's start): the quantiser then
+    # sees W without its strongest directions, a far smaller range (on a heavy-tailed spectrum, measured:
+    # 0.08x plain 2-bit's error at rank 8 against 0.80x from zero, in tests/test_quantize.py's setting;
+    # further rounds then gain little: 0.081 after a second, 0.079 after a fourth)
+    correction = (lambda up, down: up @ down)(*low_rank_fit(w32, rank, scaling)) if start is None else start
+    for _ in range(rounds):
+        q = QuantLinear.from_weight(w32 - correction, None, bits, group, optimize=optimize, kind=kind)
+        up, down = low_rank_fit(w32 - q.dequantize(torch.float32), rank, scaling)
+        correction = up @ down
+    layer = QuantLinear(w.shape[1], w.shape[0], bits, group, tuple(q.qweight.shape),
+                        str(q.qweight.dtype).removeprefix("torch."), bias=bias is not None, kind=kind,
+                        device=w.device, dtype=bias.dtype if bias is not None else w.dtype, rank=rank)
+    layer.load_state_dict({**q.state_dict(), "lr_up": up.half(), "lr_down": down.half(),
+                           **({"bias": bias} if bias is not None else {})})
+    return layer
+
+
+def low_rank_fit(r: torch.Tensor, rank: int, scaling=None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down), the best rank-`rank` approximation of `r` (in the norm ||(.) S|| with `scaling`):
+    a randomised SVD (range finder with two power iterations and a seeded sketch, Halko et al.), as
+    accurate as the full one at these small ranks and an order of magnitude cheaper."""
+    S, S_inv = scaling if scaling is not None else (None, None)
+    a = r if S is None else r @ S.to(r)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    y = a @ torch.randn(a.shape[1], min(rank + 8, min(a.shape)), generator=g).to(a)
+    for _ in range(2):
+        y = a @ (a.t() @ torch.linalg.qr(y).Q)
+    basis = torch.linalg.qr(y).Q
+    u, s, vh = torch.linalg.svd(basis.t() @ a, full_matrices=False)
+    root = s[:rank].sqrt()
+    up, down = (basis @ u[:, :rank]) * root, root[:, None] * vh[:rank]
+    return up, (down if S_inv is None else down @ S_inv.to(r))
+
+
+def _nbytes(q: QuantLinear) -> int:
+    return sum(b.numel() * b.element_size() for b in q.buffers())
+
+
+def _error_of(w: torch.Tensor, st):
+    """err(W') for this matrix: see `attach_choices`."""
+    if st is None:
+        norm = w.pow(2).sum().clamp_min(1e-30)
+        return lambda approx: float((w - approx).pow(2).sum() / norm)
+    gram = st.gram.to(w.device, torch.float32)
+
+    def output(d: torch.Tensor) -> torch.Tensor:  # ||d X^T||^2 = tr(d G d^T)
+        return ((d @ gram) * d).sum().clamp_min(0)
+
+    scale = st.grad_sq.double().mean().item() if st.grad_sq is not None else 1.0 / output(w).clamp_min(1e-30).item()
+    return lambda approx: float(scale * output(w - approx))
 
 
 def bits_report(model: nn.Module) -> dict:
@@ -100,7 +252,7 @@ def _storage(m: nn.Module) -> str:
     """How a matrix is stored, in words: "16-bit dense", "4-bit g128", "rank 96, 4-bit g128"."""
     def one(f: nn.Module) -> str:
         if isinstance(f, QuantLinear):
-            return f"{f.bits}-bit g{f.group}"
+            return f"{f.bits}-bit g{f.group}" + (f" + rank {f.rank} fp16 correction" if f.rank else "")
         return f"{8 * weight_matrix(f).element_size()}-bit"
     if isinstance(m, LowRankLinear):
         return f"rank {m.rank}, " + " / ".join(sorted({one(m.down), one(m.up)}))

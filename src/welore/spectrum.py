@@ -57,6 +57,8 @@ class Spectra:
     seconds: float = 0.0
     # name -> estimated loss increase of keeping k = 0..r triplets (welore.factorize.attach_loss_tails)
     tails: dict = field(default_factory=dict, repr=False)
+    # name -> storage choices (rank, bits, bytes, error) of the `bits` allocation (welore.quantize.attach_choices)
+    choices: dict = field(default_factory=dict, repr=False)
     # name -> how the factorisation went (e.g. which square root whitening took; the eigh fallback is worth knowing)
     how: dict = field(default_factory=dict, repr=False)
 

@@ -30,12 +30,13 @@ __all__ = ["allocate", "check_allocation_args", "MatrixPlan", "RankPlan", "PLAN_
 def _plan_at(rule: Rule, name: str, spectra: Spectra, level: float, min_ratio: float,
              target: dict | None) -> RankPlan:
     mats = []
-    for t, full, k in zip(spectra.targets, rule.full, rule.kept(level)):
+    storage = rule.storage(level) or [(None, None, 0)] * len(spectra.targets)
+    for t, full, k, (bits, nbytes, correction) in zip(spectra.targets, rule.full, rule.kept(level), storage):
         k, full = int(k), int(full)
         m, n = t.shape
         reduces_enough = not rule.min_ratio_applies or (1 - k / full) > min_ratio
         lrc = k < full and reduces_enough and k * (m + n) < m * n
-        mats.append(MatrixPlan(t.name, t.kind, m, n, full, k, lrc))
+        mats.append(MatrixPlan(t.name, t.kind, m, n, full, k, lrc, bits, nbytes, correction))
     return RankPlan(name, float(level), float(min_ratio), target, mats)
 
 
@@ -44,7 +45,8 @@ def allocate(spectra: Spectra, *, ratio: float | None = 0.5, target: str = "rank
     """A rank plan for `spectra`.
 
     ratio:      the reduction to hit, in (0, 1); `target` says of what: "rank" (effective rank
-                reduction) or "params" (parameters of the target matrices).
+                reduction) or "params" (parameters of the target matrices); with target "bits" (the
+                `bits` rule), the bits per weight the target matrices may store, the most under it.
     threshold:  WeLore's t in [0, 1] given directly instead of searched (then `ratio` is ignored).
     min_ratio:  a matrix is an LRC only if its own rank reduction exceeds this (WeLore allocation).
     """
@@ -54,6 +56,8 @@ def allocate(spectra: Spectra, *, ratio: float | None = 0.5, target: str = "rank
     if threshold is not None:
         return _plan_at(rule, allocation, spectra, float(threshold), min_ratio, None)
     tgt = {"kind": target, "ratio": float(ratio)}
+    if target == "bits":
+        return _plan_at(rule, allocation, spectra, _within_budget(rule, allocation, spectra, ratio), min_ratio, tgt)
     metric = (lambda p: p.effective_rank_reduction) if target == "rank" else (lambda p: p.param_reduction)
     level = _bisect(rule.candidates,
                     lambda lv: metric(_plan_at(rule, allocation, spectra, lv, min_ratio, tgt)), ratio)
@@ -73,14 +77,36 @@ def check_allocation_args(*, ratio: float | None = 0.5, target: str = "rank", al
         if not (_is_number(threshold) and 0.0 <= threshold <= 1.0):
             raise WeloreError(f"threshold must be in [0, 1], got {threshold}")
         return
-    if target not in ("rank", "params"):
+    if target not in ("rank", "params", "bits"):
         raise WeloreError(f"unknown target {target!r}; choose rank or params")
-    if not (_is_number(ratio) and 0.0 < ratio < 1.0):
+    if (target == "bits") != RULES[allocation].needs_choices:
+        raise WeloreError("a bits-per-weight budget is allocated by the bits rule, and the bits rule needs one")
+    if target == "bits":
+        if not (_is_number(ratio) and 0.0 < ratio <= 16.0):
+            raise WeloreError(f"bits per weight must be in (0, 16], got {ratio}")
+    elif not (_is_number(ratio) and 0.0 < ratio < 1.0):
         raise WeloreError(f"ratio must be in (0, 1), got {ratio}")
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _within_budget(rule: Rule, name: str, spectra: Spectra, budget: float) -> float:
+    """The lowest price whose plan stores at most `budget` bits per weight (the best within it)."""
+    def bits(level: float) -> float:
+        return 8 * sum(b for _, b, _ in rule.storage(level)) / sum(t.shape[0] * t.shape[1] for t in spectra.targets)
+    levels = rule.candidates
+    if bits(levels[-1]) > budget:
+        raise WeloreError(f"{budget:g} bits per weight is below the smallest setting: {bits(levels[-1]):.3f}")
+    lo, hi = -1, len(levels) - 1  # invariant: bits(levels[hi]) <= budget, and lo is over it (or -1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if bits(levels[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return float(levels[hi])
 
 
 def _bisect(levels: np.ndarray, f: Callable[[float], float], goal: float) -> float:

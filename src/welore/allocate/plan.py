@@ -25,6 +25,9 @@ class MatrixPlan:
     full_rank: int
     alloc_rank: int  # what the allocation rule asked for
     lrc: bool  # factorised (alloc_rank kept) or dense (full rank kept)
+    bits: int | None = None  # the bit width the `bits` rule chose (16: as stored); None: not chosen
+    nbytes: int | None = None  # the bytes that choice stores (packed integers, scales and zeros)
+    correction: int = 0  # a dense matrix's Q + LR correction rank (W ~ Q + LR), 0 for none
 
     @property
     def kept_rank(self) -> int:
@@ -74,6 +77,13 @@ class RankPlan:
     def param_reduction(self) -> float:
         return 1.0 - self.params_after / self.params_before
 
+    @property
+    def bits_per_weight(self) -> float | None:
+        """Bits stored per weight of the target matrices, for plans that chose bit widths."""
+        if any(m.nbytes is None for m in self.matrices):
+            return None
+        return 8 * sum(m.nbytes for m in self.matrices) / max(self.params_before, 1)
+
     def get(self, name: str) -> MatrixPlan:
         for m in self.matrices:
             if m.name == name:
@@ -83,7 +93,8 @@ class RankPlan:
     def summary(self) -> str:
         rule = RULES.get(self.allocation)
         what = rule.describe(self.level) if rule is not None else f"level {self.level:g}"
-        return (f"{self.allocation}: {what}, effective rank reduction {self.effective_rank_reduction:.1%}, "
+        bits = "" if self.bits_per_weight is None else f"{self.bits_per_weight:.2f} bits per weight, "
+        return (f"{self.allocation}: {what}, {bits}effective rank reduction {self.effective_rank_reduction:.1%}, "
                 f"target-parameter reduction {self.param_reduction:.1%}, "
                 f"{len(self.lrcs)}/{len(self.matrices)} matrices low-rank")
 
@@ -102,6 +113,7 @@ class RankPlan:
                 "params_after": self.params_after,
                 "lrc_count": len(self.lrcs),
                 "matrix_count": len(self.matrices),
+                **({} if self.bits_per_weight is None else {"bits_per_weight": self.bits_per_weight}),
             },
             "matrices": [asdict(m) for m in self.matrices],
         }

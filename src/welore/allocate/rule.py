@@ -17,6 +17,7 @@ class Rule:
     min_ratio_applies = True  # an LRC must reduce its own rank by more than min_ratio
     default_min_ratio = 0.5  # the paper's fine-tuning setting
     needs_tails = False  # needs calibrated loss estimates (spectra.tails)
+    needs_choices = False  # needs each matrix's storage choices (spectra.choices: ranks x bit widths)
 
     def __init__(self, spectra: Spectra):
         self.full = np.array([min(t.shape) for t in spectra.targets])
@@ -24,6 +25,11 @@ class Rule:
 
     def kept(self, level: float) -> np.ndarray:
         raise NotImplementedError
+
+    def storage(self, level: float) -> list[tuple[int, int, int]] | None:
+        """(bits, bytes, rank of a Q + LR correction) of every matrix at `level`, for rules that choose
+        bit widths too; None for rules that choose ranks only (everything stays in its own precision)."""
+        return None
 
     @classmethod
     def describe(cls, level: float) -> str:

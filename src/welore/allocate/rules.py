@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bits import BitsRule
 from .loss import LossRule
 from .rule import Rule
 from .uniform import UniformRule
@@ -11,6 +12,7 @@ RULES: dict[str, type[Rule]] = {
     "welore": WeLoreRule,
     "uniform": UniformRule,
     "loss": LossRule,
+    "bits": BitsRule,
 }
 
 
