@@ -13,7 +13,7 @@ head apart, unquantised in every row):
 with the wall time and peak memory (resident memory it adds over the model copy it works on) of each, and batch-1 decode
 tokens/s of dense, the best plain row and the best welore row at 4 bits. Writes results.json, results.md and quantize.png to --out.
 
-    python benchmarks/quantize.py           # ~25 min on 2 CPU cores, nothing else running
+    python benchmarks/quantize.py           # ~40 min on 2 CPU cores, nothing else running
 """
 
 from __future__ import annotations

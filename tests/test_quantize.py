@@ -272,8 +272,10 @@ def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path):
 
 
 def test_a_budget_alone_picks_the_benchmarks_best_configuration():
-    cfg = CompressConfig(bits_per_weight=3.25)
+    cfg = CompressConfig(bits_per_weight=4.25)
     assert (cfg.allocation, cfg.method, cfg.quantizer, cfg.target, cfg.ratio) == (
-        "bits", "whiten-fisher", "hqq", "bits", 3.25)
+        "bits", "whiten-fisher", "hqq", "bits", 4.25)
+    # round to nearest ranked first at 3 to 3.5 bits (the rule's estimates are its errors), HQQ elsewhere
+    assert [CompressConfig(bits_per_weight=b).quantizer for b in (2.5, 3.0, 3.5, 4.5)] == ["hqq", "rtn", "rtn", "hqq"]
     assert CompressConfig(bits_per_weight=3.25, method="svd", quantizer="rtn").method == "svd"  # as asked
     assert (CompressConfig().method, CompressConfig(bits=4).quantizer) == ("svd", "rtn")  # without a budget

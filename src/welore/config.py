@@ -90,14 +90,13 @@ class CompressConfig(Selection):
         "(--allocation bits; data-aware with a calibrated --method)"))
     group_size: int = field(default=128, metadata=_help("weights per quantisation group (with --bits)"))
     quantizer: str | None = field(default=None, metadata=_help(
-        "round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free; default: rtn with --bits, "
-        "hqq with --bits-per-weight)", choices=QUANTIZERS.keys()))
+        "round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free; default: rtn, except hqq "
+        "with --bits-per-weight below 2.75 or from 4)", choices=QUANTIZERS.keys()))
 
     def __post_init__(self) -> None:
-        # --bits-per-weight alone: the configuration benchmarks/quantize.py ranks best at every budget
-        budget = self.bits_per_weight is not None
-        self.method = self.method or ("whiten-fisher" if budget else "svd")
-        self.quantizer = self.quantizer or ("hqq" if budget else "rtn")
+        b = self.bits_per_weight  # alone, what docs/results/quantize.md ranks best there: calibrated, rtn/hqq by b
+        self.method, self.quantizer = (self.method or ("svd" if b is None else "whiten-fisher"),
+                                       self.quantizer or ("rtn" if b is None or 2.75 <= b < 4 else "hqq"))
         check_quant_args(self.bits, self.group_size, self.quantizer)
         if self.bits_per_weight is not None or self.allocation == "bits":  # the bits rule, searched for B
             check_budget(self.bits_per_weight, bits=self.bits, allocation=self.allocation, threshold=self.threshold)

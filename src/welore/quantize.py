@@ -93,7 +93,7 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
         w = weight_matrix(module)
         if corrections.get(t.name):
             st = (stats or {}).get(t.name)
-            scaling = None if st is None else tuple(f.float() for f in whitening_factor(st.gram.to(w.device))[:2])
+            scaling = _scaling(st, w.device)
             q = fit_q_plus_lr(w, b, g, corrections[t.name], optimize=opt, scaling=scaling, bias=module.bias,
                               kind=t.kind)
         else:
@@ -111,8 +111,8 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
     for none). Dense at every width in BITS and as stored; Q + LR (`fit_q_plus_lr`, whitened with
     `stats`) at QLR_BITS with QLR_RANKS; the leading k triplets of `spectra.factors` (when there are
     any) at FACTOR_BITS, for k on RANK_FRACTIONS of the rank where the factors are smaller than the
-    dense matrix. Bytes are those stored; `err`, from
-    what `stats` (calibration statistics) carry: with loss gradients, the estimated loss increase
+    dense matrix. Bytes are those stored; `err`, from what `stats` (calibration statistics) carry:
+    with loss gradients, the estimated loss increase
     (as `welore.factorize` estimates it for the `loss` rule); with inputs only, the relative output
     error; without, the relative weight error ||W - W'||^2 / ||W||^2."""
     check_quant_args(None, group, "rtn")
@@ -123,13 +123,13 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
         w = weight_matrix(model.get_submodule(t.name)).detach()
         m, n = w.shape
         st = stats.get(t.name) if stats else None
+        scaling = _scaling(st, w.device)
         size, err = w.element_size(), _error_of(w.float(), st)
         full = min(m, n)
         rows = [(full, 8 * size, size * m * n, 0.0, 0)]
         for b in BITS:
             q = QuantLinear.from_weight(w, None, b, group_for(n, group), optimize=opt)
             rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
-        scaling = None if st is None else tuple(f.float() for f in whitening_factor(st.gram.to(w.device))[:2])
         ranks = [k for k in QLR_RANKS if k <= full // 8]
         if ranks:  # every start is a prefix of one fit at the largest rank
             up, down = low_rank_fit(w.float(), max(ranks), scaling)
@@ -149,7 +149,7 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
                     qd = QuantLinear.from_weight(lr.down.weight, None, b, group_for(n, group), optimize=opt)
                     qu = QuantLinear.from_weight(lr.up.weight, None, b, group_for(k, group), optimize=opt)
                     rows.append((k, b, _nbytes(qd) + _nbytes(qu),
-                                 err(qu.dequantize(torch.float32) @ qd.dequantize(torch.float32)), 0))
+                                 err(up=qu.dequantize(torch.float32), down=qd.dequantize(torch.float32)), 0))
         spectra.choices[t.name] = {key: np.array(col) for key, col in
                                    zip(("rank", "bits", "nbytes", "err", "correction"), zip(*rows))}
     return spectra
@@ -160,12 +160,13 @@ def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize
                   scaling: tuple[torch.Tensor, torch.Tensor] | None = None, rounds: int = 1,
                   bias: torch.Tensor | None = None, kind: str = "linear", start: torch.Tensor | None = None
                   ) -> QuantLinear:
-    """W ~ Q(W - LR) + LR, the shape of LQ-LoRA and CALDERA: from the rank-`rank` part of W, alternately
-    quantise what the correction leaves and refit the correction to what the quantiser lost, by a truncated SVD in the
-    whitened norm ||(.) S|| when `scaling` = (S, S^-1) is given (the output error on the calibration
-    inputs, as the `whiten` method), else in the plain one. A QuantLinear holding both."""
+    """W ~ Q(W - LR) + LR, the shape of LQ-LoRA and CALDERA: from the rank-`rank` part of W (or `start`),
+    `rounds` times quantise what the correction leaves, then refit the correction to what the quantiser
+    lost, by a truncated SVD in the whitened norm ||(.) S|| when `scaling` = (S, S^-1) is given (the
+    output error on the calibration inputs, as the `whiten` method), else in the plain one. A
+    QuantLinear holding both."""
     w32 = w.detach().float()
-    # started from the weight's own leading directions, not from zero (LoftQ's start): the quantiser then
+    # started from the weight's own leading directions, not from zero as LoftQ starts: the quantiser then
     # sees W without its strongest directions, a far smaller range (on a heavy-tailed spectrum, measured:
     # 0.08x plain 2-bit's error at rank 8 against 0.80x from zero, in tests/test_quantize.py's setting;
     # further rounds then gain little: 0.081 after a second, 0.079 after a fourth)
@@ -203,18 +204,25 @@ def _nbytes(q: QuantLinear) -> int:
     return sum(b.numel() * b.element_size() for b in q.buffers())
 
 
+def _scaling(st, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(S, S^-1) in float32 with S S^T the input Gram matrix of `st` (None without statistics)."""
+    return None if st is None else tuple(f.float() for f in whitening_factor(st.gram.to(device))[:2])
+
+
 def _error_of(w: torch.Tensor, st):
-    """err(W') for this matrix: see `attach_choices`."""
+    """err(W'), or err(up=, down=) for W' = up @ down, for this matrix: see `attach_choices`."""
     if st is None:
         norm = w.pow(2).sum().clamp_min(1e-30)
-        return lambda approx: float((w - approx).pow(2).sum() / norm)
+        return lambda approx=None, up=None, down=None: float(
+            (w - (approx if approx is not None else up @ down)).pow(2).sum() / norm)
     gram = st.gram.to(w.device, torch.float32)
 
     def output(d: torch.Tensor) -> torch.Tensor:  # ||d X^T||^2 = tr(d G d^T)
         return ((d @ gram) * d).sum().clamp_min(0)
 
     scale = st.grad_sq.double().mean().item() if st.grad_sq is not None else 1.0 / output(w).clamp_min(1e-30).item()
-    return lambda approx: float(scale * output(w - approx))
+    return lambda approx=None, up=None, down=None: float(
+        scale * output(w - (approx if approx is not None else up @ down)))
 
 
 def bits_report(model: nn.Module) -> dict:
