@@ -66,6 +66,16 @@ def test_bits_counted_are_the_bytes_stored_over_the_dense_weights():
     assert count_parameters(model) < count_parameters(make_tiny("llama"))  # the factors count, not W
 
 
+def _plain_transformers_logits(out, tmp_path) -> torch.Tensor:
+    """The logits of `out` loaded by stock transformers in a process without welore on its path."""
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
 def test_a_quantised_compressed_dir_loads_the_same_in_welore_and_plain_transformers(tmp_path):
     model = make_tiny("llama")
     cfg = CompressConfig(ratio=0.3, min_ratio=0.0, bits=3, group_size=32, quantizer="hqq")
@@ -76,12 +86,7 @@ def test_a_quantised_compressed_dir_loads_the_same_in_welore_and_plain_transform
     assert meta["settings"]["bits"] == 3 and meta["settings"]["quantizer"] == "hqq"
     loaded = load_compressed(out, device="cpu")
     assert torch.equal(_logits(loaded.model), _logits(model))
-    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(model))
+    assert torch.equal(_plain_transformers_logits(out, tmp_path), _logits(model))
 
 
 def test_merge_dequantises_into_plain_modules_of_the_original_type(tmp_path):
@@ -260,12 +265,7 @@ def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path):
         "3-bit g32 + rank 4 fp16 correction")
     loaded = load_compressed(out, device="cpu")
     assert torch.equal(_logits(loaded.model), _logits(model))
-    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_WELORE, str(out), str(tmp_path / "logits.pt")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(model))
+    assert torch.equal(_plain_transformers_logits(out, tmp_path), _logits(model))
     before = _logits(model)
     merge_to_dense(model)
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-4)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import WeloreError
 from ..spectrum import Spectra
 from .rule import Rule
 
@@ -28,9 +27,7 @@ class BitsRule(Rule):
 
     def __init__(self, spectra: Spectra):
         super().__init__(spectra)
-        missing = [t.name for t in spectra.targets if t.name not in spectra.choices]
-        if missing:
-            raise WeloreError(f"the bits allocation needs the storage choices of every matrix; {missing[0]} has none")
+        self.require(spectra, "choices", "the bits allocation needs storage choices (welore.quantize.attach_choices)")
         self.tables = [{k: np.asarray(v) for k, v in spectra.choices[t.name].items()} for t in spectra.targets]
         errs = np.concatenate([tb["err"] for tb in self.tables])
         nbytes = np.concatenate([tb["nbytes"] for tb in self.tables])
@@ -38,7 +35,7 @@ class BitsRule(Rule):
         hi = max(errs.max(), 1e-30) / max(np.diff(np.unique(nbytes)).min(initial=1.0), 1.0) * 10
         pos = errs[errs > 0]
         lo = (pos.min() if len(pos) else hi * 1e-12) / nbytes.max() / 10
-        self.candidates = np.concatenate([[0.0], np.geomspace(max(lo, 1e-300), max(hi, lo * 10), 20001)])
+        self.candidates = self.price_grid(lo, hi)
 
     def pick(self, level: float) -> list[int]:
         """Index of each matrix's choice at this price (ties go to fewer bytes, then to fewer bits)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import WeloreError
 from ..spectrum import Spectra
 from .rule import Rule
 
@@ -23,16 +22,14 @@ class LossRule(Rule):
 
     def __init__(self, spectra: Spectra):
         super().__init__(spectra)
-        missing = [t.name for t in spectra.targets if t.name not in spectra.tails]
-        if missing:
-            raise WeloreError(f"the loss allocation needs loss estimates (calibration data) for {missing[0]}")
+        self.require(spectra, "tails", "the loss allocation needs loss estimates (calibration data)")
         self.tails = [np.asarray(spectra.tails[t.name], dtype=np.float64) for t in spectra.targets]
         self.sizes = [(sum(t.shape), t.shape[0] * t.shape[1]) for t in spectra.targets]
         # prices from "everything dense" to "every matrix at rank 1", on a fine geometric grid
         hi = max(tl[0] / mn for tl, (mn, _) in zip(self.tails, self.sizes) if len(tl)) * 10
         pos = [tl[-1] / full for tl, (_, full) in zip(self.tails, self.sizes) if len(tl) and tl[-1] > 0]
         lo = min(pos) / 10 if pos else hi * 1e-12
-        self.candidates = np.concatenate([[0.0], np.geomspace(max(lo, 1e-300), max(hi, lo * 10), 20001)])
+        self.candidates = self.price_grid(lo, hi)
 
     def kept(self, level: float) -> np.ndarray:
         out = []

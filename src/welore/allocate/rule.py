@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import WeloreError
 from ..spectrum import Spectra
 
 
@@ -30,6 +31,18 @@ class Rule:
         """(bits, bytes, rank of a Q + LR correction) of every matrix at `level`, for rules that choose
         bit widths too; None for rules that choose ranks only (everything stays in its own precision)."""
         return None
+
+    @staticmethod
+    def require(spectra: Spectra, attr: str, what: str) -> None:
+        """A one-line error naming the first target that `spectra.<attr>` (tails, choices) lacks."""
+        missing = [t.name for t in spectra.targets if t.name not in getattr(spectra, attr)]
+        if missing:
+            raise WeloreError(f"{what} for {missing[0]}")
+
+    @staticmethod
+    def price_grid(lo: float, hi: float) -> np.ndarray:
+        """Candidate prices: 0, then a fine geometric grid from `lo` to `hi` (a Lagrangian rule's levels)."""
+        return np.concatenate([[0.0], np.geomspace(max(lo, 1e-300), max(hi, lo * 10), 20001)])
 
     @classmethod
     def describe(cls, level: float) -> str:
