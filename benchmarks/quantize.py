@@ -10,8 +10,9 @@ head apart, unquantised in every row):
   rank+bits  `welore compress --bits-per-weight B` (the `bits` rule: every matrix's rank and bit
            width chosen together on calibrated loss estimates), at each --budgets B: one
            calibration and one table of storage choices, re-planned per budget and quantiser
-with the wall time and peak memory (resident memory it adds over the model copy it works on) of each, and batch-1 decode
-tokens/s of dense, the best plain row and the best welore row at 4 bits. Writes results.json, results.md and quantize.png to --out.
+with the wall time and peak memory (resident memory it adds over the model copy it works on) of
+each, and batch-1 decode tokens/s of dense, the best plain row and the best welore row at 4 bits.
+Writes results.json, results.md and quantize.png to --out.
 
     python benchmarks/quantize.py           # ~40 min on 2 CPU cores, nothing else running
 """

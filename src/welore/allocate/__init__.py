@@ -57,7 +57,7 @@ def allocate(spectra: Spectra, *, ratio: float | None = 0.5, target: str = "rank
         return _plan_at(rule, allocation, spectra, float(threshold), min_ratio, None)
     tgt = {"kind": target, "ratio": float(ratio)}
     if target == "bits":
-        return _plan_at(rule, allocation, spectra, _within_budget(rule, allocation, spectra, ratio), min_ratio, tgt)
+        return _plan_at(rule, allocation, spectra, _within_budget(rule, spectra, ratio), min_ratio, tgt)
     metric = (lambda p: p.effective_rank_reduction) if target == "rank" else (lambda p: p.param_reduction)
     level = _bisect(rule.candidates,
                     lambda lv: metric(_plan_at(rule, allocation, spectra, lv, min_ratio, tgt)), ratio)
@@ -92,7 +92,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _within_budget(rule: Rule, name: str, spectra: Spectra, budget: float) -> float:
+def _within_budget(rule: Rule, spectra: Spectra, budget: float) -> float:
     """The lowest price whose plan stores at most `budget` bits per weight (the best within it)."""
     def bits(level: float) -> float:
         return 8 * sum(b for _, b, _ in rule.storage(level)) / sum(t.shape[0] * t.shape[1] for t in spectra.targets)

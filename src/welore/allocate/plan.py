@@ -25,7 +25,7 @@ class MatrixPlan:
     full_rank: int
     alloc_rank: int  # what the allocation rule asked for
     lrc: bool  # factorised (alloc_rank kept) or dense (full rank kept)
-    bits: int | None = None  # the bit width the `bits` rule chose (16: as stored); None: not chosen
+    bits: int | None = None  # the bit width the `bits` rule chose (16 or 32: as stored); None: not chosen
     nbytes: int | None = None  # the bytes that choice stores (packed integers, scales and zeros)
     correction: int = 0  # a dense matrix's Q + LR correction rank (W ~ Q + LR), 0 for none
 
