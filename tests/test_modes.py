@@ -1,9 +1,12 @@
 """welore.modes: what each training mode marks trainable, and the registry the config reads."""
 
 import pytest
+import torch
 
-from welore import FinetuneConfig, WeloreError, apply_plan, plan_model, set_trainable
-from welore.modes import MODES, Mode, get_mode
+from welore import FinetuneConfig, WeloreError, apply_plan, load_compressed, plan_model, set_trainable
+from welore.layers import LowRankLinear, QuantLinear
+from welore.modes import FROZEN_GROUP, MODES, Mode, get_mode, prepare_mode
+from welore.train import finetune
 
 
 def test_set_trainable_modes(llama):
@@ -21,10 +24,71 @@ def test_set_trainable_modes(llama):
 
 
 def test_the_registry_is_what_the_config_reads():
-    assert list(MODES) == ["lrc", "full", "lora", "galore"] and all(issubclass(c, Mode) for c in MODES.values())
+    assert list(MODES) == ["lrc", "full", "lora", "galore", "qlrc", "qlora"]
+    assert all(issubclass(c, Mode) for c in MODES.values())
     # a setting one mode declares is read in that mode only: it never makes a resumed run another run
     assert "lora_rank" in FinetuneConfig(mode="lora").read_settings()
     assert "lora_rank" not in FinetuneConfig(mode="lrc").read_settings()
     assert "galore_rank" in FinetuneConfig(mode="galore").read_settings()
+    # one setting of two modes is read by both (and by neither of the others)
+    assert all("frozen_bits" in FinetuneConfig(mode=m).read_settings() for m in ("qlrc", "qlora"))
+    assert "frozen_bits" not in FinetuneConfig(mode="lora").read_settings()
+    with pytest.raises(WeloreError, match="bits must be one of"):
+        FinetuneConfig(mode="qlrc", frozen_bits=5)
     with pytest.raises(WeloreError, match="unknown training mode"):
         get_mode("adapter")
+
+
+def _frozen(model) -> dict:
+    """The quantised matrices' stored tensors (what must not change in training)."""
+    return {f"{n}.{k}": t.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)
+            for k, t in (("qweight", m.qweight), ("scale", m.scale), ("zero", m.zero))}
+
+
+def test_qlrc_trains_the_factors_over_quantised_n_lrcs(compressed_dir, tmp_path):
+    model, _, info = prepare_mode(load_compressed(compressed_dir).model, FinetuneConfig(mode="qlrc", frozen_bits=3))
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    lrcs = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert quant and info["frozen_matrices"] == len(quant)
+    assert all(m.bits == 3 and m.group == FROZEN_GROUP // 2 for m in quant.values())  # 32-wide rows: groups of 32
+    assert not any(n.rpartition(".")[0] in lrcs for n in quant)  # the factors stay in full precision
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.{f}.weight" for n in lrcs for f in ("down", "up")}
+    res = finetune(compressed_dir, tmp_path / "out", FinetuneConfig(mode="qlrc", frozen_bits=3, steps=6, lr=3e-3,
+                                                                    batch_size=2, seqlen=64, eval_tokens=256,
+                                                                    save_every=0), progress=False)
+    saved = load_compressed(tmp_path / "out").model
+    assert _frozen(saved).keys() == _frozen(model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(saved).values(), _frozen(model).values()))
+    assert res.metrics["frozen_bits"] == 3
+
+
+def test_qlora_is_peft_lora_over_a_quantised_model_saved_as_q_plus_lr(compressed_dir, tmp_path):
+    cfg = FinetuneConfig(mode="qlora", steps=6, lr=3e-3, batch_size=2, seqlen=64, eval_tokens=256, save_every=0)
+    model, _, info = prepare_mode(load_compressed(compressed_dir).model, cfg)
+    frozen = _frozen(model)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert len(adapted) == info["lora_matrices"] and {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{x}.default.weight" for n in adapted for x in "AB"}
+    res = finetune(compressed_dir, tmp_path / "out", cfg, progress=False)
+    saved = load_compressed(tmp_path / "out").model
+    quant = {n: m for n, m in saved.named_modules() if isinstance(m, QuantLinear)}
+    # every block linear (N-LRCs and both factors of each LRC) is 4-bit with the adapter as its correction
+    assert len(quant) == info["lora_matrices"] and all(m.bits == 4 and m.rank == info["lora_rank"] for m in quant.values())
+    assert all(m.lr_up.abs().max() > 0 for m in quant.values())  # LoRA's B starts at zero: these trained
+    renamed = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in frozen.items()}
+    assert all(torch.equal(renamed[k], v) for k, v in _frozen(saved).items())  # the quantised base never moved
+    assert res.evals[-1]["c4_ppl"] < res.evals[0]["c4_ppl"]
+
+
+def test_a_frozen_quantised_matrix_keeps_no_full_precision_copy_for_the_backward():
+    w = torch.randn(96, 64)
+    q = QuantLinear.from_weight(w, None, 4, 64)
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = q(x)
+    assert torch.Size([96, 64]) not in saved and x.shape in saved  # the input only: W is dequantised again
+    y.pow(2).sum().backward()
+    w_q = q.dequantize()
+    assert torch.allclose(x.grad, 2 * (x @ w_q.t()) @ w_q, atol=1e-5)

@@ -37,7 +37,7 @@ def test_lrc_mode_changes_only_the_lrc_factors(compressed_dir, tmp_path):
             assert torch.equal(before[k], after[k]), f"{k} changed"
 
 
-@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore", "qlrc", "qlora"])
 def test_each_mode_learns_a_memorisable_batch(compressed_dir, tokenizer, mode, tmp_path):
     cfg = FinetuneConfig(mode=mode, lr=1e-2, galore_rank=4, galore_update_gap=10)
     model, optim, _ = prepare_mode(load_compressed(compressed_dir).model, cfg)
@@ -80,7 +80,7 @@ def test_galore_scale_multiplies_the_step_of_the_projected_matrices_only(compres
                                    atol=1e-4 * step.abs().max().item())
 
 
-@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore", "qlrc", "qlora"])
 def test_each_mode_lowers_held_out_perplexity(compressed_dir, tmp_path, mode):
     res = finetune(compressed_dir, tmp_path / mode, FinetuneConfig(mode=mode, galore_rank=4, **FAST), progress=False)
     first, last = res.evals[0], res.evals[-1]
@@ -119,7 +119,7 @@ def test_lora_targets_select_the_adapted_linears(compressed_dir):
         prepare_mode(load_compressed(compressed_dir).model, FinetuneConfig(mode="lora", lora_targets="nothing"))
 
 
-@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore"])
+@pytest.mark.parametrize("mode", ["lrc", "full", "lora", "galore", "qlora"])
 def test_resume_reproduces_an_uninterrupted_run(compressed_dir, tmp_path, mode):
     cfg = dict(FAST, steps=10, save_every=3, mode=mode, galore_rank=4, galore_update_gap=4)
     full = finetune(compressed_dir, tmp_path / "a", FinetuneConfig(**cfg), progress=False)

@@ -191,6 +191,8 @@ class FinetuneConfig:
     # scale a step, so at 0.25 and the --lr every mode shares, GaLore took a quarter of the others' step
     galore_scale: float = field(default=1.0, metadata=_help(
         "GaLore's update scale: its projected matrices move lr x scale a step (1: the other modes' step)"))
+    frozen_bits: int = field(default=4, metadata=_help(
+        "with --train qlrc or qlora: bits of the frozen matrices, quantised at load by HQQ in groups of 64"))
     teacher: str | None = field(default=None, metadata=_help(
         "distil from this dense model (the flag alone: the base model recorded in welore.json)", nargs="?",
         const="base"))
@@ -225,8 +227,9 @@ class FinetuneConfig:
             raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}, or a text file")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise WeloreError(f"learning rate must be > 0, got {self.lr}")
+        check_quant_args(self.frozen_bits, 64, "hqq")
         check_positive(self, "steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
-                       "galore_rank", "galore_update_gap")
+                       "galore_rank", "galore_update_gap", "teacher_top_k")
         if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0 or self.val_examples < 0:
             raise WeloreError("warmup, eval_every, save_every and val_examples must be >= 0")
         if not (self.galore_scale > 0 and math.isfinite(self.galore_scale)):
@@ -246,8 +249,6 @@ class FinetuneConfig:
             raise WeloreError(f"kd temperature must be > 0, got {self.kd_temperature}")
         if self.teacher_cache is not None and self.teacher is None:
             raise WeloreError("--teacher-cache needs --teacher")
-        if self.teacher_top_k <= 0:
-            raise WeloreError(f"teacher top-k must be > 0, got {self.teacher_top_k}")
         if self.loss_chunk < 0:
             raise WeloreError(f"loss chunk must be >= 0, got {self.loss_chunk}")
         if self.seqlen < 8:
@@ -278,7 +279,7 @@ class FinetuneConfig:
         """The settings this run reads, i.e. what defines it (what a resumed run must match): to_dict()
         less another mode's settings, distillation's without a teacher, the other kind of data's, and
         those that change how memory is spent, not the steps (HOW_SETTINGS)."""
-        unread = {name for mode, cls in MODES.items() if mode != self.mode for name in cls.settings}
+        unread = {name for cls in MODES.values() for name in cls.settings} - set(get_mode(self.mode).settings)
         unread |= set(TEACHER_SETTINGS) if self.teacher is None else set()
         unread |= {"eval_examples", "val_examples"} if self.is_text else {"eval_tokens"}
         unread |= set(HOW_SETTINGS)

@@ -16,7 +16,7 @@ from .allocate import check_allocation_args
 from .config import FinetuneConfig, Selection, _help, check_positive
 from .errors import WeloreError
 from .generate import PROMPT
-from .modes import MODES
+from .modes import COMPARED
 
 
 @dataclass
@@ -193,7 +193,7 @@ class FinetuneJob(Runtime, Output):
 class CompareJob(Runtime, Output):
     """`welore compare` around `FinetuneConfig`: one run per mode."""
 
-    modes: list[str] = field(default_factory=lambda: list(MODES), metadata=_help(
+    modes: list[str] = field(default_factory=lambda: list(COMPARED), metadata=_help(
         "the modes to run (each in its own process)"))
     mode_lr: list[str] = field(default_factory=list, metadata=_help(
         "a mode's own learning rate instead of --lr, e.g. full=5e-5", metavar="MODE=LR"))

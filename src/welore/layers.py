@@ -160,7 +160,15 @@ class QuantLinear(nn.Module):
         return w.reshape(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.requires_grad and torch.is_grad_enabled() and not (bias is not None and bias.requires_grad):
+            # training through this frozen matrix: HQQ's no-cache matmul dequantises it again in the
+            # backward, where autograd would keep the full-precision weight alive until then
+            from hqq.core.quantize import HQQMatmulNoCacheDeq
+
+            y = HQQMatmulNoCacheDeq.apply(x, lambda: self.dequantize(x.dtype), bias)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype), bias)
         return y if not self.rank else y + (x @ self.lr_down.t().to(x.dtype)) @ self.lr_up.t().to(x.dtype)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:

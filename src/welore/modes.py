@@ -7,24 +7,39 @@ is one class and one registry line; `welore finetune --train NAME` picks one.
     lora    PEFT LoRA adapters on the block linears (the N-LRCs and both factors of each LRC)
     galore  every weight, with GaLore's projected Adam (Trainer's `optim="galore_adamw"`) on the
             block matrices whose smaller side exceeds its rank
+    qlrc    lrc over a quantised rest: the N-LRCs frozen at --frozen-bits (HQQ), the LRC factors
+            trained at full precision (QLoRA's shape with WeLore's split: no adapters, the
+            factors are what trains)
+    qlora   QLoRA: PEFT's LoRA adapters over every block linear quantised to --frozen-bits; saved as
+            Q + LR layers, the adapter the correction
+
+The quantised modes quantise at load with HQQ's half-quadratic fit in groups of FROZEN_GROUP (QLoRA's
+block size, and transformers' HqqConfig default), into welore's QuantLinear (HQQ's format; not HQQ's
+own HQQLinear, whose packing needs an even number of groups, which a factor of odd rank does not
+have), and dequantise again in the backward (HQQ's no-cache matmul) rather than keep a
+full-precision copy of a frozen matrix alive.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from .device import release_memory
 from .errors import WeloreError
 from .layers import LowRankLinear, QuantLinear, count_parameters
-from .targets import layer_of
+from .quantize import quantize_model, with_correction
+from .targets import find_targets, layer_of
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
 
 TRAINABLE = ("lrc", "full", "none")  # what `set_trainable` marks
+FROZEN_GROUP = 64
 
 
 def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -105,15 +120,28 @@ class Lora(Mode):
     settings = ("lora_rank", "lora_alpha", "lora_targets")
 
     def prepare(self, model, cfg):
-        from peft import LoraConfig, get_peft_model  # the training stack: imported where it is used
+        targets, rank = self.targets(model, cfg)
+        return self.wrap(model, cfg, targets, rank)
 
+    @staticmethod
+    def targets(model, cfg) -> tuple[list[str], int]:
         targets = block_linears(model, cfg.lora_targets)
         if not targets:
             raise WeloreError(f"no linear layer in the blocks matches --lora-targets {cfg.lora_targets!r}")
-        rank = cfg.lora_rank or matched_lora_rank(model, cfg.lora_targets)
+        return targets, cfg.lora_rank or matched_lora_rank(model, cfg.lora_targets)
+
+    @staticmethod
+    def wrap(model, cfg, targets: list[str], rank: int):
+        from peft import LoraConfig, get_peft_model  # the training stack: imported where it is used
+        from peft.tuners.lora.layer import Linear
+
         set_trainable(model, "none")
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank,
-                                                 target_modules=targets, lora_dropout=0.0))
+        config = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank, target_modules=targets, lora_dropout=0.0)
+        # PEFT's own LoRA layer over a quantised one (qlora): it adds B A x to whatever the base returns
+        config._register_custom_module({QuantLinear: Linear})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unsupported layer type")  # that one, QuantLinear
+            model = get_peft_model(model, config)
         return model, {"optim": "adamw_torch"}, {"lora_rank": rank, "lora_matrices": len(targets)}
 
     def finish(self, model):
@@ -141,7 +169,49 @@ class GaLore(Mode):
         return model, optim, {"galore_rank": cfg.galore_rank, "galore_matrices": len(projected)}
 
 
-MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Lrc, Full, Lora, GaLore)}
+class QLrc(Mode):
+    name = "qlrc"
+    settings = ("frozen_bits",)
+
+    def prepare(self, model, cfg):
+        lrcs = low_rank_modules(model)
+        if not lrcs:
+            raise WeloreError("the model has no low-rank components to train")
+        rest = {t.name: cfg.frozen_bits for t in find_targets(model)
+                if t.name not in lrcs and t.name.rpartition(".")[0] not in lrcs}
+        quantize_model(model, rest, FROZEN_GROUP, "hqq", progress=False)
+        release_memory()  # the full-precision N-LRCs, so that the process holds what it trains with
+        set_trainable(model, "lrc")
+        return model, {"optim": "adamw_torch"}, {"frozen_bits": cfg.frozen_bits, "frozen_matrices": len(rest)}
+
+
+class QLora(Lora):
+    name = "qlora"
+    settings = (*Lora.settings, "frozen_bits")
+
+    def prepare(self, model, cfg):
+        targets, rank = self.targets(model, cfg)  # the rank matched on the full-precision model
+        quantize_model(model, dict.fromkeys(block_linears(model), cfg.frozen_bits), FROZEN_GROUP, "hqq",
+                       progress=False)
+        release_memory()
+        model, optim, info = self.wrap(model, cfg, targets, rank)
+        return model, optim, {**info, "frozen_bits": cfg.frozen_bits}
+
+    def finish(self, model):
+        """Each adapted layer becomes a Q + LR QuantLinear whose fp16 correction is the adapter (B x
+        scaling, A): not merged into the low-bit weights, which would quantise it."""
+        from peft.tuners.lora import LoraLayer
+
+        adapters = {name: (m.lora_B["default"].weight * m.scaling["default"], m.lora_A["default"].weight)
+                    for name, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+        model = model.unload()
+        for name, (up, down) in adapters.items():
+            model.set_submodule(name, with_correction(model.get_submodule(name), up.detach(), down.detach()))
+        return model
+
+
+MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Lrc, Full, Lora, GaLore, QLrc, QLora)}
+COMPARED = ("lrc", "full", "lora", "galore")  # what `welore compare` runs by default
 
 
 def get_mode(name: str) -> Mode:

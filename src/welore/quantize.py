@@ -175,11 +175,18 @@ def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize
         q = QuantLinear.from_weight(w32 - correction, None, bits, group, optimize=optimize, kind=kind)
         up, down = low_rank_fit(w32 - q.dequantize(torch.float32), rank, scaling)
         correction = up @ down
-    layer = QuantLinear(w.shape[1], w.shape[0], bits, group, tuple(q.qweight.shape),
-                        str(q.qweight.dtype).removeprefix("torch."), bias=bias is not None, kind=kind,
-                        device=w.device, dtype=bias.dtype if bias is not None else w.dtype, rank=rank)
-    layer.load_state_dict({**q.state_dict(), "lr_up": up.half(), "lr_down": down.half(),
-                           **({"bias": bias} if bias is not None else {})})
+    return with_correction(q, up, down, bias)
+
+
+def with_correction(q: QuantLinear, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> QuantLinear:
+    """`q` (without a correction) with `up @ down` added as its fp16 low-rank correction: Q + LR."""
+    bias = q.bias if bias is None else bias
+    layer = QuantLinear(q.in_features, q.out_features, q.bits, q.group, tuple(q.qweight.shape),
+                        str(q.qweight.dtype).removeprefix("torch."), bias=bias is not None, kind=q.kind,
+                        device=q.qweight.device, dtype=bias.dtype if bias is not None else up.dtype, rank=up.shape[1])
+    layer.load_state_dict({"qweight": q.qweight, "scale": q.scale, "zero": q.zero, "lr_up": up.half(),
+                           "lr_down": down.half(), **({"bias": bias} if bias is not None else {})})
     return layer
 
 
