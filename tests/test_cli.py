@@ -96,7 +96,7 @@ def _assert_clean_error(code, err, needle):
     (["compress", "MODEL", "--threshold", "1.2"], "threshold must be in [0, 1]"),
     (["compress", "MODEL", "--threshold", "-0.1"], "threshold must be in [0, 1]"),
     (["compress", "MODEL", "--ratio", "0.3", "--param-ratio", "0.2"], "give one of --ratio, --param-ratio"),
-    (["compress", "MODEL", "--calib-seqlen", "0", "--method", "whiten"], "calibration seqlen must be > 0"),
+    (["compress", "MODEL", "--calib-seqlen", "0", "--method", "whiten"], "calib seqlen must be > 0"),
     (["compress", "MODEL", "--min-ratio", "2"], "min_ratio"),
     (["compress", "MODEL", "--targets", "nothing-matches", "--no-eval"], "no linear target"),
     (["analyze", "MODEL", "--targets", "("], "bad targets regex"),

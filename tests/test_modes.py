@@ -6,6 +6,7 @@ import torch
 from welore import FinetuneConfig, WeloreError, apply_plan, load_compressed, plan_model, set_trainable
 from welore.layers import LowRankLinear, QuantLinear
 from welore.modes import FROZEN_GROUP, MODES, Mode, get_mode, prepare_mode
+from welore.quantize import quantize_weight
 from welore.train import finetune
 
 
@@ -83,7 +84,7 @@ def test_qlora_is_peft_lora_over_a_quantised_model_saved_as_q_plus_lr(compressed
 
 def test_a_frozen_quantised_matrix_keeps_no_full_precision_copy_for_the_backward():
     w = torch.randn(96, 64)
-    q = QuantLinear.from_weight(w, None, 4, 64)
+    q = quantize_weight(w, None, 4, 64)
     x = torch.randn(3, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):

@@ -15,17 +15,17 @@ from test_io import BLOCK_WELORE, _logits
 from welore import CompressConfig, WeloreError, load_compressed, merge_to_dense, save_compressed, save_dense
 from welore.compress import compress
 from welore.io import unique_state_dict
-from welore.layers import QuantLinear, count_parameters
+from welore.layers import QuantLinear
 from welore.modes import set_trainable
-from welore.quantize import BITS, attach_choices, group_for, quantize_model
-from welore.targets import find_targets, layer_of, weight_matrix
+from welore.quantize import BITS, attach_choices, group_for, quantize_model, quantize_weight
+from welore.targets import count_parameters, find_targets, layer_of, weight_matrix
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", [(64, 96), (37, 53)])
 def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(bits))
-    q = QuantLinear.from_weight(w, None, bits, 32)
+    q = quantize_weight(w, None, bits, 32)
     back = q.dequantize()
     # the reference: groups of 32 consecutive weights (row-major), min/max asymmetric rounding
     flat = torch.cat([w.reshape(-1), w.reshape(-1)[-1:].expand(-w.numel() % 32)]).view(-1, 32)
@@ -39,8 +39,8 @@ def test_round_to_nearest_is_within_half_a_step_of_every_weight(bits, shape):
 
 def test_hqq_fits_at_least_as_well_as_rounding_in_its_own_norm():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
-    rtn = QuantLinear.from_weight(w, None, 3, 64).dequantize()
-    hqq = QuantLinear.from_weight(w, None, 3, 64, optimize=True).dequantize()
+    rtn = quantize_weight(w, None, 3, 64).dequantize()
+    hqq = quantize_weight(w, None, 3, 64, optimize=True).dequantize()
     assert not torch.equal(rtn, hqq)
     # HQQ minimises an l_p (p = 0.7) error of each group; it never does worse there than rounding
     assert (hqq - w).abs().pow(0.7).sum() <= (rtn - w).abs().pow(0.7).sum() * 1.001
@@ -160,7 +160,7 @@ def test_storage_choices_measure_what_each_choice_stores_and_loses():
     assert sorted(c["bits"][dense]) == [*BITS, 32] and c["err"][dense & (c["bits"] == 32)] == 0
     errs = [c["err"][dense & (c["bits"] == b)][0] for b in BITS]
     assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3  # more bits, less error
-    q = QuantLinear.from_weight(weight_matrix(model.get_submodule(t.name)), None, 4, group_for(n, 32))
+    q = quantize_weight(weight_matrix(model.get_submodule(t.name)), None, 4, group_for(n, 32))
     assert c["nbytes"][dense & (c["bits"] == 4)][0] == sum(b.numel() * b.element_size() for b in q.buffers())
     low = ~dense
     assert low.any() and (c["rank"][low] * (m + n) < m * n).all()
@@ -240,7 +240,7 @@ def test_q_plus_lr_corrects_what_the_quantiser_loses(whitened):
         d = w - approx
         return float((x @ d.T).norm() if whitened else d.norm())
 
-    plain = error(QuantLinear.from_weight(w, None, 2, 32).dequantize())
+    plain = error(quantize_weight(w, None, 2, 32).dequantize())
     errs = [error(fit_q_plus_lr(w, 2, 32, k, scaling=scaling).dense()) for k in (4, 8, 16)]
     assert errs[1] < 0.2 * plain and errs == sorted(errs, reverse=True)  # rank 8: the planted directions
     q = fit_q_plus_lr(w, 2, 32, 8, scaling=scaling, bias=torch.zeros(96))

@@ -13,12 +13,12 @@ from .evaluate import perplexity, task_accuracy
 from .factorize import analyze_data_aware, attach_loss_tails
 from .io import load_compressed, save_compressed, save_dense
 from .jobs import AnalyzeConfig, CompressJob, GradientsConfig
-from .layers import LowRankLinear, count_parameters
+from .layers import LowRankLinear
 from .models import load_model, pick_device
 from .modes import set_trainable
 from .pipeline import run_analyze, run_compress
 from .spectrum import Spectra, analyze
-from .targets import Target, find_targets
+from .targets import Target, count_parameters, find_targets
 
 # peft (imported by transformers.Trainer) imports bitsandbytes, which logs a notice about its CPU
 # kernels at import; welore never uses bitsandbytes, so in a welore run that notice is noise

@@ -20,7 +20,7 @@ from .config import CompressConfig
 from .evaluate import perplexity
 from .generate import continuation
 from .jobs import CompressJob
-from .layers import count_parameters
+from .targets import count_parameters
 from .quantize import BITS, bits_report, quantize_model
 
 Row = Callable[[str, RankPlan | None, nn.Module, float], dict]

@@ -121,6 +121,8 @@ def cmd_compress(a) -> int:
     given = [f"--{k.replace('_', '-')}" for k in ("ratio", "param_ratio", "threshold") if getattr(a, k) is not None]
     if len(given) > 1:
         raise WeloreError(f"give one of --ratio, --param-ratio, --threshold, not {' and '.join(given)}")
+    if a.budgets and given:
+        raise WeloreError(f"--budgets names every reduction (in --target's units): drop {given[0]}")
     if a.param_ratio is not None:
         a.ratio, a.target = a.param_ratio, "params"
     a.ratio = 0.5 if a.ratio is None else a.ratio
@@ -148,9 +150,10 @@ def cmd_evaluate(a) -> int:
     job = from_namespace(EvaluateJob, a)
     for corpus in job.corpus:  # a missing or unknown corpus fails before the model loads
         corpus_info(corpus, job.text_field)
-    if job.stream and (job.dtype != "auto" or a.model is None):
-        raise WeloreError("--stream evaluates a model directory (name one) in its own dtype (no --dtype)")
-    loaded = None if job.stream else load_model(a.model, device=job.device, dtype=job.dtype)
+    if job.stream and (job.dtype != "auto" or a.model is None or job.budget is not None):
+        raise WeloreError("--stream evaluates a model directory (name one) in its own dtype and budget (no --dtype, "
+                          "--budget)")
+    loaded = None if job.stream else load_model(a.model, device=job.device, dtype=job.dtype, budget=job.budget)
     rows = []
     for corpus in job.corpus:
         kw = dict(seqlen=job.seqlen, max_tokens=job.max_tokens, text_field=job.text_field, progress=job.progress)
@@ -174,7 +177,8 @@ def cmd_generate(a) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise WeloreError("the prompt is empty")
-    loaded = load_model(None if a.model == "default" else a.model, device=job.device, dtype=job.dtype)
+    loaded = load_model(None if a.model == "default" else a.model, device=job.device, dtype=job.dtype,
+                        budget=job.budget)
     chat = not job.raw and has_chat_template(loaded.tokenizer)
     generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=job.max_new_tokens, chat=chat,
              temperature=job.temperature, seed=job.seed, stream=True)
@@ -185,7 +189,7 @@ def cmd_merge(a) -> int:
     job = from_namespace(MergeJob, a)
     if not Path(a.model).is_dir():
         raise WeloreError(f"no such directory: {a.model}")
-    loaded = load_compressed(a.model, device=job.device, dtype=parse_dtype(job.dtype))
+    loaded = load_compressed(a.model, device=job.device, dtype=parse_dtype(job.dtype), budget=job.budget)
     save_dense(merge_to_dense(loaded.model), a.output, tokenizer=loaded.tokenizer, overwrite=job.overwrite)
     print(f"wrote dense model to {a.output}/ (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -196,7 +200,7 @@ def cmd_finetune(a) -> int:
 
     job = from_namespace(FinetuneJob, a)
     res = finetune(a.model, job.output, from_namespace(FinetuneConfig, a), resume=job.resume,
-                   overwrite=job.overwrite, device=job.device, progress=job.progress)
+                   overwrite=job.overwrite, device=job.device, progress=job.progress, budget=job.budget)
     print(text_table(res.evals))
     m = res.metrics
     print(f"trainable {m['trainable_params']:,} / {m['total_params']:,}; {m['tokens_per_s']:.0f} tokens/s; "
@@ -212,7 +216,7 @@ def cmd_compare(a) -> int:
 
     job = from_namespace(CompareJob, a)
     rows = compare(a.model, job.output, from_namespace(FinetuneConfig, a), job.modes, lrs=job.lrs,
-                   overwrite=job.overwrite, device=job.device, progress=job.progress)
+                   overwrite=job.overwrite, device=job.device, progress=job.progress, budget=job.budget)
     print(text_table(rows))
     print(f"wrote {job.output}/ (compare.md, compare.json, compare.png, one directory per mode)")
     return 0

@@ -20,12 +20,12 @@ from .report import finetune_row, markdown_table, plot_loss_curves
 from .train import finetune
 
 
-def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress: bool) -> None:
+def _finetune_in_child(model_dir, output, cfg: FinetuneConfig, device, progress: bool, budget=None) -> None:
     """compare's worker: a fresh process per mode, so each mode's peak memory is its own."""
     logging.basicConfig(level=logging.WARNING, format="welore: %(message)s")  # as the CLI does
     set_enabled(progress)
     try:
-        finetune(model_dir, output, cfg, device=device, progress=progress)
+        finetune(model_dir, output, cfg, device=device, progress=progress, budget=budget)
     except WeloreError as e:
         print(f"welore: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,10 +48,10 @@ def mode_configs(cfg: FinetuneConfig, modes=tuple(MODES), lrs: dict[str, float] 
 
 def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, modes=tuple(MODES), *,
             lrs: dict[str, float] | None = None, overwrite: bool = False, device=None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, budget: float | None = None) -> list[dict]:
     """Fine-tune `model_dir` once per mode on the same data, steps and seed, each in a fresh process
     (so peak memory is each mode's own), and write one table and one plot side by side. `lrs`: a
-    learning rate per mode, for the modes that should not train at `cfg.lr`."""
+    learning rate per mode, for the modes that should not train at `cfg.lr`; `budget`: of an elastic directory."""
     cfgs = mode_configs(cfg, modes, lrs)
     read_meta(Path(model_dir))
     rows, logs = [], {}
@@ -59,7 +59,7 @@ def compare(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, mode
     with atomic_dir(output, overwrite) as tmp:
         for mode in modes:
             child = spawn.Process(target=_finetune_in_child,
-                                  args=(str(model_dir), str(tmp / mode), cfgs[mode], device, progress))
+                                  args=(str(model_dir), str(tmp / mode), cfgs[mode], device, progress, budget))
             child.start()
             child.join()
             if child.exitcode != 0:

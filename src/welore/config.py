@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .allocate import RULES, check_allocation_args
 from .allocate.rule import Rule
 from .data import check_training_text, is_text_file
+from .elastic import check_elastic, parse_budgets
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
 from .modes import MODES, get_mode
@@ -64,6 +65,8 @@ class CompressConfig(Selection):
     ratio: float | None = field(default=0.5, metadata=_help("the reduction to hit (default 0.5): effective rank "
                                                              "(with --target params: parameters of the targets)"))
     target: str = field(default="rank", metadata=_help("what --ratio reduces", choices=("rank", "params")))
+    budgets: list[str] | None = field(default=None, metadata=_help(
+        "one elastic directory for several reductions in --target's units, e.g. 0.1,0.2,0.3 (load with --budget)"))
     allocation: str = field(default="welore", metadata=_help(
         "rank allocation rule: welore (data-free, the paper), uniform, or loss (minimises a calibrated estimate "
         "of the loss increase)", choices=RULES.keys()))  # a live view: rules registered later are choices too
@@ -101,6 +104,9 @@ class CompressConfig(Selection):
         if self.bits_per_weight is not None or self.allocation == "bits":  # the bits rule, searched for B
             check_budget(self.bits_per_weight, bits=self.bits, allocation=self.allocation, threshold=self.threshold)
             self.allocation, self.target, self.ratio = "bits", "bits", self.bits_per_weight
+        if self.budgets is not None:  # the first (least-compressed) is the model written; the others, plans
+            self.budgets, self.ratio = parse_budgets(self.budgets), parse_budgets(self.budgets)[0]
+            check_elastic(self)
         if self.min_ratio is None:
             self.min_ratio = RULES[self.allocation].default_min_ratio if self.allocation in RULES else 0.5
         check_allocation_args(ratio=self.ratio, target=self.target, allocation=self.allocation,
@@ -112,8 +118,7 @@ class CompressConfig(Selection):
             what = self.method if self.factorizer.needs_stats else (
                 f"the {self.allocation} allocation" if self.rule.needs_tails else "refit")
             raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
-        if self.calib_seqlen <= 0:
-            raise WeloreError(f"calibration seqlen must be > 0, got {self.calib_seqlen}")
+        check_positive(self, "calib_seqlen")
         if not (isinstance(self.calib_passes, int) and self.calib_passes >= 1):
             raise WeloreError(f"calibration passes must be a positive integer, got {self.calib_passes}")
         if self.calib_passes > 1 and not self.calibrated:
@@ -187,8 +192,7 @@ class FinetuneConfig:
         metavar="REGEX"))
     galore_rank: int = field(default=64, metadata=_help("rank of GaLore's gradient projection"))
     galore_update_gap: int = field(default=50, metadata=_help("steps between GaLore projection updates"))
-    # 1, not GaLore's pretraining 0.25 (which it paired with lr 1e-2): a projected matrix moves by lr x
-    # scale a step, so at 0.25 and the --lr every mode shares, GaLore took a quarter of the others' step
+    # 1, not GaLore's pretraining 0.25 (paired there with lr 1e-2): at 0.25 and the shared --lr, a quarter step
     galore_scale: float = field(default=1.0, metadata=_help(
         "GaLore's update scale: its projected matrices move lr x scale a step (1: the other modes' step)"))
     frozen_bits: int = field(default=4, metadata=_help(
@@ -225,15 +229,15 @@ class FinetuneConfig:
             check_training_text(self.data)
         elif self.data not in DATA:
             raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}, or a text file")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise WeloreError(f"learning rate must be > 0, got {self.lr}")
+        for name, value in (("learning rate", self.lr), ("galore scale", self.galore_scale),
+                            ("kd temperature", self.kd_temperature)):
+            if not (value > 0 and math.isfinite(value)):
+                raise WeloreError(f"{name} must be > 0, got {value}")
         check_quant_args(self.frozen_bits, 64, "hqq")
         check_positive(self, "steps", "batch_size", "grad_accum", "seqlen", "eval_tokens", "eval_examples",
                        "galore_rank", "galore_update_gap", "teacher_top_k")
         if self.warmup < 0 or self.eval_every < 0 or self.save_every < 0 or self.val_examples < 0:
             raise WeloreError("warmup, eval_every, save_every and val_examples must be >= 0")
-        if not (self.galore_scale > 0 and math.isfinite(self.galore_scale)):
-            raise WeloreError(f"galore scale must be > 0, got {self.galore_scale}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise WeloreError("weight decay and max grad norm must be >= 0")
         if self.lora_targets is not None:  # like --lora-rank, read by the lora mode only (compare runs several)
@@ -245,8 +249,6 @@ class FinetuneConfig:
             raise WeloreError(f"lora rank must be > 0, got {self.lora_rank}")
         if not 0 <= self.kd_weight <= 1:
             raise WeloreError(f"kd weight must be in [0, 1], got {self.kd_weight}")
-        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
-            raise WeloreError(f"kd temperature must be > 0, got {self.kd_temperature}")
         if self.teacher_cache is not None and self.teacher is None:
             raise WeloreError("--teacher-cache needs --teacher")
         if self.loss_chunk < 0:
@@ -261,13 +263,11 @@ class FinetuneConfig:
 
     @classmethod
     def recovery(cls, steps: int = 500, **overrides) -> FinetuneConfig:
-        """The recovery recipe after compression, from benchmarks/recovery.py: only the LRC factors
-        train, with the LM loss on 2 x 128-token batches of C4 train, lr 3e-4 (its sweep) with 10
-        warmup steps, five evaluations and the keep-the-best guard. The LM loss, not distillation:
-        on the 30% calibrated model it recovered as well as half distillation (WikiText-2 101.7 vs
-        100.3, C4 31.8 vs 31.6) and better than distillation alone (103.3, 34.9) in about half the
-        time (no teacher); on the 50% plain-SVD model it beat distillation 2x. 500 steps of the 135M
-        default take ~12 min on 2 CPU cores. Pass teacher="base" (and kd_weight) to distil instead."""
+        """The recovery recipe (benchmarks/recovery.py): LRC-only, the LM loss on 2 x 128-token C4 batches, lr
+        3e-4 (its sweep), 10 warmup steps, five evaluations, keep-the-best. The LM loss, not distillation: on the
+        30% calibrated model as good as half distillation (WikiText-2 101.7 vs 100.3, C4 31.8 vs 31.6), better
+        than distillation alone (103.3, 34.9) in half the time; 2x better on the 50% SVD model. ~12 min for 500
+        steps of the default on 2 cores. teacher="base" (and kd_weight) distils instead."""
         return cls(**{"mode": "lrc", "lr": 3e-4, "warmup": 10, "batch_size": 2, "seqlen": 128, "steps": steps,
                       "eval_every": max(1, steps // 5), **overrides})
 

@@ -35,13 +35,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from . import layers
+from . import elastic, layers
 from ._version import __version__
 from .allocate import RankPlan
 from .device import pick_device
 from .errors import WeloreError
 from .files import atomic_dir
-from .layers import column_major, low_rank_specs, quant_specs, swap_in_low_rank, swap_in_quant
+from .layers import LowRankLinear, QuantLinear, apply_budget, column_major, swap_in_low_rank, swap_in_quant
 from .quantize import bits_report
 from .shards import ShardReader
 
@@ -84,18 +84,23 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_compressed(model: nn.Module, out_dir: str | Path, plan: RankPlan, *, tokenizer=None,
                     base_model: str | None = None, settings: dict | None = None, overwrite: bool = False,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write `model` (compressed by `plan`) as a self-describing directory; `extra(tmpdir)` may add files."""
+                    extra: Callable[[Path], None] | None = None, budgets: dict[str, RankPlan] | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (compressed by `plan`) as a self-describing directory; `extra(tmpdir)` may add files.
+    An elastic one (welore.elastic): `budgets` {budget: plan}, the first `plan`'s, and `tensors`, the
+    factors stored beside dense matrices."""
     with atomic_dir(out_dir, overwrite) as tmp:
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "welore": FORMAT})
-        write_metadata(model, tmp, plan, tokenizer=tokenizer, base_model=base_model, settings=settings)
+        save_file({**unique_state_dict(model), **(tensors or {})}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "welore": FORMAT})
+        write_metadata(model, tmp, plan, tokenizer=tokenizer, base_model=base_model, settings=settings,
+                       budgets=budgets)
         if extra is not None:
             extra(tmp)
     return Path(out_dir)
 
 
 def write_metadata(model: nn.Module, out: Path, plan: RankPlan, *, tokenizer=None, base_model: str | None = None,
-                   settings: dict | None = None) -> None:
+                   settings: dict | None = None, budgets: dict[str, RankPlan] | None = None) -> None:
     """Everything of a compressed directory but its weights: welore.json, config.json + modeling file,
     generation config, tokenizer. `model` may be a meta-device skeleton (streaming compression)."""
     meta = {
@@ -110,7 +115,9 @@ def write_metadata(model: nn.Module, out: Path, plan: RankPlan, *, tokenizer=Non
     }
     if quant_specs(model):  # the bits actually stored, per matrix and in all
         meta["quantization"] = bits_report(model)
-    _save_config_and_modeling(model, out)
+    if budgets:  # the first is the model stored, and what loads without a budget
+        meta["budgets"] = {"default": next(iter(budgets)), "plans": {k: p.to_dict() for k, p in budgets.items()}}
+    _save_config_and_modeling(model, out, budgets)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -122,11 +129,17 @@ def write_metadata(model: nn.Module, out: Path, plan: RankPlan, *, tokenizer=Non
         tokenizer.save_pretrained(out)
 
 
-def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
+def _save_config_and_modeling(model: nn.Module, out: Path, budgets: dict[str, RankPlan] | None = None) -> None:
     """config.json with the low-rank layers' shapes and an auto_map to a copy of welore's layers.py,
-    so that stock transformers (trust_remote_code=True) loads the directory without welore."""
+    so that stock transformers (trust_remote_code=True) loads the directory without welore; an
+    elastic one's with every budget's ranks (`welore_budgets`) and the budget stored (`welore_budget`)."""
     config = copy.deepcopy(model.config)
     specs, quant = low_rank_specs(model), quant_specs(model)
+    if budgets:
+        config.welore_budgets, config.welore_budget = elastic.config_entry(budgets), next(iter(budgets))
+    else:  # a model loaded from an elastic directory at one budget is saved as that one model
+        for k in ("welore_budgets", "welore_budget"):
+            config.__dict__.pop(k, None)
     base = next((c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c), None)
     if quant:
         config.welore_quant = quant
@@ -142,6 +155,18 @@ def _save_config_and_modeling(model: nn.Module, out: Path) -> None:
         logging.getLogger(__name__).warning("%s is not a transformers class: the output loads with welore only",
                                             type(model).__name__)
     config.save_pretrained(out)
+
+
+def quant_specs(model: nn.Module) -> dict[str, dict]:
+    """The `welore_quant` entry of a quantised model's config.json."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def low_rank_specs(model: nn.Module) -> dict[str, dict]:
+    """The `welore_lrcs` entry of a compressed model's config.json: every LowRankLinear's shape."""
+    return {name: {"in": m.in_features, "out": m.out_features, "rank": m.rank, "bias": m.up.bias is not None,
+                   "kind": m.kind}
+            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -179,16 +204,21 @@ def build_skeleton(config, plan: RankPlan | None = None, dtype: torch.dtype | No
 
 
 def load_compressed(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    tokenizer: bool = True) -> LoadedModel:
-    """Load a directory written by `save_compressed` (see module docstring). Returns a LoadedModel."""
+                    tokenizer: bool = True, budget: float | None = None) -> LoadedModel:
+    """Load a directory written by `save_compressed` (see module docstring), at `budget` when it is an
+    elastic one (welore.elastic; default: the budget stored). Returns a LoadedModel."""
     path = Path(path)
     meta = read_meta(path)
     plan = RankPlan.from_dict(meta.get("plan", {}))
+    budgets = meta.get("budgets", {}).get("plans", {})
+    if budget is not None and elastic.key(budget) not in budgets:
+        have = f"it has {', '.join(budgets)}" if budgets else "it is not elastic (compress with --budgets)"
+        raise WeloreError(f"{path} has no budget {elastic.key(budget)}: {have}")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise WeloreError(f"{path}: cannot read config.json: {e}") from e
-    state = ShardReader(path).all()  # one file, or the shards a streaming compression wrote
+    state, extra = elastic.split_extra(ShardReader(path).all())  # one file, or a streaming compression's shards
 
     model = build_skeleton(config, plan)
     expected = model.state_dict()
@@ -207,6 +237,10 @@ def load_compressed(path: str | Path, device: str | torch.device | None = None, 
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise WeloreError(f"{path} does not match its rank plan: missing tensor {missing[0]}")
+    if budget is not None and elastic.key(budget) != meta["budgets"]["default"]:
+        meta = {**meta, "plan": budgets[elastic.key(budget)], "budgets": {**meta["budgets"], "loaded": elastic.key(budget)}}
+        apply_budget(model, {m.name: m.alloc_rank for m in RankPlan.from_dict(meta["plan"]).lrcs}, extra)
+        model.config.welore_budget = elastic.key(budget)
     model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
     tok = read_tokenizer(path) if tokenizer else None  # none: fine for everything but evaluation
     return LoadedModel(model, tok, str(path), path.name, meta)

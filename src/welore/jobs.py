@@ -145,7 +145,13 @@ class GradientsConfig(Selection, Loading, Output):
 
 
 @dataclass
-class EvaluateJob(Loading):
+class Budget:
+    budget: float | None = field(default=None, metadata=_help(
+        "of an elastic directory (compressed with --budgets): the budget to load (default: its first)"))
+
+
+@dataclass
+class EvaluateJob(Loading, Budget):
     corpus: list[str] = field(default_factory=lambda: ["wikitext2"], metadata=_help(
         "wikitext2, c4, or a .txt / .jsonl / .json / .parquet file (default: wikitext2)", metavar="CORPUS"))
     text_field: str = field(default="text", metadata=_help("the field holding the text in .jsonl/.json/.parquet files"))
@@ -161,7 +167,7 @@ class EvaluateJob(Loading):
 
 
 @dataclass
-class GenerateJob(Loading):
+class GenerateJob(Loading, Budget):
     raw: bool = field(default=False, metadata=_help("continue the text as it is, without the chat template"))
     max_new_tokens: int = field(default=128, metadata=_help("tokens to generate"))
     temperature: float = field(default=0.0, metadata=_help("0 (default): greedy"))
@@ -174,12 +180,12 @@ class GenerateJob(Loading):
 
 
 @dataclass
-class MergeJob(Loading, Overwrite):
+class MergeJob(Loading, Overwrite, Budget):
     """`welore merge MODEL OUTPUT`."""
 
 
 @dataclass
-class FinetuneJob(Runtime, Output):
+class FinetuneJob(Runtime, Output, Budget):
     """`welore finetune` around `FinetuneConfig`."""
 
     resume: bool = field(default=False, metadata=_help("continue from OUTPUT.ckpt/"))
@@ -190,7 +196,7 @@ class FinetuneJob(Runtime, Output):
 
 
 @dataclass
-class CompareJob(Runtime, Output):
+class CompareJob(Runtime, Output, Budget):
     """`welore compare` around `FinetuneConfig`: one run per mode."""
 
     modes: list[str] = field(default_factory=lambda: list(COMPARED), metadata=_help(

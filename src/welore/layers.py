@@ -88,6 +88,21 @@ class LowRankLinear(nn.Module):
                 layer.up.bias.copy_(bias)
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
+                     kind: str = "linear") -> LowRankLinear:
+        layer = cls(down.shape[1], up.shape[0], down.shape[0], bias=bias is not None, kind=kind, device=down.device,
+                    dtype=down.dtype)
+        for t, v in ((layer.down.weight, down), (layer.up.weight, up), (layer.up.bias, bias)):
+            if v is not None:
+                t.copy_(v)
+        return layer
+
+    def prefix(self, rank: int) -> LowRankLinear:
+        """The leading `rank` components: where plans nest, the LRC a compression at a smaller budget makes."""
+        return LowRankLinear.from_factors(self.down.weight[:rank], self.up.weight[:, :rank], self.up.bias, self.kind)
+
     def weight(self) -> torch.Tensor:
         """The dense (out x in) matrix the factors represent."""
         return dense_weight(self.up) @ dense_weight(self.down)
@@ -121,31 +136,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("lr_down", torch.zeros(rank, in_features, dtype=torch.float16, device=device))
             self.register_buffer("lr_up", torch.zeros(out_features, rank, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-
-    @classmethod
-    @torch.no_grad()
-    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int,
-                    optimize: bool = False, kind: str = "linear") -> QuantLinear:
-        """Quantise `w` (out x in): round to nearest (optimize=False) or HQQ's half-quadratic fit of
-        scale and zero to the weights (optimize=True); no data either way."""
-        from hqq.core.quantize import Quantizer
-
-        out_features, in_features = w.shape
-        flat = w.detach().float().reshape(-1)
-        groups = qgroups(flat.numel(), group)
-        # padded with the last weight so no group's range grows; the padding is cut off on the way back
-        flat = torch.cat([flat, flat[-1:].expand(groups * group - flat.numel())]).view(groups, group)
-        q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=optimize, axis=1,
-                                     device=str(w.device), compute_dtype=torch.float32)
-        layer = cls(in_features, out_features, bits, group, tuple(q.shape), str(q.dtype).removeprefix("torch."),
-                    bias=bias is not None, kind=kind, device=w.device,
-                    dtype=bias.dtype if bias is not None else w.dtype)
-        layer.qweight.copy_(q)
-        layer.scale.copy_(meta["scale"].reshape(groups, 1))
-        layer.zero.copy_(meta["zero"].reshape(groups, 1))
-        if bias is not None:
-            layer.bias.copy_(bias)
-        return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out x in) weight in `dtype` (default: the bias's, else float32)."""
@@ -236,11 +226,6 @@ def _placement(model: nn.Module, name: str) -> dict:
     return {"device": w.device, "dtype": w.dtype} if w is not None else {"device": None, "dtype": None}
 
 
-def quant_specs(model: nn.Module) -> dict[str, dict]:
-    """The `welore_quant` entry of a quantised model's config.json."""
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
 def swap_in_low_rank(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     """Replace each module named in `specs` ({name: {"in", "out", "rank", "bias", "kind"}}) by an
     empty LowRankLinear of that rank, on the replaced module's device and dtype (meta stays meta)."""
@@ -250,11 +235,17 @@ def swap_in_low_rank(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     return model
 
 
-def low_rank_specs(model: nn.Module) -> dict[str, dict]:
-    """The `welore_lrcs` entry of a compressed model's config.json: every LowRankLinear's shape."""
-    return {name: {"in": m.in_features, "out": m.out_features, "rank": m.rank, "bias": m.up.bias is not None,
-                   "kind": m.kind}
-            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def apply_budget(model: nn.Module, ranks: dict[str, int], extra: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                 ) -> nn.Module:
+    """An elastic checkpoint's model, loaded at its least-compressed budget, cut to another: `ranks` names
+    every LRC there. An LRC keeps a prefix of its factors; a matrix dense at the loaded budget takes
+    its factors from `extra` {name: (down, up)}, stored beside it."""
+    for name, k in ranks.items():
+        m = model.get_submodule(name)
+        if not isinstance(m, LowRankLinear):
+            m = LowRankLinear.from_factors(*extra[name], m.bias, "conv1d" if isinstance(m, Conv1D) else "linear")
+        model.set_submodule(name, m.prefix(k))
+    return model
 
 
 def column_major(model: nn.Module) -> nn.Module:
@@ -276,9 +267,27 @@ def low_rank_causal_lm(base: type) -> type:
             swap_in_low_rank(self, getattr(config, "welore_lrcs", None) or {})
             swap_in_quant(self, getattr(config, "welore_quant", None) or {})  # after: factors may be quantised
 
+        _keys_to_ignore_on_load_unexpected = [r"\.elastic\.(down|up)\.weight$"]  # factors for other budgets
+
         @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            return column_major(super().from_pretrained(*args, **kwargs))
+        def from_pretrained(cls, path, *args, welore_budget: float | None = None, **kwargs):
+            model = column_major(super().from_pretrained(path, *args, **kwargs))
+            budgets = getattr(model.config, "welore_budgets", None) or {}  # the first: the model stored
+            # AutoModelForCausalLM hands welore_budget= to the config, whose attribute it is
+            budget = welore_budget if welore_budget is not None else getattr(model.config, "welore_budget", None)
+            if budget is None or f"{float(budget):g}" == next(iter(budgets), None):
+                return model
+            if f"{float(budget):g}" not in budgets:
+                raise ValueError(f"budget {float(budget):g} is not in this checkpoint; it has {', '.join(budgets) or 'one'}")
+            welore_budget = float(budget)
+            from safetensors import safe_open
+            from transformers.utils import cached_file
+
+            with safe_open(cached_file(path, "model.safetensors"), "pt") as f:
+                extra = {n: tuple(f.get_tensor(f"{n}.elastic.{p}.weight") for p in ("down", "up"))
+                         for n in budgets[f"{welore_budget:g}"] if f"{n}.elastic.down.weight" in f.keys()}
+            model.config.welore_budget = f"{welore_budget:g}"
+            return apply_budget(model, budgets[model.config.welore_budget], extra)
 
     return WeloreForCausalLM
 
@@ -287,14 +296,3 @@ def low_rank_causal_lm(base: type) -> type:
 BASE_CLASS = None
 if BASE_CLASS is not None:
     WeloreForCausalLM = low_rank_causal_lm(getattr(transformers, BASE_CLASS))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once); a QuantLinear's weights count too (they are
-    stored as buffers of packed integers)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen or p.device.type == "meta":
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))

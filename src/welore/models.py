@@ -50,13 +50,17 @@ def default_model_path() -> Path:
 
 
 def load_model(source: str | os.PathLike | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, tokenizer: bool = True) -> LoadedModel:
-    """Load a causal LM (+ tokenizer) from `source` onto `device`, in eval mode.
+               dtype: str | torch.dtype | None = None, tokenizer: bool = True, budget: float | None = None) -> LoadedModel:
+    """Load a causal LM (+ tokenizer) from `source` onto `device`, in eval mode; `budget`: the one to
+    load from an elastic welore directory (welore.elastic).
 
     Raises WeloreError with a one-line message for anything that is not a loadable model.
     """
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype)
+    path = Path(source).expanduser() if source is not None else None
+    if budget is not None and not (path is not None and path.is_dir() and (path / "welore.json").is_file()):
+        raise WeloreError(f"--budget picks a budget of an elastic welore directory; {source or 'the default'} is not one")
     if source is None:
         path = default_model_path()
         return _load_gguf(path, dev, torch_dtype, tokenizer, name=DEFAULT_MODEL_NAME)
@@ -70,7 +74,7 @@ def load_model(source: str | os.PathLike | None = None, device: str | torch.devi
             raise WeloreError(f"{path} needs a config.json beside it to say what architecture it is")
         path = path.parent
     if path.is_dir() and (path / "welore.json").is_file():
-        return load_compressed(path, device=dev, dtype=torch_dtype, tokenizer=tokenizer)
+        return load_compressed(path, device=dev, dtype=torch_dtype, tokenizer=tokenizer, budget=budget)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WeloreError(f"{path} is not a model directory (no config.json)")

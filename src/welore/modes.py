@@ -31,9 +31,9 @@ from torch import nn
 
 from .device import release_memory
 from .errors import WeloreError
-from .layers import LowRankLinear, QuantLinear, count_parameters
+from .layers import LowRankLinear, QuantLinear
 from .quantize import quantize_model, with_correction
-from .targets import find_targets, layer_of
+from .targets import count_parameters, find_targets, layer_of
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from . import elastic
 from .allocate import RankPlan, allocate
 from .baselines import comparison_rows, row_maker
 from .blockwise import perplexity_streaming
@@ -27,7 +28,7 @@ from .config import CompressConfig
 from .device import process_memory
 from .errors import WeloreError
 from .files import atomic_dir, atomic_file, check_output
-from .io import read_tokenizer, save_compressed
+from .io import load_compressed, read_tokenizer, save_compressed
 from .jobs import AnalyzeConfig, CompressJob
 from .models import load_model
 from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
@@ -87,10 +88,11 @@ def streams(source, cfg: CompressConfig, job: CompressJob) -> tuple[bool, str]:
     cache, another dtype, a recovery), and anything streams that would not fit in the memory
     available. Streamed, the dense and compressed models are evaluated block by block; the uniform
     and recipe rows and the continuations need the in-memory path (--no-stream)."""
-    if cfg.quantized:
+    if cfg.quantized or cfg.budgets:
+        what = "quantising" if cfg.quantized else "--budgets"
         if job.stream:
-            raise WeloreError("quantising needs the model in memory; drop --stream")
-        return False, "needs the model in memory to quantise"
+            raise WeloreError(f"{what} needs the model in memory; drop --stream")
+        return False, f"{what} needs the model in memory"
     if job.stream is not None or job.resume:
         return bool(job.stream is not False), "as asked"
     d = Path(source) if source is not None else None
@@ -129,6 +131,9 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     """The main job (see module docstring): the compressed model in `job.output`, its comparison rows."""
     if job.spectra and (cfg.rule.needs_tails or cfg.rule.needs_choices) and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
+    if cfg.budgets and job.recover:
+        raise WeloreError("--recover trains one model, --budgets writes several: recover a budget with "
+                          "`welore finetune DIR --budget B`")
     if cfg.quantized and job.recover:
         raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
                           "(welore finetune), then quantise, or drop one of the two")
@@ -159,6 +164,7 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     done = compress(model, tok, cfg, spectra=Spectra.load(job.spectra) if job.spectra else None,
                     progress=job.progress)
     plan, spectra = done.plan, done.spectra
+    plans = elastic.budget_plans(cfg, done) if cfg.budgets else None  # an elastic directory: every budget's plan
     recipe = dense is not None and job.recipe and not cfg.calibrated
     settings = {"source": loaded.source, "name": loaded.name, **cfg.to_dict(), "eval": job.evaluation,
                 "recipe_row": {"allocation": "loss", "method": "whiten-fisher", "samples": job.recipe_samples,
@@ -171,14 +177,19 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
 
     # saved first: the comparison below only reads the compressed model and adds the report
     save_compressed(model, output, plan, tokenizer=tok, base_model=loaded.source, settings=settings,
-                    overwrite=job.overwrite, extra=write_spectra)
+                    overwrite=job.overwrite, extra=write_spectra, budgets=plans,
+                    tensors=elastic.extra_factors(model, plans, done.first_pass[0]) if plans else None)
     speed: dict = {}
     row = row_maker(tok, job, speed, bits=cfg.quantized)
-    ours = row(cfg.rule.label, plan, model, done.prep_seconds + done.apply_seconds)
+    label = cfg.rule.label + (f" @ {next(iter(plans))}" if plans else "")
+    ours = row(label, plan, model, done.prep_seconds + done.apply_seconds)
     del model
     done.model = loaded.model = None  # only `dense` stays in memory for the baselines
     gc.collect()
     rows = [ours] if dense is None else comparison_rows(dense, tok, done, ours, job, row)
+    del dense
+    for k in list(plans or [])[1:]:  # each further budget as it loads: sliced from the directory just written
+        rows.append(row(f"{cfg.rule.label} @ {k}", plans[k], load_compressed(output, budget=float(k)).model, 0.0))
     result = CompressResult(output, plan, rows, settings, path, per_token=speed.get(ours["model"]))
     memory = {**process_memory(), "model_bytes": (output / "model.safetensors").stat().st_size}
     with atomic_file(output / "results.json") as f:

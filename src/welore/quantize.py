@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import WeloreError
 from .factorize import whitening_factor
-from .layers import LowRankLinear, QuantLinear
+from .layers import LowRankLinear, QuantLinear, qgroups
 from .progress import bar
 from .spectrum import Spectra
 from .targets import find_targets, layer_of, module_kind, weight_matrix
@@ -72,6 +72,30 @@ def group_for(in_features: int, group: int) -> int:
     return group
 
 
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int, optimize: bool = False,
+                    kind: str = "linear") -> QuantLinear:
+    """A QuantLinear holding `w` (out x in) quantised: round to nearest (optimize=False) or HQQ's
+    half-quadratic fit of scale and zero to the weights (optimize=True); no data either way."""
+    from hqq.core.quantize import Quantizer
+
+    out_features, in_features = w.shape
+    flat = w.detach().float().reshape(-1)
+    groups = qgroups(flat.numel(), group)
+    # padded with the last weight so no group's range grows; the padding is cut off on the way back
+    flat = torch.cat([flat, flat[-1:].expand(groups * group - flat.numel())]).view(groups, group)
+    q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=optimize, axis=1,
+                                 device=str(w.device), compute_dtype=torch.float32)
+    layer = QuantLinear(in_features, out_features, bits, group, tuple(q.shape), str(q.dtype).removeprefix("torch."),
+                        bias=bias is not None, kind=kind, device=w.device, dtype=bias.dtype if bias is not None else w.dtype)
+    layer.qweight.copy_(q)
+    layer.scale.copy_(meta["scale"].reshape(groups, 1))
+    layer.zero.copy_(meta["zero"].reshape(groups, 1))
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
+
+
 def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 128, quantizer: str = "rtn", *,
                    ignore: list[str] | None = None, corrections: dict[str, int] | None = None,
                    stats: dict | None = None, progress: bool = True) -> dict:
@@ -97,7 +121,7 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
             q = fit_q_plus_lr(w, b, g, corrections[t.name], optimize=opt, scaling=scaling, bias=module.bias,
                               kind=t.kind)
         else:
-            q = QuantLinear.from_weight(w, module.bias, b, g, optimize=opt, kind=t.kind)
+            q = quantize_weight(w, module.bias, b, g, optimize=opt, kind=t.kind)
         model.set_submodule(t.name, q)
     return bits_report(model)
 
@@ -128,7 +152,7 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
         full = min(m, n)
         rows = [(full, 8 * size, size * m * n, 0.0, 0)]
         for b in BITS:
-            q = QuantLinear.from_weight(w, None, b, group_for(n, group), optimize=opt)
+            q = quantize_weight(w, None, b, group_for(n, group), optimize=opt)
             rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
         ranks = [k for k in QLR_RANKS if k <= full // 8]
         if ranks:  # every start is a prefix of one fit at the largest rank
@@ -146,8 +170,8 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
                 lr = LowRankLinear.from_svd(U.to(w.device), S.to(w.device), Vh.to(w.device), k, None,
                                             dtype=torch.float32)
                 for b in FACTOR_BITS:
-                    qd = QuantLinear.from_weight(lr.down.weight, None, b, group_for(n, group), optimize=opt)
-                    qu = QuantLinear.from_weight(lr.up.weight, None, b, group_for(k, group), optimize=opt)
+                    qd = quantize_weight(lr.down.weight, None, b, group_for(n, group), optimize=opt)
+                    qu = quantize_weight(lr.up.weight, None, b, group_for(k, group), optimize=opt)
                     rows.append((k, b, _nbytes(qd) + _nbytes(qu),
                                  err(up=qu.dequantize(torch.float32), down=qd.dequantize(torch.float32)), 0))
         spectra.choices[t.name] = {key: np.array(col) for key, col in
@@ -172,7 +196,7 @@ def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize
     # further rounds then gain little: 0.081 after a second, 0.079 after a fourth)
     correction = (lambda up, down: up @ down)(*low_rank_fit(w32, rank, scaling)) if start is None else start
     for _ in range(rounds):
-        q = QuantLinear.from_weight(w32 - correction, None, bits, group, optimize=optimize, kind=kind)
+        q = quantize_weight(w32 - correction, None, bits, group, optimize=optimize, kind=kind)
         up, down = low_rank_fit(w32 - q.dequantize(torch.float32), rank, scaling)
         correction = up @ down
     return with_correction(q, up, down, bias)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .layers import QuantLinear
 from transformers.pytorch_utils import Conv1D
 
 from .errors import WeloreError
@@ -123,3 +125,14 @@ def _embedding_weights(model: nn.Module) -> set[int]:
         if emb is not None and getattr(emb, "weight", None) is not None:
             ptrs.add(_identity(emb.weight))
     return ptrs
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once); a QuantLinear's weights count too (they are
+    stored as buffers of packed integers)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen or p.device.type == "meta":
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))

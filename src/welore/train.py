@@ -39,7 +39,7 @@ from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accura
 from .files import check_output, hash_file_heads
 from .guard import KeepBest, guard_metrics
 from .io import load_compressed, read_meta, save_compressed
-from .layers import count_parameters
+from .targets import count_parameters
 from .modes import get_mode
 from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
@@ -64,10 +64,11 @@ class FinetuneResult:
 # the job
 
 
-def _model_fingerprint(model_dir: Path) -> str:
-    """Identity of the starting model: its welore.json plan and each weight file's size + head bytes."""
+def _model_fingerprint(model_dir: Path, budget: float | None = None) -> str:
+    """Identity of the starting model: its welore.json plan (and budget), each weight file's size + head bytes."""
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps(read_meta(model_dir)["plan"], sort_keys=True).encode())
+    h.update(b"" if budget is None else f"budget {budget:g}".encode())
     hash_file_heads(h, ShardReader(model_dir).files())  # one file, or the shards of a streamed compression
     return h.hexdigest()
 
@@ -152,15 +153,16 @@ def _last_checkpoint(ckpt: Path) -> tuple[Path, dict]:
 
 
 def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, resume: bool = False,
-             overwrite: bool = False, device=None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune the compressed model in `model_dir` and write the result to `output` (see module doc)."""
+             overwrite: bool = False, device=None, progress: bool = True, budget: float | None = None) -> FinetuneResult:
+    """Fine-tune the compressed model in `model_dir` (at `budget`, of an elastic one) and write the result
+    to `output` (see module doc)."""
     model_dir, output = Path(model_dir), Path(output)
     if not model_dir.is_dir():
         raise WeloreError(f"no such directory: {model_dir}")
     meta = read_meta(model_dir)  # refuses anything that is not a welore-compressed directory
     check_output(output, overwrite)
     ckpt = output.with_name(output.name + ".ckpt")
-    fingerprint = _model_fingerprint(model_dir)
+    fingerprint = _model_fingerprint(model_dir, budget)
     # which text the run trains on, by content: a file edited between runs is other data
     data_info = corpus_info(training_corpus(cfg.data)) if cfg.is_text else None
     last, log, evals = None, [], []
@@ -177,7 +179,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         shutil.rmtree(ckpt)  # a stale checkpoint of an earlier run with this output
 
     set_seed(cfg.seed)
-    loaded = load_compressed(model_dir, device="cpu")
+    loaded = load_compressed(model_dir, device="cpu", budget=budget)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise WeloreError(f"{model_dir} has no tokenizer; fine-tuning needs one")
@@ -250,7 +252,8 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
                **mem.report(), **info, "returned_step": returned, **teacher_info}
     record = {"config": asdict(cfg), "base_model_dir": str(model_dir), "data": data_info, "metrics": metrics, "evals": evals,
               "log": log, "resumed_from_step": int(last.name.split("-")[-1]) if last else None}
-    settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir)}
+    settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir),
+                **({"budget": budget} if budget is not None else {})}
 
     def extra(tmp: Path) -> None:
         (tmp / "finetune.json").write_text(json.dumps(record, indent=1))

@@ -1,0 +1,131 @@
+"""Elastic checkpoints: one directory that serves several budgets.
+
+    welore compress --param-ratio 0.1 --budgets 0.1,0.2,0.3,0.4 -o out/   # one directory
+    welore evaluate out/ --budget 0.3                                    # the 0.3 model, sliced at load
+    load_compressed("out/", budget=0.3)
+    AutoModelForCausalLM.from_pretrained("out/", trust_remote_code=True, welore_budget=0.3)
+
+Raising the allocation level only drops singular values (WeLore's threshold, the uniform fraction and
+the loss rule's price are all monotone), so the plans of larger reductions nest in smaller ones: an
+LRC of one budget is an LRC of every larger budget at a rank no higher, and its factors there are a
+prefix of the same factorisation (one SVD per matrix, of the scaled matrix for the whitened methods),
+built component by component (`LowRankLinear.from_svd`), so a prefix is bit for bit what a separate
+compression at that budget builds.
+
+The directory is the model at the first (least-compressed) budget, which loads as is anywhere, plus
+two things: every budget's plan (welore.json `budgets`, config.json `welore_budgets`), and, for a
+matrix dense at the first budget but low-rank at a later one, its factors at the largest rank any
+budget gives it (`<name>.elastic.down.weight` / `.up.weight`): both are kept, the dense matrix for the
+budgets that keep it dense. Loading at a budget cuts every LRC to its rank there
+(`welore.layers.apply_budget`).
+
+What does not nest, refused in one line: a refit (each rank's least-squares `up` is its own fit),
+several calibration passes (a pass's statistics come from the plan before it), and quantised
+storage (--bits, --bits-per-weight: quantised factors do not slice; the bits rule trades ranks
+against widths, not monotonically). A given threshold has one plan: --budgets replaces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .allocate import RankPlan, allocate
+from .errors import WeloreError
+from .layers import LowRankLinear
+from .spectrum import Spectra, thin_svd
+from .targets import weight_matrix
+
+PREFIX = "elastic"  # `<name>.elastic.down.weight`: a matrix's factors beside its dense weight
+
+
+def key(budget: float) -> str:
+    """How a budget names its plan in welore.json and config.json: 0.3 -> "0.3"."""
+    return f"{float(budget):g}"
+
+
+def parse_budgets(values: Iterable) -> list[float]:
+    """[0.1, 0.2] from [0.1, 0.2], ["0.1,0.2"] or ["0.1", "0.2"] (the CLI's forms); one-line errors."""
+    try:
+        budgets = [float(x) for v in values for x in str(v).split(",") if x.strip()]
+    except ValueError:
+        raise WeloreError(f"--budgets: expected numbers such as 0.1,0.2,0.3, got {' '.join(map(str, values))}") from None
+    if not budgets:
+        raise WeloreError("--budgets: give at least one budget")
+    if any(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:])):
+        raise WeloreError(f"--budgets must increase, got {', '.join(map(key, budgets))}")
+    return budgets
+
+
+def check_elastic(cfg) -> None:
+    """One-line errors for settings whose plans or factors do not nest (see the module doc)."""
+    clash = ("--threshold" if cfg.threshold is not None else "--refit" if cfg.refit else
+             "--calib-passes" if cfg.calib_passes > 1 else "--bits" if cfg.bits is not None else
+             "--bits-per-weight" if cfg.bits_per_weight is not None else None)
+    if clash:
+        raise WeloreError(f"--budgets makes one checkpoint for several budgets, which {clash} does not allow "
+                          "(its models do not nest)")
+
+
+def check_nested(plans: dict[str, RankPlan]) -> None:
+    """Each plan's LRCs are LRCs of every later plan, at a rank no higher (else the budgets do not nest)."""
+    items = list(plans.items())
+    for (k1, p1), (k2, p2) in zip(items, items[1:]):
+        later = {m.name: m.alloc_rank for m in p2.lrcs}
+        for m in p1.lrcs:
+            if later.get(m.name, m.alloc_rank + 1) > m.alloc_rank:
+                there = f"rank {later[m.name]}" if m.name in later else "dense"
+                raise WeloreError(f"the plans do not nest: {m.name} has rank {m.alloc_rank} at budget {k1} but is "
+                                  f"{there} at {k2}")
+
+
+def budget_plans(cfg, done) -> dict[str, RankPlan]:
+    """Every budget's plan ({key: plan}), allocated from the spectra the compression `done` (a
+    welore.compress.Compressed at the first budget) read, the first its own; checked to nest."""
+    plans = {key(cfg.budgets[0]): done.plan}
+    for b in cfg.budgets[1:]:
+        plans[key(b)] = allocate(done.first_pass[1], ratio=b, target=cfg.target, allocation=cfg.allocation,
+                                 min_ratio=cfg.min_ratio)
+    check_nested(plans)
+    return plans
+
+
+def extra_factors(model: nn.Module, plans: dict[str, RankPlan], factors: Spectra | None) -> dict[str, torch.Tensor]:
+    """For every matrix dense in the first plan and low-rank in a later one, its factors at the largest
+    rank a plan gives it, built as `apply_plan` builds an LRC (`model` holds the dense matrix)."""
+    first = {m.name for m in next(iter(plans.values())).lrcs}
+    ranks: dict[str, int] = {}
+    for plan in plans.values():
+        for m in plan.lrcs:
+            if m.name not in first:
+                ranks[m.name] = max(ranks.get(m.name, 0), m.alloc_rank)
+    out = {}
+    for name, rank in ranks.items():
+        w = weight_matrix(model.get_submodule(name)).detach()
+        stored = (factors.factors if factors is not None else {}).get(name)
+        U, S, Vh = stored if stored is not None and stored[1].numel() >= rank else thin_svd(w.float())
+        layer = LowRankLinear.from_svd(U.to(w.device), S.to(w.device), Vh.to(w.device), rank, None,
+                                       dtype=w.dtype, device=w.device)
+        out[f"{name}.{PREFIX}.down.weight"] = layer.down.weight.detach().contiguous()
+        out[f"{name}.{PREFIX}.up.weight"] = layer.up.weight.detach().contiguous()
+    return out
+
+
+def config_entry(plans: dict[str, RankPlan]) -> dict[str, dict[str, int]]:
+    """config.json's `welore_budgets`: {budget: {LRC name: rank}}, what plain transformers slices by."""
+    return {k: {m.name: m.alloc_rank for m in p.lrcs} for k, p in plans.items()}
+
+
+def split_extra(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(the first budget's tensors, {name: (down, up)} of the factors stored beside dense matrices)."""
+    extra: dict[str, list] = {}
+    plain = {}
+    for k, v in state.items():
+        name, sep, part = k.partition(f".{PREFIX}.")
+        if sep:
+            extra.setdefault(name, [None, None])[part != "down.weight"] = v
+        else:
+            plain[k] = v
+    return plain, {n: (d, u) for n, (d, u) in extra.items()}
