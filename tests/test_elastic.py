@@ -112,3 +112,28 @@ def test_a_budget_fine_tunes_as_its_own_model(model_dir, tmp_path):
     assert tuned.plan.to_dict()["matrices"] == load_compressed(tmp_path / "elastic", budget=0.6).plan.to_dict()["matrices"]
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
     assert "welore_budgets" not in config and "budgets" not in tuned.meta  # one model, no longer elastic
+
+
+def test_an_elastic_directory_recovers_every_budget_at_once(model_dir, tmp_path):
+    from welore import FinetuneConfig
+    from welore.elastic import budget_of_step
+    from welore.train import finetune
+
+    _compress(model_dir, tmp_path / "elastic", budgets=BUDGETS)
+    cfg = FinetuneConfig(steps=8, lr=3e-3, batch_size=2, seqlen=64, eval_tokens=256, save_every=0, keep_best=False)
+    res = finetune(tmp_path / "elastic", tmp_path / "tuned", cfg, progress=False)
+    trained = {budget_of_step(["0.2", "0.4", "0.6"], cfg.seed, s) for s in range(cfg.steps)}
+    assert len(trained) > 1  # the steps sample the budgets
+    meta = json.loads((tmp_path / "tuned" / "welore.json").read_text())
+    assert meta["budgets"] == json.loads((tmp_path / "elastic" / "welore.json").read_text())["budgets"]
+    first, last = res.evals[0], res.evals[-1]
+    assert set(last["budgets"]) == {"0.2", "0.4", "0.6"}
+    for b in BUDGETS:  # every budget loads from the one recovered directory, and every one has learnt
+        k = f"{b:g}"
+        assert last["budgets"][k]["c4_ppl"] < first["budgets"][k]["c4_ppl"], (k, first, last)
+        before, after = _state(tmp_path / "elastic", b), _state(tmp_path / "tuned", b)
+        assert before.keys() == after.keys() and any(not torch.equal(before[n], after[n]) for n in before)
+        tuned = load_compressed(tmp_path / "tuned", budget=b)
+        assert tuned.plan.to_dict()["matrices"] == load_compressed(tmp_path / "elastic", budget=b).plan.to_dict()["matrices"]
+    with pytest.raises(WeloreError, match="pick it with --budget"):
+        finetune(tmp_path / "elastic", tmp_path / "lora", FinetuneConfig(mode="lora", steps=1), progress=False)

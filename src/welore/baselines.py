@@ -20,8 +20,8 @@ from .config import CompressConfig
 from .evaluate import perplexity
 from .generate import continuation
 from .jobs import CompressJob
-from .targets import count_parameters
 from .quantize import BITS, bits_report, quantize_model
+from .targets import count_parameters
 
 Row = Callable[[str, RankPlan | None, nn.Module, float], dict]
 

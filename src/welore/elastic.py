@@ -27,10 +27,13 @@ against widths, not monotonically). A given threshold has one plan: --budgets re
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .allocate import RankPlan, allocate
 from .errors import WeloreError
@@ -129,3 +132,83 @@ def split_extra(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple[t
         else:
             plain[k] = v
     return plain, {n: (d, u) for n, (d, u) in extra.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# nested recovery: every budget trains at once
+
+
+class NestedLinear(nn.Module):
+    """One matrix of an elastic model in training: its factors (`lrc`, at the largest rank any budget
+    gives it) used to the current budget's rank, or, where that budget keeps it dense, its frozen
+    `dense` module (None where no budget does). Components beyond the rank get no gradient that step:
+    nested dropout over the budgets' ranks, so each prefix learns to stand alone."""
+
+    def __init__(self, lrc: LowRankLinear, dense: nn.Module | None = None):
+        super().__init__()
+        self.lrc, self.dense, self.rank = lrc, dense, lrc.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            return self.dense(x)
+        down, up = self.lrc.down.weight[: self.rank], self.lrc.up.weight[:, : self.rank]
+        return F.linear(F.linear(x, down), up, self.lrc.up.bias)
+
+
+class Nest:
+    """An elastic model's matrices as NestedLinear, switched between budgets with `use(key)`."""
+
+    def __init__(self, model: nn.Module, plans: dict[str, RankPlan], extra: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.plans = model, plans
+        self.ranks = {k: {m.name: m.alloc_rank for m in p.lrcs} for k, p in plans.items()}
+        self.layers: dict[str, NestedLinear] = {}
+        for name in {n for r in self.ranks.values() for n in r}:
+            m = model.get_submodule(name)
+            if isinstance(m, LowRankLinear):
+                layer = NestedLinear(m)
+            else:  # dense at the first budget: its own factors, stored beside it
+                kind = "linear" if isinstance(m, nn.Linear) else "conv1d"
+                layer = NestedLinear(LowRankLinear.from_factors(*extra[name], getattr(m, "bias", None), kind), m)
+            model.set_submodule(name, layer)
+            self.layers[name] = layer
+        self.current = next(iter(plans))
+        self.use(self.current)
+
+    def use(self, key: str) -> None:
+        for name, layer in self.layers.items():
+            layer.rank = self.ranks[key].get(name)
+        self.current = key
+
+    def unnest(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model at its first budget again (factors at full stored rank), and the factors stored
+        beside its dense matrices, as `save_compressed` writes an elastic directory."""
+        extra = {}
+        for name, layer in self.layers.items():
+            if layer.dense is None:
+                self.model.set_submodule(name, layer.lrc)
+            else:
+                self.model.set_submodule(name, layer.dense)
+                extra[f"{name}.{PREFIX}.down.weight"] = layer.lrc.down.weight.detach().contiguous()
+                extra[f"{name}.{PREFIX}.up.weight"] = layer.lrc.up.weight.detach().contiguous()
+        return self.model, extra
+
+
+def budget_of_step(keys: list[str], seed: int, step: int) -> str:
+    """The budget step `step` trains: uniform over `keys`, a pure function of (seed, step) so that a
+    resumed run trains the budgets an uninterrupted one would."""
+    return keys[random.Random(seed * 1_000_003 + step).randrange(len(keys))]
+
+
+def nested_evaluation(nest: Nest, evaluate):
+    """`evaluate(model, *args)` of every budget: each budget's scores under `budgets`, and for each
+    perplexity their geometric mean (what the keep-the-best guard judges all budgets by)."""
+    def run(model, *args, **kwargs) -> dict:
+        was, per = nest.current, {}
+        for k in nest.plans:
+            nest.use(k)
+            per[k] = evaluate(model, *args, **kwargs)
+        nest.use(was)
+        ppl = [m for m in per[was] if m.endswith("_ppl")]
+        return {**{m: math.exp(sum(math.log(r[m]) for r in per.values()) / len(per)) for m in ppl}, "budgets": per}
+    return run
+

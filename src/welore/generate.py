@@ -64,3 +64,39 @@ def generate(model, tokenizer, prompt: str = PROMPT, *, max_new_tokens: int = 64
 def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 12) -> str:
     """Greedy raw continuation on one line (newlines shown as a visible mark), for tables."""
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens).replace("\n", " ⏎ ").strip()
+
+
+@torch.no_grad()
+def generation_speed(models: dict[str, torch.nn.Module], tokenizer, *, new_tokens: int = 64, prefill_tokens: int = 512,
+                     runs: int = 3) -> dict[str, dict[str, float]]:
+    """{name: {"decode": tokens/s, "prefill": tokens/s}} of greedy batch-1 `generate`, the median of
+    `runs`, the models alternating run by run so that drift of the machine hits each alike. Decode
+    excludes the prefill (time of `new_tokens` less time of one); prefill: one forward of
+    `prefill_tokens` random ids, the first token included."""
+    import statistics
+    import time
+
+    device = next(next(iter(models.values())).parameters()).device
+    short = {"input_ids": tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)}
+    long = {"input_ids": torch.randint(0, len(tokenizer), (1, prefill_tokens),
+                                       generator=torch.Generator().manual_seed(0)).to(device)}
+
+    def timed(m, ids, new: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                   pad_token_id=tokenizer.eos_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    raw: dict[str, dict[str, list]] = {name: {"decode": [], "prefill": []} for name in models}
+    for m in models.values():  # warm-up: allocator, kernels, caches
+        timed(m, short, 4)
+        timed(m, long, 1)
+    for _ in range(runs):
+        for name, m in models.items():
+            raw[name]["decode"].append((new_tokens - 1) / (timed(m, short, new_tokens) - timed(m, short, 1)))
+            raw[name]["prefill"].append(prefill_tokens / timed(m, long, 1))
+    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in raw.items()}

@@ -58,6 +58,7 @@ class LoadedModel:
     source: str  # what the user asked for, resolved to a path or hub id
     name: str  # short human name, used for default output names
     meta: dict | None = None  # welore.json of a compressed directory
+    extra: dict | None = None  # of an elastic one: {name: (down, up)}, the factors stored beside dense matrices
 
     @property
     def plan(self) -> RankPlan | None:
@@ -243,7 +244,7 @@ def load_compressed(path: str | Path, device: str | torch.device | None = None, 
         model.config.welore_budget = elastic.key(budget)
     model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
     tok = read_tokenizer(path) if tokenizer else None  # none: fine for everything but evaluation
-    return LoadedModel(model, tok, str(path), path.name, meta)
+    return LoadedModel(model, tok, str(path), path.name, meta, extra)
 
 
 def read_tokenizer(path: str | Path) -> PreTrainedTokenizerBase | None:

@@ -131,9 +131,6 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     """The main job (see module docstring): the compressed model in `job.output`, its comparison rows."""
     if job.spectra and (cfg.rule.needs_tails or cfg.rule.needs_choices) and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
-    if cfg.budgets and job.recover:
-        raise WeloreError("--recover trains one model, --budgets writes several: recover a budget with "
-                          "`welore finetune DIR --budget B`")
     if cfg.quantized and job.recover:
         raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
                           "(welore finetune), then quantise, or drop one of the two")

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .layers import QuantLinear
 from transformers.pytorch_utils import Conv1D
 
 from .errors import WeloreError
+from .layers import QuantLinear
 
 _INDEX = re.compile(r"\.(\d+)\.")
 

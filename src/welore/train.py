@@ -2,11 +2,9 @@
 
     welore.finetune("compressed/x", "tuned/x", FinetuneConfig(mode="lrc", data="c4", steps=200))
 
-The modes (welore.modes: lrc, full, lora, galore) are setups of the same Trainer: each marks what
-trains and picks the optimizer.
-
-The loop is `transformers.Trainer` (see welore.trainer) for CPU, one GPU or many: accumulation,
-cosine schedule with warmup, clipping, bf16 autocast on GPU, periodic evaluation, resumable checkpoints.
+The modes (welore.modes) are setups of one `transformers.Trainer` (welore.trainer; CPU, one GPU or many):
+each marks what trains and picks the optimizer. An elastic directory without --budget trains every
+budget at once (lrc only; welore.elastic.Nest: each step one budget's ranks) and stays elastic.
 
 Reproducibility: the batch of step s is a pure function of (seed, s), so a resumed run sees exactly
 the batches an uninterrupted one would, and with the optimizer, scheduler and RNG states restored it
@@ -30,6 +28,8 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import TrainerCallback, set_seed
 
+from . import elastic
+from .allocate import RankPlan
 from .config import FinetuneConfig
 from .data import corpus_info, training_corpus
 from .device import PeakMemory
@@ -39,12 +39,12 @@ from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accura
 from .files import check_output, hash_file_heads
 from .guard import KeepBest, guard_metrics
 from .io import load_compressed, read_meta, save_compressed
-from .targets import count_parameters
 from .modes import get_mode
 from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
+from .targets import count_parameters
 from .teacher import Teacher, load_teacher, teacher_source
-from .trainer import Batches, StepLog, make_trainer, training_arguments
+from .trainer import Batches, NestedSteps, StepLog, make_trainer, training_arguments
 
 STATE = "welore_state.json"  # welore's part of a Trainer checkpoint: log, evaluations, model identity
 
@@ -183,6 +183,11 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise WeloreError(f"{model_dir} has no tokenizer; fine-tuning needs one")
+    plans = {k: RankPlan.from_dict(p) for k, p in meta["budgets"]["plans"].items()} if "budgets" in meta and budget is None else None
+    if plans and (cfg.mode != "lrc" or not cfg.is_text):  # every budget at once: elastic.Nest
+        raise WeloreError(f"{model_dir} holds several budgets; the lrc mode trains them all at once on text, "
+                          "anything else one at a time: pick it with --budget")
+    nest = elastic.Nest(loaded.model, plans, loaded.extra) if plans else None
     total = count_parameters(loaded.model)  # before LoRA adds adapters: percentages are of the model
     loaded.model.config.use_cache = False  # no KV cache while training; restored before saving
     mode = get_mode(cfg.mode)
@@ -210,16 +215,18 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     # a task guarded by validation examples scores only those during the run: the eval examples are
     # scored at the start, at the end, and on the weights returned
     during = cfg.is_text or keep is None
-    run = _RunState(cfg, lambda m: _evaluate(m, tokenizer, cfg, eval_set, False, test=during), log, evals,
+    evaluate = _evaluate if nest is None else elastic.nested_evaluation(nest, _evaluate)
+    run = _RunState(cfg, lambda m: evaluate(m, tokenizer, cfg, eval_set, False, test=during), log, evals,
                     fingerprint, keep, data_info)
     stream = batches.stream(index=cfg.teacher_cache is not None)
     teacher, teacher_info = load_teacher(cfg, source, tokenizer, args.device, stream, args.world_size, progress,
                                          teacher)
     distil = {} if teacher is None else dict(trainer_class=DistillTrainer, teacher=teacher, kd_weight=cfg.kd_weight,
                                              temperature=cfg.kd_temperature)
-    trainer = make_trainer(model, args, stream, [steps, run], loss_chunk=cfg.loss_chunk, **distil)
+    callbacks = [steps, run] + ([NestedSteps(nest, cfg.seed)] if nest else [])
+    trainer = make_trainer(model, args, stream, callbacks, loss_chunk=cfg.loss_chunk, **distil)
     if last is None:
-        evals.append({"step": 0, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+        evals.append({"step": 0, **evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
         if keep:
             keep.seen(trainer.model, 0, evals[0])
     elif keep:
@@ -228,7 +235,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     if trainer.state.global_step < cfg.steps:
         raise WeloreError(f"stopped after step {trainer.state.global_step} as asked; continue with --resume")
-    evals.append({"step": cfg.steps, **_evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
+    evals.append({"step": cfg.steps, **evaluate(trainer.model, tokenizer, cfg, eval_set, progress)})
     returned = cfg.steps
     if keep:  # never a model worse than the best evaluated, the start included
         keep.seen(trainer.model, cfg.steps, evals[-1])
@@ -240,7 +247,9 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     if len(set(digests)) > 1:
         raise WeloreError(f"the {len(digests)} processes ended with different weights; nothing was written")
 
-    model = mode.finish(trainer.model)
+    model, extra = mode.finish(trainer.model), None
+    if nest is not None:  # back to an elastic directory: the first budget's model, factors beside its dense matrices
+        model, extra = nest.unnest()
     model.eval()
     model.config.use_cache = True
     for p in model.parameters():
@@ -255,13 +264,13 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     settings = {**meta.get("settings", {}), "finetune": asdict(cfg), "finetuned_from": str(model_dir),
                 **({"budget": budget} if budget is not None else {})}
 
-    def extra(tmp: Path) -> None:
+    def write_extra(tmp: Path) -> None:
         (tmp / "finetune.json").write_text(json.dumps(record, indent=1))
         plot_loss_curves({cfg.mode: log}, tmp / "loss.png", title=f"{cfg.data}: training loss")
 
     if args.process_index == 0:
         save_compressed(model, output, loaded.plan, tokenizer=tokenizer, base_model=meta.get("base_model"),
-                        settings=settings, overwrite=overwrite, extra=extra)
+                        settings=settings, overwrite=overwrite, extra=write_extra, budgets=plans, tensors=extra)
         shutil.rmtree(ckpt, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return FinetuneResult(output, cfg, trainable, total, log, evals, metrics)

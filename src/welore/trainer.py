@@ -27,6 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from . import elastic
 from .config import FinetuneConfig
 from .data import training_text
 from .device import pick_device
@@ -251,3 +252,13 @@ def make_trainer(model: nn.Module, args: TrainingArguments, stream: StepStream |
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return trainer
+
+
+class NestedSteps(TrainerCallback):
+    """Each optimizer step trains one budget, `budget_of_step`'s."""
+
+    def __init__(self, nest: elastic.Nest, seed: int):
+        self.nest, self.seed = nest, seed
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.nest.use(elastic.budget_of_step(list(self.nest.plans), self.seed, state.global_step))

@@ -1,0 +1,136 @@
+"""Benchmark one elastic artifact against separate checkpoints, and the speed each budget gets.
+
+On the embedded default (or --model): `--budgets` in one directory (welore.elastic) against one
+separate compression per budget, in one run with nothing else on the CPU:
+- size: the elastic directory's weights against its largest budget alone and against the sum of
+  the separate checkpoints;
+- identity: each budget sliced at load against its separate run, tensor by tensor (bit for bit);
+- quality: WikiText-2 and C4 perplexity per budget (of the sliced model, which is the separate one);
+- speed: greedy batch-1 decode and 512-token prefill tokens/s per budget, against dense and against
+  the proportional ideal (parameters dense / parameters compressed), models alternating run by run;
+- with --recover N: the recovery recipe on the elastic directory (every budget at once, welore.elastic.Nest)
+  against a separate recovery of each budget, each N steps of the same batches.
+
+    python benchmarks/deploy.py                       # ~10 min on 2 CPU cores
+    python benchmarks/deploy.py --budgets 0.2,0.5 --eval-tokens 1024 --runs 1   # a quick look
+    python benchmarks/deploy.py --recover 500   # + nested recovery against one recovery per budget (~1 h more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from welore import CompressConfig, load_compressed
+from welore.evaluate import perplexity
+from welore.generate import generation_speed
+from welore.jobs import CompressJob
+from welore.models import load_model
+from welore.pipeline import run_compress
+from welore.report import markdown_table
+from welore.targets import count_parameters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--budgets", default="0.2,0.3,0.4,0.5")
+    ap.add_argument("--target", default="params", choices=("params", "rank"))
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--recover", type=int, default=0, help="also recover: the elastic directory at once (nested) "
+                    "against each budget separately, this many steps each")
+    ap.add_argument("--out", default="bench-out/deploy")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = [float(b) for b in a.budgets.split(",")]
+
+    def compress(path: Path, **cfg) -> float:
+        t = time.perf_counter()
+        run_compress(a.model, CompressConfig(target=a.target, **cfg),
+                     CompressJob(output=str(path), eval=False, quiet=True, overwrite=True))
+        return time.perf_counter() - t
+
+    elastic = out / "elastic"
+    seconds = {"elastic": compress(elastic, budgets=budgets)}
+    for b in budgets:
+        seconds[f"{b:g}"] = compress(out / f"separate-{b:g}", ratio=b)
+    size = {name: (out / name / "model.safetensors").stat().st_size
+            for name in ["elastic", *(f"separate-{b:g}" for b in budgets)]}
+    largest = max(size[f"separate-{b:g}"] for b in budgets)
+    separate_sum = sum(size[f"separate-{b:g}"] for b in budgets)
+
+    dense = load_model(a.model)
+    tok, models = dense.tokenizer, {"dense": dense.model}
+    rows = [{"budget": "dense", "params": count_parameters(dense.model)}]
+    for b in budgets:
+        sliced = load_compressed(elastic, budget=b).model
+        separate = load_compressed(out / f"separate-{b:g}").model.state_dict()
+        got = sliced.state_dict()
+        same = got.keys() == separate.keys() and all(torch.equal(got[k], separate[k]) for k in separate)
+        models[f"{b:g}"] = sliced
+        rows.append({"budget": f"{b:g}", "params": count_parameters(sliced), "sliced == separate (bitwise)": same,
+                     "separate MB": size[f"separate-{b:g}"] / 1e6, "separate compress s": seconds[f"{b:g}"]})
+    for r, m in zip(rows, models.values()):
+        for corpus in ("wikitext2", "c4"):
+            r[f"{corpus} ppl"] = perplexity(m, tok, corpus, max_tokens=a.eval_tokens, progress=False).ppl
+    speed = generation_speed(models, tok, new_tokens=a.new_tokens, runs=a.runs)
+    d = speed["dense"]
+    for r in rows:
+        ideal, s = rows[0]["params"] / r["params"], speed[r["budget"]]
+        r.update({"decode tok/s": s["decode"], "decode x dense": s["decode"] / d["decode"],
+                  "prefill tok/s": s["prefill"], "prefill x dense": s["prefill"] / d["prefill"],
+                  "ideal x dense": ideal, "decode / ideal": s["decode"] / d["decode"] / ideal,
+                  "prefill / ideal": s["prefill"] / d["prefill"] / ideal})
+    header = (f"{a.model or 'SmolLM2-135M-Instruct (embedded)'}, budgets {a.budgets} ({a.target}), "
+              f"{torch.get_num_threads()} threads, {next(dense.model.parameters()).dtype}; dense decode "
+              f"{speed['dense']['decode']:.1f} tok/s, prefill {speed['dense']['prefill']:.0f} tok/s (median of {a.runs}).\n\n"
+              f"Elastic artifact {size['elastic'] / 1e6:.1f} MB = {size['elastic'] / largest:.3f}x its largest budget alone "
+              f"({largest / 1e6:.1f} MB), {size['elastic'] / separate_sum:.3f}x the {len(budgets)} separate checkpoints "
+              f"({separate_sum / 1e6:.1f} MB); compressed in {seconds['elastic']:.0f} s against "
+              f"{sum(seconds[f'{b:g}'] for b in budgets):.0f} s for the separate runs.")
+    table = markdown_table(rows)
+    recovery = recover(out, budgets, a.recover) if a.recover else []
+    if recovery:
+        table += (f"\n\nRecovery (the recipe, `FinetuneConfig.recovery`, {a.recover} steps): every budget at once from the elastic "
+                  "directory (each step one budget) against one separate recovery per budget, each at the same "
+                  "steps and tokens:\n\n" + markdown_table(recovery))
+    print(header + "\n\n" + table)
+    (out / "deploy.md").write_text(header + "\n\n" + table + "\n")
+    (out / "deploy.json").write_text(json.dumps({"args": vars(a), "sizes": size, "seconds": seconds, "rows": rows,
+                                                 "speed": speed, "recovery": recovery}, indent=1))
+
+
+def recover(out: Path, budgets: list[float], steps: int) -> list[dict]:
+    """Nested recovery of the elastic directory against a separate recovery of each budget's own
+    checkpoint, at the same steps, batches and schedule; held-out C4 and WikiText-2 per budget."""
+    import shutil
+
+    from welore.train import recover as run
+
+    shutil.rmtree(out / "elastic-recovered", ignore_errors=True)
+    nested = run(out / "elastic", out / "elastic-recovered", steps, progress=False, overwrite=True)
+    best = nested.evals[[e["step"] for e in nested.evals].index(nested.metrics["returned_step"])]
+    rows = []
+    for b in budgets:
+        k = f"{b:g}"
+        alone = run(out / f"separate-{k}", out / f"separate-{k}-recovered", steps, progress=False, overwrite=True)
+        mine = alone.evals[[e["step"] for e in alone.evals].index(alone.metrics["returned_step"])]
+        start = nested.evals[0]["budgets"][k]
+        rows.append({"budget": k, "c4 before": start["c4_ppl"], "wikitext2 before": start["wikitext2_ppl"],
+                     "c4 nested": best["budgets"][k]["c4_ppl"], "c4 separate": mine["c4_ppl"],
+                     "c4 nested / separate": best["budgets"][k]["c4_ppl"] / mine["c4_ppl"],
+                     "wikitext2 nested": best["budgets"][k]["wikitext2_ppl"], "wikitext2 separate": mine["wikitext2_ppl"],
+                     "wikitext2 nested / separate": best["budgets"][k]["wikitext2_ppl"] / mine["wikitext2_ppl"],
+                     "nested s": nested.metrics["train_seconds"], "separate s": alone.metrics["train_seconds"]})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
