@@ -14,6 +14,7 @@ separate compression per budget, in one run with nothing else on the CPU:
     python benchmarks/deploy.py                       # ~10 min on 2 CPU cores
     python benchmarks/deploy.py --budgets 0.2,0.5 --eval-tokens 1024 --runs 1   # a quick look
     python benchmarks/deploy.py --recover 500   # + nested recovery against one recovery per budget (~1 h more)
+    python benchmarks/deploy.py --budgets 0.1,0.2 --allocation loss --method whiten-fisher --recover 200
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--budgets", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--target", default="params", choices=("params", "rank"))
+    ap.add_argument("--allocation", default="welore", help="e.g. loss (with --method whiten-fisher: the recipe)")
+    ap.add_argument("--method", default=None)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
@@ -53,7 +56,7 @@ def main() -> None:
 
     def compress(path: Path, **cfg) -> float:
         t = time.perf_counter()
-        run_compress(a.model, CompressConfig(target=a.target, **cfg),
+        run_compress(a.model, CompressConfig(target=a.target, allocation=a.allocation, method=a.method, **cfg),
                      CompressJob(output=str(path), eval=False, quiet=True, overwrite=True))
         return time.perf_counter() - t
 
@@ -88,14 +91,15 @@ def main() -> None:
                   "prefill tok/s": s["prefill"], "prefill x dense": s["prefill"] / d["prefill"],
                   "ideal x dense": ideal, "decode / ideal": s["decode"] / d["decode"] / ideal,
                   "prefill / ideal": s["prefill"] / d["prefill"] / ideal})
-    header = (f"{a.model or 'SmolLM2-135M-Instruct (embedded)'}, budgets {a.budgets} ({a.target}), "
+    header = (f"{a.model or 'SmolLM2-135M-Instruct (embedded)'}, budgets {a.budgets} ({a.target}, {a.allocation} "
+              f"allocation, {a.method or 'svd'}), "
               f"{torch.get_num_threads()} threads, {next(dense.model.parameters()).dtype}; dense decode "
               f"{speed['dense']['decode']:.1f} tok/s, prefill {speed['dense']['prefill']:.0f} tok/s (median of {a.runs}).\n\n"
               f"Elastic artifact {size['elastic'] / 1e6:.1f} MB = {size['elastic'] / largest:.3f}x its largest budget alone "
               f"({largest / 1e6:.1f} MB), {size['elastic'] / separate_sum:.3f}x the {len(budgets)} separate checkpoints "
               f"({separate_sum / 1e6:.1f} MB); compressed in {seconds['elastic']:.0f} s against "
               f"{sum(seconds[f'{b:g}'] for b in budgets):.0f} s for the separate runs.")
-    table = markdown_table(rows)
+    table = markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     recovery = recover(out, budgets, a.recover) if a.recover else []
     if recovery:
         table += (f"\n\nRecovery (the recipe, `FinetuneConfig.recovery`, {a.recover} steps): every budget at once from the elastic "

@@ -75,7 +75,10 @@ def test_plain_transformers_slices_a_budget_without_welore(model_dir, tmp_path):
 
 def test_budgets_from_the_command_line(model_dir, tmp_path, capsys):
     out = tmp_path / "elastic"
-    assert main(["compress", str(model_dir), "--budgets", "0.2,0.4", "-o", str(out), "--no-eval", "-q"]) == 0
+    assert main(["compress", str(model_dir), "--budgets", "0.2,0.4", "-o", str(out), "--eval-tokens", "128", "--seqlen", "64",
+                 "--no-recipe", "-q"]) == 0
+    table = capsys.readouterr().out  # the main job's rows: dense, uniform, each budget as it loads
+    assert "WeLore @ 0.2" in table and "WeLore @ 0.4" in table and "uniform" in table
     assert main(["merge", str(out), str(tmp_path / "merged"), "--budget", "0.4", "-q"]) == 0
     from transformers import AutoModelForCausalLM
 

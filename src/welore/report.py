@@ -246,7 +246,7 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         if v != v or v in (float("inf"), float("-inf")):
             return str(v)
-        return f"{v:,.2f}" if abs(v) < 1e6 else f"{v:.3g}"
+        return f"{v:,.2f}" if 0.01 <= abs(v) < 1e6 or v == 0 else f"{v:.3g}"  # a learning rate is not 0.00
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
