@@ -25,7 +25,7 @@ from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear, QuantLinear
 from .progress import bar
 from .quantize import attach_choices, quantize_model
-from .spectrum import Spectra, analyze, thin_svd
+from .spectrum import Spectra, analyze, svd_for
 from .targets import Target, find_targets, layer_of, module_kind, weight_matrix
 
 
@@ -178,10 +178,7 @@ def apply_plan(model: nn.Module, plan: RankPlan, spectra: Spectra | None = None,
         if tuple(w.shape) != (mp.out_features, mp.in_features):
             raise WeloreError(f"the plan's shape for {mp.name} does not match the model: "
                               f"{(mp.out_features, mp.in_features)} vs {tuple(w.shape)}")
-        if mp.name in factors and factors[mp.name][1].numel() >= mp.alloc_rank:
-            U, S, Vh = (f.to(w.device) for f in factors[mp.name])
-        else:
-            U, S, Vh = thin_svd(w.float())
+        U, S, Vh = svd_for(w, mp.alloc_rank, factors.get(mp.name))
         layer = LowRankLinear.from_svd(U, S, Vh, mp.alloc_rank, module.bias, kind=mp.kind,
                                        dtype=w.dtype, device=w.device)
         if refit is not None:

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from .allocate import RankPlan, allocate
 from .errors import WeloreError
 from .layers import LowRankLinear
-from .spectrum import Spectra, thin_svd
+from .spectrum import Spectra, svd_for
 from .targets import weight_matrix
 
 PREFIX = "elastic"  # `<name>.elastic.down.weight`: a matrix's factors beside its dense weight
@@ -107,10 +107,8 @@ def extra_factors(model: nn.Module, plans: dict[str, RankPlan], factors: Spectra
     out = {}
     for name, rank in ranks.items():
         w = weight_matrix(model.get_submodule(name)).detach()
-        stored = (factors.factors if factors is not None else {}).get(name)
-        U, S, Vh = stored if stored is not None and stored[1].numel() >= rank else thin_svd(w.float())
-        layer = LowRankLinear.from_svd(U.to(w.device), S.to(w.device), Vh.to(w.device), rank, None,
-                                       dtype=w.dtype, device=w.device)
+        U, S, Vh = svd_for(w, rank, (factors.factors if factors is not None else {}).get(name))
+        layer = LowRankLinear.from_svd(U, S, Vh, rank, None, dtype=w.dtype, device=w.device)
         out[f"{name}.{PREFIX}.down.weight"] = layer.down.weight.detach().contiguous()
         out[f"{name}.{PREFIX}.up.weight"] = layer.up.weight.detach().contiguous()
     return out

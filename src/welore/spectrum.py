@@ -120,6 +120,14 @@ def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return Vh.mT.contiguous(), S, U.mT.contiguous()
 
 
+def svd_for(w: torch.Tensor, rank: int, stored: tuple | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The singular triplets an LRC of `w` at `rank` is built from: `stored` (those `analyze` kept, or a
+    data-aware factorisation's) when they reach `rank`, else a thin SVD of `w` now; on `w`'s device."""
+    if stored is not None and stored[1].numel() >= rank:
+        return tuple(f.to(w.device) for f in stored)
+    return thin_svd(w.float())
+
+
 def singular_values(a: torch.Tensor) -> torch.Tensor:
     """`torch.linalg.svdvals`, on a^T when `a` is wide (2-4x faster there, as `thin_svd`)."""
     return torch.linalg.svdvals(a if a.shape[-2] >= a.shape[-1] else a.mT)
