@@ -105,7 +105,7 @@ class CompressConfig(Selection):
             check_budget(self.bits_per_weight, bits=self.bits, allocation=self.allocation, threshold=self.threshold)
             self.allocation, self.target, self.ratio = "bits", "bits", self.bits_per_weight
         if self.budgets is not None:  # the first (least-compressed) is the model written; the others, plans
-            self.budgets, self.ratio = parse_budgets(self.budgets), parse_budgets(self.budgets)[0]
+            self.budgets, self.ratio = (budgets := parse_budgets(self.budgets)), budgets[0]
             check_elastic(self)
         if self.min_ratio is None:
             self.min_ratio = RULES[self.allocation].default_min_ratio if self.allocation in RULES else 0.5

@@ -1,6 +1,6 @@
 """Elastic checkpoints: one directory that serves several budgets.
 
-    welore compress --param-ratio 0.1 --budgets 0.1,0.2,0.3,0.4 -o out/   # one directory
+    welore compress --target params --budgets 0.1,0.2,0.3,0.4 -o out/     # one directory
     welore evaluate out/ --budget 0.3                                    # the 0.3 model, sliced at load
     load_compressed("out/", budget=0.3)
     AutoModelForCausalLM.from_pretrained("out/", trust_remote_code=True, welore_budget=0.3)
@@ -39,7 +39,7 @@ from .allocate import RankPlan, allocate
 from .errors import WeloreError
 from .layers import LowRankLinear
 from .spectrum import Spectra, svd_for
-from .targets import weight_matrix
+from .targets import module_kind, weight_matrix
 
 PREFIX = "elastic"  # `<name>.elastic.down.weight`: a matrix's factors beside its dense weight
 
@@ -76,7 +76,7 @@ def check_nested(plans: dict[str, RankPlan]) -> None:
     """Each plan's LRCs are LRCs of every later plan, at a rank no higher (else the budgets do not nest)."""
     items = list(plans.items())
     for (k1, p1), (k2, p2) in zip(items, items[1:]):
-        later = {m.name: m.alloc_rank for m in p2.lrcs}
+        later = ranks(p2)
         for m in p1.lrcs:
             if later.get(m.name, m.alloc_rank + 1) > m.alloc_rank:
                 there = f"rank {later[m.name]}" if m.name in later else "dense"
@@ -108,15 +108,23 @@ def extra_factors(model: nn.Module, plans: dict[str, RankPlan], factors: Spectra
     for name, rank in ranks.items():
         w = weight_matrix(model.get_submodule(name)).detach()
         U, S, Vh = svd_for(w, rank, (factors.factors if factors is not None else {}).get(name))
-        layer = LowRankLinear.from_svd(U, S, Vh, rank, None, dtype=w.dtype, device=w.device)
-        out[f"{name}.{PREFIX}.down.weight"] = layer.down.weight.detach().contiguous()
-        out[f"{name}.{PREFIX}.up.weight"] = layer.up.weight.detach().contiguous()
+        out.update(beside(name, LowRankLinear.from_svd(U, S, Vh, rank, None, dtype=w.dtype, device=w.device)))
     return out
+
+
+def beside(name: str, lrc: LowRankLinear) -> dict[str, torch.Tensor]:
+    """The tensors that store `lrc`'s factors beside the dense matrix `name`."""
+    return {f"{name}.{PREFIX}.{f}.weight": getattr(lrc, f).weight.detach().contiguous() for f in ("down", "up")}
+
+
+def ranks(plan: RankPlan) -> dict[str, int]:
+    """{LRC name: rank} of `plan`: what a budget cuts the stored factors to."""
+    return {m.name: m.alloc_rank for m in plan.lrcs}
 
 
 def config_entry(plans: dict[str, RankPlan]) -> dict[str, dict[str, int]]:
     """config.json's `welore_budgets`: {budget: {LRC name: rank}}, what plain transformers slices by."""
-    return {k: {m.name: m.alloc_rank for m in p.lrcs} for k, p in plans.items()}
+    return {k: ranks(p) for k, p in plans.items()}
 
 
 def split_extra(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -158,15 +166,14 @@ class Nest:
 
     def __init__(self, model: nn.Module, plans: dict[str, RankPlan], extra: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.model, self.plans = model, plans
-        self.ranks = {k: {m.name: m.alloc_rank for m in p.lrcs} for k, p in plans.items()}
+        self.ranks = config_entry(plans)
         self.layers: dict[str, NestedLinear] = {}
         for name in {n for r in self.ranks.values() for n in r}:
             m = model.get_submodule(name)
             if isinstance(m, LowRankLinear):
                 layer = NestedLinear(m)
             else:  # dense at the first budget: its own factors, stored beside it
-                kind = "linear" if isinstance(m, nn.Linear) else "conv1d"
-                layer = NestedLinear(LowRankLinear.from_factors(*extra[name], getattr(m, "bias", None), kind), m)
+                layer = NestedLinear(LowRankLinear.from_factors(*extra[name], getattr(m, "bias", None), module_kind(m)), m)
             model.set_submodule(name, layer)
             self.layers[name] = layer
         self.current = next(iter(plans))
@@ -186,8 +193,7 @@ class Nest:
                 self.model.set_submodule(name, layer.lrc)
             else:
                 self.model.set_submodule(name, layer.dense)
-                extra[f"{name}.{PREFIX}.down.weight"] = layer.lrc.down.weight.detach().contiguous()
-                extra[f"{name}.{PREFIX}.up.weight"] = layer.lrc.up.weight.detach().contiguous()
+                extra.update(beside(name, layer.lrc))
         return self.model, extra
 
 

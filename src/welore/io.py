@@ -240,7 +240,7 @@ def load_compressed(path: str | Path, device: str | torch.device | None = None, 
         raise WeloreError(f"{path} does not match its rank plan: missing tensor {missing[0]}")
     if budget is not None and elastic.key(budget) != meta["budgets"]["default"]:
         meta = {**meta, "plan": budgets[elastic.key(budget)], "budgets": {**meta["budgets"], "loaded": elastic.key(budget)}}
-        apply_budget(model, {m.name: m.alloc_rank for m in RankPlan.from_dict(meta["plan"]).lrcs}, extra)
+        apply_budget(model, elastic.ranks(RankPlan.from_dict(meta["plan"])), extra)
         model.config.welore_budget = elastic.key(budget)
     model = model.to(device=pick_device(device), dtype=dtype).eval() if dtype else model.to(pick_device(device)).eval()
     tok = read_tokenizer(path) if tokenizer else None  # none: fine for everything but evaluation

@@ -275,19 +275,19 @@ def low_rank_causal_lm(base: type) -> type:
             budgets = getattr(model.config, "welore_budgets", None) or {}  # the first: the model stored
             # AutoModelForCausalLM hands welore_budget= to the config, whose attribute it is
             budget = welore_budget if welore_budget is not None else getattr(model.config, "welore_budget", None)
-            if budget is None or f"{float(budget):g}" == next(iter(budgets), None):
+            key = None if budget is None else f"{float(budget):g}"  # as welore.elastic.key names it
+            if key is None or key == next(iter(budgets), None):
                 return model
-            if f"{float(budget):g}" not in budgets:
-                raise ValueError(f"budget {float(budget):g} is not in this checkpoint; it has {', '.join(budgets) or 'one'}")
-            welore_budget = float(budget)
+            if key not in budgets:
+                raise ValueError(f"budget {key} is not in this checkpoint; it has {', '.join(budgets) or 'one'}")
             from safetensors import safe_open
             from transformers.utils import cached_file
 
             with safe_open(cached_file(path, "model.safetensors"), "pt") as f:
                 extra = {n: tuple(f.get_tensor(f"{n}.elastic.{p}.weight") for p in ("down", "up"))
-                         for n in budgets[f"{welore_budget:g}"] if f"{n}.elastic.down.weight" in f.keys()}
-            model.config.welore_budget = f"{welore_budget:g}"
-            return apply_budget(model, budgets[model.config.welore_budget], extra)
+                         for n in budgets[key] if f"{n}.elastic.down.weight" in f.keys()}
+            model.config.welore_budget = key
+            return apply_budget(model, budgets[key], extra)
 
     return WeloreForCausalLM
 
