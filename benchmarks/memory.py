@@ -25,8 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-from welore.config import FinetuneConfig
 from welore.distill import chunked_kd_loss, kd_loss
+from welore.finetune_config import FinetuneConfig
 from welore.io import load_compressed
 from welore.losses import chunked_lm_loss
 from welore.modes import prepare_mode

@@ -59,8 +59,8 @@ from pathlib import Path
 
 from scale import run as welore  # (wall s, peak RSS GiB) of `welore ARGS` in a fresh process
 
-from welore.config import FinetuneConfig
 from welore.files import atomic_file
+from welore.finetune_config import FinetuneConfig
 
 MODELS = {
     "paper50": ["--ratio", "0.5", "--min-ratio", "0.5"],

@@ -183,7 +183,7 @@ def savers_train_the_same_steps(compressed_dir: Path, tmp_path: Path, base: dict
     `after_run(name)` is called after each run ("own", "saved"), for the caller's own checks."""
     from safetensors.torch import load_file
 
-    from welore.config import FinetuneConfig
+    from welore.finetune_config import FinetuneConfig
     from welore.train import finetune
 
     runs = {}

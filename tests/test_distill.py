@@ -7,8 +7,8 @@ from conftest import make_tiny, savers_train_the_same_steps
 from safetensors.torch import load_file, save_file
 
 from welore import WeloreError, load_compressed
-from welore.config import FinetuneConfig
 from welore.distill import kd_loss, kd_loss_topk
+from welore.finetune_config import FinetuneConfig
 from welore.guard import KeepBest
 from welore.teacher import Teacher, TeacherCache, build_teacher_cache
 from welore.train import finetune

@@ -105,7 +105,8 @@ def test_next_steps_suggest_only_what_applies(tmp_path):
 def test_the_recovery_hint_is_the_recovery_recipe(tmp_path):
     """The command the main job suggests runs exactly FinetuneConfig.recovery(500), `--recover 500`."""
     from welore.cli import build_parser
-    from welore.config import FinetuneConfig, from_namespace
+    from welore.config import from_namespace
+    from welore.finetune_config import FinetuneConfig
 
     lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
     hint = next(line for line in CompressResult(tmp_path, lrc, settings={}).explain().splitlines()

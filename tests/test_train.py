@@ -14,7 +14,7 @@ from conftest import savers_train_the_same_steps
 from safetensors.torch import load_file
 
 from welore import WeloreError, load_compressed
-from welore.config import FinetuneConfig
+from welore.finetune_config import FinetuneConfig
 from welore.modes import low_rank_modules, matched_lora_rank, prepare_mode
 from welore.report import finetune_row, returned_eval
 from welore.train import finetune

@@ -1,7 +1,7 @@
 import torch
 from torch.utils.data import DataLoader
 
-from welore.config import FinetuneConfig
+from welore.finetune_config import FinetuneConfig
 from welore.trainer import Batches, StepStream
 
 

@@ -7,10 +7,11 @@ from ._version import __version__
 from .allocate import MatrixPlan, RankPlan, allocate, normalized_spectrum
 from .calibrate import calibration_batches, collect_stats
 from .compress import Compressed, apply_plan, merge_to_dense, plan_model
-from .config import CompressConfig, FinetuneConfig
+from .config import CompressConfig
 from .errors import WeloreError
 from .evaluate import perplexity, task_accuracy
 from .factorize import analyze_data_aware, attach_loss_tails
+from .finetune_config import FinetuneConfig
 from .io import load_compressed, save_compressed, save_dense
 from .jobs import AnalyzeConfig, CompressJob, GradientsConfig
 from .layers import LowRankLinear

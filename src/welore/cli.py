@@ -18,12 +18,13 @@ from transformers import HfArgumentParser
 from ._version import __version__
 from .blockwise import perplexity_streaming
 from .compress import merge_to_dense
-from .config import CompressConfig, FinetuneConfig, from_namespace
+from .config import CompressConfig, from_namespace
 from .data import corpus_info
 from .device import parse_dtype
 from .errors import WeloreError
 from .evaluate import perplexity
 from .files import atomic_file
+from .finetune_config import FinetuneConfig
 from .generate import generate, has_chat_template
 from .io import load_compressed, save_dense
 from .jobs import (

@@ -10,9 +10,9 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import FinetuneConfig
 from .errors import WeloreError
 from .files import atomic_dir
+from .finetune_config import FinetuneConfig
 from .io import read_meta
 from .modes import MODES
 from .progress import set_enabled

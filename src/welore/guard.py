@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import FinetuneConfig
+from .finetune_config import FinetuneConfig
 
 BEST = "welore_best.safetensors"  # in a Trainer checkpoint: KeepBest's weights
 

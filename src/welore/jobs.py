@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .allocate import check_allocation_args
-from .config import FinetuneConfig, Selection, _help, check_positive
+from .config import Selection, _help, check_positive
 from .errors import WeloreError
+from .finetune_config import FinetuneConfig
 from .generate import PROMPT
 from .modes import COMPARED
 

@@ -36,7 +36,7 @@ from .quantize import quantize_model, with_correction
 from .targets import count_parameters, find_targets, layer_of
 
 if TYPE_CHECKING:
-    from .config import FinetuneConfig
+    from .finetune_config import FinetuneConfig
 
 TRAINABLE = ("lrc", "full", "none")  # what `set_trainable` marks
 FROZEN_GROUP = 64

@@ -30,13 +30,13 @@ from transformers import TrainerCallback, set_seed
 
 from . import elastic
 from .allocate import RankPlan
-from .config import FinetuneConfig
 from .data import corpus_info, training_corpus
 from .device import PeakMemory
 from .distill import DistillTrainer
 from .errors import WeloreError
 from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accuracy
 from .files import check_output, hash_file_heads
+from .finetune_config import FinetuneConfig
 from .guard import KeepBest, guard_metrics
 from .io import load_compressed, read_meta, save_compressed
 from .modes import get_mode

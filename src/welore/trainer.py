@@ -28,11 +28,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import elastic
-from .config import FinetuneConfig
 from .data import training_text
 from .device import pick_device
 from .errors import WeloreError
 from .evaluate import encode_example
+from .finetune_config import FinetuneConfig
 from .losses import chunked_lm_loss
 from .progress import bar
 from .tasks import Example, split_validation, task_splits
