@@ -196,3 +196,28 @@ def savers_train_the_same_steps(compressed_dir: Path, tmp_path: Path, base: dict
         torch.testing.assert_close(runs["saved"][1][k], w, rtol=1e-4, atol=atol, msg=k)
     start = load_file(str(compressed_dir / "model.safetensors"))
     assert any(not torch.equal(w, start[k]) for k, w in runs["own"][1].items())  # the runs trained
+
+
+def synthetic_costs(shapes, multiple: int = 4):
+    """A welore.costs.CostModel with no timing: dense m*n; factors k(m+n) plus a fixed 0.3 mn in decoding
+    (two small products cost more than their parameters), so a factorisation pays below about
+    0.7 mn / (m+n) and the allocation must hold some matrices back."""
+    from welore.costs import CostModel, key
+
+    table = {}
+    for m, n in {tuple(s) for s in shapes}:
+        ranks = list(range(1, min(m, n) + 1))
+        table[key(m, n)] = {"ranks": ranks,
+                            "decode": {"dense": float(m * n), "factored": [k * (m + n) + 0.3 * m * n for k in ranks]},
+                            "prefill": {"dense": float(m * n), "factored": [float(k * (m + n)) for k in ranks]}}
+    return CostModel("synthetic", multiple, table)
+
+
+@pytest.fixture
+def fake_costs(monkeypatch):
+    """`--speed` without timing: welore.costs.for_shapes answers with synthetic_costs."""
+    def for_shapes(shapes, device, dtype, **kwargs):
+        return synthetic_costs(shapes)
+    monkeypatch.setattr("welore.costs.for_shapes", for_shapes)
+    monkeypatch.setattr("welore.stream.for_shapes", for_shapes)
+    return for_shapes

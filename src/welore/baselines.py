@@ -53,10 +53,10 @@ def row_maker(tokenizer, job: CompressJob, timings: dict | None = None, bits: bo
 
 def uniform_config(cfg: CompressConfig, plan: RankPlan) -> CompressConfig:
     """Uniform truncation at the reduction `plan` reached, measured as the user asked (parameters for
-    a parameter target, else effective rank)."""
+    a parameter or latency target, else effective rank), with no cost model: the plain baseline."""
     reached = plan.param_reduction if cfg.uniform_target == "params" else plan.effective_rank_reduction
     return replace(cfg, allocation="uniform", ratio=_open_ratio(reached), target=cfg.uniform_target,
-                   threshold=None, min_ratio=None, calib_passes=1)
+                   threshold=None, min_ratio=None, calib_passes=1, speed=False)
 
 
 def recipe_config(cfg: CompressConfig, plan: RankPlan, samples: int) -> CompressConfig:

@@ -20,6 +20,7 @@ from torch import nn
 from .allocate import RankPlan, allocate
 from .calibrate import calibration_batches, collect_stats
 from .config import CompressConfig
+from .costs import CostModel, for_model
 from .errors import WeloreError
 from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear, QuantLinear
@@ -43,6 +44,7 @@ class Compressed:
     prep_seconds: float  # analysis + calibration + factorisation + planning
     apply_seconds: float  # factors in place, and quantised (with cfg.bits)
     quant: dict | None = None  # welore.quantize.bits_report when cfg.bits is set
+    costs: CostModel | None = None  # with cfg.speed: the device's measured costs the plans used
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spectra | None = None,
@@ -62,6 +64,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     else:
         targets = find_targets(model, cfg.targets, cfg.ignore)
         spectra = analyze(model, targets, keep_factors=fac.is_weight_svd, progress=progress)
+    costs = for_model(model, targets, progress) if cfg.speed else None
 
     def plan_from(stats) -> tuple[Spectra, Spectra, RankPlan]:
         """(factors apply_plan uses, spectra the rule reads, plan) for these statistics."""
@@ -74,7 +77,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
             alloc_spectra = attach_choices(model, factors, stats, group=cfg.group_size, progress=progress)
         return factors, alloc_spectra, allocate(alloc_spectra, ratio=_ratio(model, cfg, targets), target=cfg.target,
                                                 allocation=cfg.allocation, min_ratio=cfg.min_ratio,
-                                                threshold=cfg.threshold)
+                                                threshold=cfg.threshold, costs=costs)
 
     stats = batches = None
     if cfg.calibrated:
@@ -96,7 +99,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
     return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t,
-                      _quantize(model, cfg, plan, stats, progress))
+                      _quantize(model, cfg, plan, stats, progress), costs)
 
 
 def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> float | None:
@@ -134,13 +137,14 @@ def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: 
     factors, alloc_spectra, stats = reuse.first_pass
     if cfg.rule.needs_choices and not alloc_spectra.choices:
         raise WeloreError("cannot reuse a first pass without storage choices for the bits allocation")
+    costs = for_model(model, reuse.targets, progress) if cfg.speed else None
     plan = allocate(alloc_spectra, ratio=_ratio(model, cfg, reuse.targets), target=cfg.target,
-                    allocation=cfg.allocation, min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+                    allocation=cfg.allocation, min_ratio=cfg.min_ratio, threshold=cfg.threshold, costs=costs)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
     quant = _quantize(model, cfg, plan, stats, progress)
     return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
-                      time.perf_counter() - t, quant)
+                      time.perf_counter() - t, quant, costs)
 
 
 def plan_model(model: nn.Module, *, targets: list[str] | None = None, ignore: list[str] | None = None,

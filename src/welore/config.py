@@ -52,7 +52,12 @@ class CompressConfig(Selection):
 
     ratio: float | None = field(default=0.5, metadata=_help("the reduction to hit (default 0.5): effective rank "
                                                              "(with --target params: parameters of the targets)"))
-    target: str = field(default="rank", metadata=_help("what --ratio reduces", choices=("rank", "params")))
+    target: str = field(default="rank", metadata=_help(
+        "what --ratio reduces: effective rank, parameters of the targets, or their batch-1 decode time as "
+        "measured on this device (latency: implies --speed)", choices=("rank", "params", "latency")))
+    speed: bool = field(default=False, metadata=_help(
+        "time dense and factored products on this device (cached per device) and allocate with it: no LRC slower "
+        "than its dense matrix, ranks rounded to the device's fast multiple (off: plans independent of the device)"))
     budgets: list[str] | None = field(default=None, metadata=_help(
         "one elastic directory for several reductions in --target's units, e.g. 0.1,0.2,0.3 (load with --budget)"))
     allocation: str = field(default="welore", metadata=_help(
@@ -89,6 +94,10 @@ class CompressConfig(Selection):
         self.method, self.quantizer = (self.method or ("svd" if b is None else "whiten-fisher"),
                                        self.quantizer or ("rtn" if b is None or 2.75 <= b < 4 else "hqq"))
         check_quant_args(self.bits, self.group_size, self.quantizer)
+        if self.target == "latency":
+            self.speed = True
+        if self.speed and self.quantized:
+            raise WeloreError("--speed times unquantised factors; it does not apply with --bits or --bits-per-weight")
         if self.bits_per_weight is not None or self.allocation == "bits":  # the bits rule, searched for B
             check_budget(self.bits_per_weight, bits=self.bits, allocation=self.allocation, threshold=self.threshold)
             self.allocation, self.target, self.ratio = "bits", "bits", self.bits_per_weight
@@ -137,8 +146,8 @@ class CompressConfig(Selection):
 
     @property
     def uniform_target(self) -> str:
-        """What the uniform baseline matches: parameters for a parameter target, else effective rank."""
-        return "params" if self.target == "params" and self.threshold is None else "rank"
+        """What the uniform baseline matches: parameters for a parameter or latency target, else effective rank."""
+        return "params" if self.target in ("params", "latency") and self.threshold is None else "rank"
 
     def to_dict(self) -> dict:
         """The settings as welore.json records them."""

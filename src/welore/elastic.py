@@ -90,7 +90,7 @@ def budget_plans(cfg, done) -> dict[str, RankPlan]:
     plans = {key(cfg.budgets[0]): done.plan}
     for b in cfg.budgets[1:]:
         plans[key(b)] = allocate(done.first_pass[1], ratio=b, target=cfg.target, allocation=cfg.allocation,
-                                 min_ratio=cfg.min_ratio)
+                                 min_ratio=cfg.min_ratio, costs=done.costs)
     check_nested(plans)
     return plans
 

@@ -61,7 +61,7 @@ class CompressResult:
 
 def default_output(name: str, cfg: CompressConfig) -> Path:
     tag = f"t{cfg.threshold:g}" if cfg.threshold is not None else \
-        f"{'r' if cfg.target == 'rank' else 'p'}{round(cfg.ratio * 100)}"
+        f"{cfg.target[0]}{round(cfg.ratio * 100)}"  # r50 (rank), p20 (params), l30 (latency), b3 (bits)
     return Path("compressed") / f"{name}-{cfg.allocation}-{tag}"
 
 

@@ -48,6 +48,7 @@ from transformers import AutoConfig
 
 from .allocate import RankPlan, allocate
 from .config import CompressConfig
+from .costs import for_shapes
 from .device import PeakMemory, pick_device, process_memory
 from .errors import WeloreError, one_line
 from .factorize import refit_solve
@@ -121,9 +122,13 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     state.wait_for_everyone()
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
+        # timed where this process computes, in the checkpoint's dtype (one matrix read to learn it)
+        costs = for_shapes([t.shape for t in targets], state.device if device is None else pick_device(device),
+                           reader.get(f"{targets[0].name}.weight").dtype, progress=progress) if cfg.speed else None
+
         def allocate_from(spectra: Spectra) -> RankPlan:
             return allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
-                            min_ratio=cfg.min_ratio, threshold=cfg.threshold)
+                            min_ratio=cfg.min_ratio, threshold=cfg.threshold, costs=costs)
 
         def plan_of(spill: Path) -> RankPlan:
             return allocate_from(_read_spectra(targets, blocks, order, spill))

@@ -52,8 +52,9 @@ class RankPlan:
     allocation: str  # "welore" | "uniform"
     level: float  # the threshold t (welore) or the per-matrix ratio (uniform)
     min_ratio: float
-    target: dict | None  # {"kind": "rank"|"params", "ratio": r} when searched, None for an explicit t
+    target: dict | None  # {"kind": "rank"|"params"|"latency"|"bits", "ratio": r} when searched, None for an explicit t
     matrices: list[MatrixPlan] = field(default_factory=list)
+    speed: dict | None = None  # with a cost model: its device and the predicted seconds (welore.costs.predict)
 
     # ---- totals ----
     @property
@@ -94,9 +95,11 @@ class RankPlan:
         rule = RULES.get(self.allocation)
         what = rule.describe(self.level) if rule is not None else f"level {self.level:g}"
         bits = "" if self.bits_per_weight is None else f"{self.bits_per_weight:.2f} bits per weight, "
+        speed = "" if self.speed is None else ", predicted decode / prefill time of the targets " + " / ".join(
+            f"{self.speed[r]['plan_s'] / self.speed[r]['dense_s']:.2f}x" for r in ("decode", "prefill")) + " dense"
         return (f"{self.allocation}: {what}, {bits}effective rank reduction {self.effective_rank_reduction:.1%}, "
                 f"target-parameter reduction {self.param_reduction:.1%}, "
-                f"{len(self.lrcs)}/{len(self.matrices)} matrices low-rank")
+                f"{len(self.lrcs)}/{len(self.matrices)} matrices low-rank{speed}")
 
     # ---- JSON round trip ----
     def to_dict(self) -> dict:
@@ -116,6 +119,7 @@ class RankPlan:
                 **({} if self.bits_per_weight is None else {"bits_per_weight": self.bits_per_weight}),
             },
             "matrices": [asdict(m) for m in self.matrices],
+            **({} if self.speed is None else {"speed": self.speed}),
         }
 
     @classmethod
@@ -124,7 +128,7 @@ class RankPlan:
             if d.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
             mats = [MatrixPlan(**m) for m in d["matrices"]]
-            plan = cls(d["allocation"], float(d["level"]), float(d["min_ratio"]), d["target"], mats)
+            plan = cls(d["allocation"], float(d["level"]), float(d["min_ratio"]), d["target"], mats, d.get("speed"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise WeloreError(f"invalid rank plan: {e}") from e
         for m in mats:
