@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--recover", type=int, default=0, help="also recover: the elastic directory at once (nested) "
                     "against each budget separately, this many steps each")
+    ap.add_argument("--nested-steps", type=int, default=0, help="steps of the nested recovery (default: --recover; "
+                    "budgets x --recover gives each budget about the tokens of its separate recovery)")
     ap.add_argument("--out", default="bench-out/deploy")
     a = ap.parse_args()
     out = Path(a.out)
@@ -135,26 +137,31 @@ def main() -> None:
               f"target matrices {1e3 * costs.dense_seconds(plans[f'{budgets[0]:g}']):.1f} ms of the dense model's "
               f"{1e3 * per['decode']:.1f} ms per decoded token.")
     table = markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    recovery = recover(out, budgets, a.recover) if a.recover else []
+    recovery = recover(out, budgets, a.recover, a.nested_steps or a.recover) if a.recover else []
     if recovery:
-        table += (f"\n\nRecovery (the recipe, `FinetuneConfig.recovery`, {a.recover} steps): every budget at once from the elastic "
-                  "directory (each step one budget) against one separate recovery per budget, each at the same "
-                  "steps and tokens:\n\n" + markdown_table(recovery))
+        table += (f"\n\nRecovery (the recipe, `FinetuneConfig.recovery`): every budget at once from the elastic "
+                  f"directory ({a.nested_steps or a.recover} steps, each step one budget) against one separate recovery "
+                  f"per budget ({a.recover} steps each), the same batch size and schedule:\n\n" + markdown_table(recovery))
     print(header + "\n\n" + table)
     (out / "deploy.md").write_text(header + "\n\n" + table + "\n")
     (out / "deploy.json").write_text(json.dumps({"args": vars(a), "sizes": size, "seconds": seconds, "rows": rows,
                                                  "speed": speed, "recovery": recovery}, indent=1))
 
 
-def recover(out: Path, budgets: list[float], steps: int) -> list[dict]:
-    """Nested recovery of the elastic directory against a separate recovery of each budget's own
-    checkpoint, at the same steps, batches and schedule; held-out C4 and WikiText-2 per budget."""
+def recover(out: Path, budgets: list[float], steps: int, nested_steps: int) -> list[dict]:
+    """Nested recovery of the elastic directory (`nested_steps`) against a separate recovery of each
+    budget's own checkpoint (`steps`), same batch size and schedule; held-out C4 and WikiText-2 per budget."""
     import shutil
 
+    from welore.elastic import budget_of_step
+    from welore.finetune_config import FinetuneConfig
     from welore.train import recover as run
 
     shutil.rmtree(out / "elastic-recovered", ignore_errors=True)
-    nested = run(out / "elastic", out / "elastic-recovered", steps, progress=False, overwrite=True)
+    nested = run(out / "elastic", out / "elastic-recovered", nested_steps, progress=False, overwrite=True)
+    keys = [f"{b:g}" for b in budgets]
+    seed = FinetuneConfig.recovery(nested_steps).seed
+    trained = [budget_of_step(keys, seed, i) for i in range(nested_steps)]
     best = nested.evals[[e["step"] for e in nested.evals].index(nested.metrics["returned_step"])]
     rows = []
     for b in budgets:
@@ -162,7 +169,8 @@ def recover(out: Path, budgets: list[float], steps: int) -> list[dict]:
         alone = run(out / f"separate-{k}", out / f"separate-{k}-recovered", steps, progress=False, overwrite=True)
         mine = alone.evals[[e["step"] for e in alone.evals].index(alone.metrics["returned_step"])]
         start = nested.evals[0]["budgets"][k]
-        rows.append({"budget": k, "c4 before": start["c4_ppl"], "wikitext2 before": start["wikitext2_ppl"],
+        rows.append({"budget": k, "nested steps of this budget": trained.count(k), "separate steps": steps,
+                     "c4 before": start["c4_ppl"], "wikitext2 before": start["wikitext2_ppl"],
                      "c4 nested": best["budgets"][k]["c4_ppl"], "c4 separate": mine["c4_ppl"],
                      "c4 nested / separate": best["budgets"][k]["c4_ppl"] / mine["c4_ppl"],
                      "wikitext2 nested": best["budgets"][k]["wikitext2_ppl"], "wikitext2 separate": mine["wikitext2_ppl"],
