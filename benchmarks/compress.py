@@ -19,13 +19,13 @@ import copy
 import gc
 import json
 import resource
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from welore import allocate, analyze, apply_plan, count_parameters, find_targets, load_model, perplexity
+from welore.generate import generation_speed as welore_speed
 from welore.report import markdown_table
 
 
@@ -126,41 +126,20 @@ def main() -> None:
 
 def generation_speed(dense, tok, spectra, a) -> dict:
     """Prefill and decode tokens/s of greedy generate, batch 1, dense vs the main job's model (50%
-    effective rank reduction, min_ratio 0.5), alternating the two models run by run so that any
-    drift of the machine hits both alike. Decode excludes prefill: time(n new) - time(1 new)."""
+    effective rank reduction, min_ratio 0.5): welore.generate.generation_speed (the two models
+    alternating run by run, medians; decode excludes prefill: time(n new) - time(1 new))."""
     plan = allocate(spectra, ratio=0.5, min_ratio=0.5)
     compressed = apply_plan(copy.deepcopy(dense), plan, spectra, progress=False)
     device = next(dense.parameters()).device
-    prompt = tok("The capital of France is", return_tensors="pt").to(device)
-    long_prompt = {"input_ids": torch.randint(0, len(tok), (1, 512), generator=torch.Generator().manual_seed(0))
-                   .to(device)}
     n = a.speed_tokens
-
-    def timed(m, ids, new):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        m.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.eos_token_id)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    runs = {"dense": {"decode": [], "prefill": []}, "compressed": {"decode": [], "prefill": []}}
-    models = {"dense": dense, "compressed": compressed}
     with torch.no_grad():
-        for m in models.values():  # warm-up: allocator, kernels, caches
-            timed(m, prompt, 4)
-            timed(m, long_prompt, 1)
-        for _ in range(a.speed_runs):
-            for name, m in models.items():
-                runs[name]["decode"].append((n - 1) / (timed(m, prompt, n) - timed(m, prompt, 1)))
-                runs[name]["prefill"].append(512 / timed(m, long_prompt, 1))
+        speed = welore_speed({"dense": dense, "compressed": compressed}, tok, new_tokens=n, runs=a.speed_runs)
     res = {"threads": torch.get_num_threads(), "device": str(device), "dtype": str(next(dense.parameters()).dtype),
            "new_tokens": n, "runs": a.speed_runs, "params_dense": count_parameters(dense),
-           "params_compressed": count_parameters(compressed), "raw": runs}
+           "params_compressed": count_parameters(compressed)}
     res["param_ratio"] = res["params_dense"] / res["params_compressed"]
     for kind in ("decode", "prefill"):
-        d, c = statistics.median(runs["dense"][kind]), statistics.median(runs["compressed"][kind])
+        d, c = speed["dense"][kind], speed["compressed"][kind]
         res[f"{kind}_tok_s_dense"], res[f"{kind}_tok_s_compressed"], res[f"{kind}_speedup"] = d, c, c / d
     print(f"generation speed ({res['device']}, {res['dtype']}, {res['threads']} threads, median of {a.speed_runs}): "
           f"decode {res['decode_tok_s_dense']:.1f} -> {res['decode_tok_s_compressed']:.1f} tok/s "

@@ -94,6 +94,7 @@ def test_speed_through_compress_load_and_elastic(model_dir, tmp_path, fake_costs
     speed = meta["plan"]["speed"]
     assert meta["settings"]["speed"] and meta["plan"]["target"]["kind"] == "latency"
     assert meta["settings"]["stream"]  # a safetensors directory streams: the cost model reaches that path too
+    assert not (tmp_path / "l30" / "costs.json").exists()  # the processes' handoff is not left in the output
     assert abs(1 - speed["decode"]["plan_s"] / speed["decode"]["dense_s"] - 0.3) < 0.05
     assert load_compressed(tmp_path / "l30", device="cpu").plan.speed == speed
     # budgets nest under the cost model too: each sliced budget is its separate run

@@ -94,11 +94,20 @@ class CostModel:
         return {"device": self.device, "multiple": self.multiple,
                 **{r: {"dense_s": self.dense_seconds(plan, r), "plan_s": self.seconds(plan, r)} for r in REGIMES}}
 
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
+        return cls(d["device"], int(d["multiple"]), d["shapes"])
+
     def _shape(self, m: int, n: int) -> dict:
         try:
             return self.shapes[key(m, n)]
         except KeyError:
-            raise WeloreError(f"the cost model has no {m} x {n} matrix (measure it: welore.costs.measure)") from None
+            raise WeloreError(f"the cost model has no {m} x {n} matrix (measure it: welore.costs.for_shapes)") from None
 
 
 def device_name(device: torch.device, dtype: torch.dtype) -> str:
@@ -134,7 +143,7 @@ def for_shapes(shapes, device: torch.device, dtype: torch.dtype, *, cache: bool 
     model = _MEMO.get(name) or _read(path, name)
     todo = sorted({(int(m), int(n)) for m, n in shapes} - {tuple(map(int, k.split("x"))) for k in model.shapes})
     _MEMO[name] = model
-    if not todo and model.multiple:
+    if not todo:
         return model
     with torch.inference_mode():
         if not model.multiple:  # first: the grid of timed ranks is on its multiples
@@ -143,7 +152,7 @@ def for_shapes(shapes, device: torch.device, dtype: torch.dtype, *, cache: bool 
             model.shapes[key(m, n)] = _measure_shape(m, n, model.multiple, device, dtype)
     if path is not None:
         with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT, **asdict(model)}, indent=1))
+            tmp.write_text(json.dumps(model.to_dict(), indent=1))
     return model
 
 
@@ -151,11 +160,11 @@ def _read(path: Path | None, name: str) -> CostModel:
     if path is None or not path.exists():
         return CostModel(name, 0)
     try:
-        d = json.loads(path.read_text())
-        if d.get("format") == FORMAT and d.get("device") == name:
-            return CostModel(d["device"], int(d["multiple"]), d["shapes"])
+        model = CostModel.from_dict(json.loads(path.read_text()))
+        if model.device == name:
+            return model
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # a damaged cache is measured again, not an error
+        pass  # a damaged or older cache is measured again, not an error
     return CostModel(name, 0)
 
 

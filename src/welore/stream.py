@@ -48,7 +48,7 @@ from transformers import AutoConfig
 
 from .allocate import RankPlan, allocate
 from .config import CompressConfig
-from .costs import for_shapes
+from .costs import CostModel, for_shapes
 from .device import PeakMemory, pick_device, process_memory
 from .errors import WeloreError, one_line
 from .factorize import refit_solve
@@ -122,9 +122,7 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     state.wait_for_everyone()
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        # timed where this process computes, in the checkpoint's dtype (one matrix read to learn it)
-        costs = for_shapes([t.shape for t in targets], state.device if device is None else pick_device(device),
-                           reader.get(f"{targets[0].name}.weight").dtype, progress=progress) if cfg.speed else None
+        costs = _costs(cfg, targets, reader, work, state, device, progress)
 
         def allocate_from(spectra: Spectra) -> RankPlan:
             return allocate(spectra, ratio=cfg.ratio, target=cfg.target, allocation=cfg.allocation,
@@ -159,6 +157,22 @@ def compress_streaming(source: str | Path, output: str | Path, cfg: CompressConf
     return StreamResult(output, plan, metrics, rank)
 
 
+def _costs(cfg: CompressConfig, targets: list[Target], reader: ShardReader, work: Path, state, device,
+           progress: bool) -> CostModel | None:
+    """With cfg.speed, the cost model: timed by process 0 where it computes, in the checkpoint's dtype
+    (one matrix read to learn it), and handed to the others through `work`, so every process plans
+    with the same costs (several timing at once would disturb each other, and could disagree)."""
+    if not cfg.speed:
+        return None
+    where = work / "costs.json"
+    if state.process_index == 0:
+        costs = for_shapes([t.shape for t in targets], state.device if device is None else pick_device(device),
+                           reader.get(f"{targets[0].name}.weight").dtype, progress=progress)
+        where.write_text(json.dumps(costs.to_dict()))
+    state.wait_for_everyone()
+    return CostModel.from_dict(json.loads(where.read_text()))
+
+
 def _finish(source: Path, output: Path, work: Path, config, plan: RankPlan, cfg: CompressConfig, total: int,
             metrics: dict) -> None:
     """The index, the metadata, and the rename that makes the output appear."""
@@ -172,6 +186,7 @@ def _finish(source: Path, output: Path, work: Path, config, plan: RankPlan, cfg:
         if scratch.is_dir():
             shutil.rmtree(scratch)  # spills, activations, gradients
     (work / "job.json").unlink()
+    (work / "costs.json").unlink(missing_ok=True)  # plan.speed in welore.json records what was used
     (work / "stream.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():
         shutil.rmtree(output)  # check_output allowed it: --overwrite
