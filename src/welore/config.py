@@ -51,7 +51,8 @@ class CompressConfig(Selection):
     calib_passes > 1: re-collect the statistics on the compressed model, refactorise, re-plan."""
 
     ratio: float | None = field(default=0.5, metadata=_help("the reduction to hit (default 0.5): effective rank "
-                                                             "(with --target params: parameters of the targets)"))
+                                                             "(--target params: parameters of the targets; latency: "
+                                                             "their predicted decode time)"))
     target: str = field(default="rank", metadata=_help(
         "what --ratio reduces: effective rank, parameters of the targets, or their batch-1 decode time as "
         "measured on this device (latency: implies --speed)", choices=("rank", "params", "latency")))
