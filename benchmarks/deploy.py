@@ -13,6 +13,8 @@ separate compression per budget, in one run with nothing else on the CPU:
 - with --speed: every compression allocates with the device's cost model (no factorisation slower
   than its matrix, ranks on the fast multiple), and each budget's plain plan is a row beside it;
   `--target latency` makes the budgets decode-latency reductions of the target matrices (implies --speed);
+- with --compile: the speed also with the decoding step compiled (welore.generate.compiled_decoding),
+  every model alike, in the same run: columns "compiled ..." against the compiled dense model;
 - with --recover N: the recovery recipe on the elastic directory (every budget at once, welore.elastic.Nest)
   against a separate recovery of each budget, each N steps of the same batches.
 
@@ -22,6 +24,7 @@ separate compression per budget, in one run with nothing else on the CPU:
     python benchmarks/deploy.py --budgets 0.1,0.2 --allocation loss --method whiten-fisher --recover 200
     python benchmarks/deploy.py --budgets 0.2,0.5 --speed          # cost-model plans beside plain ones
     python benchmarks/deploy.py --budgets 0.2,0.3 --target latency
+    python benchmarks/deploy.py --budgets 0.2,0.5 --speed --compile   # + torch.compile'd decoding
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time with the decoding step compiled")
     ap.add_argument("--recover", type=int, default=0, help="also recover: the elastic directory at once (nested) "
                     "against each budget separately, this many steps each")
     ap.add_argument("--nested-steps", type=int, default=0, help="steps of the nested recovery (default: --recover; "
@@ -110,32 +114,44 @@ def main() -> None:
     for r, m in zip(rows, models.values()):
         for corpus in ("wikitext2", "c4"):
             r[f"{corpus} ppl"] = perplexity(m, tok, corpus, max_tokens=a.eval_tokens, progress=False).ppl
-    speed = generation_speed(models, tok, new_tokens=a.new_tokens, prefill_tokens=PREFILL, runs=a.runs)
-    d = speed["dense"]
-    per = {"decode": 1 / d["decode"], "prefill": PREFILL / d["prefill"]}  # the dense model's seconds per forward
-    for r in rows:
-        ideal, s = rows[0]["params"] / r["params"], speed[r["budget"]]
-        r.update({"decode tok/s": s["decode"], "decode x dense": s["decode"] / d["decode"],
-                  "prefill tok/s": s["prefill"], "prefill x dense": s["prefill"] / d["prefill"],
-                  "ideal x dense": ideal, "decode / ideal": s["decode"] / d["decode"] / ideal,
-                  "prefill / ideal": s["prefill"] / d["prefill"] / ideal})
-        if r["budget"] in plans:  # predicted: dense forward - dense targets + planned targets (welore.costs)
-            for regime in ("decode", "prefill"):
-                plan = plans[r["budget"]]
-                predicted = per[regime] / (per[regime] - costs.dense_seconds(plan, regime) + costs.seconds(plan, regime))
-                r[f"predicted {regime} x dense"] = predicted
-                r[f"measured / predicted {regime}"] = r[f"{regime} x dense"] / predicted
+    speed = {"": generation_speed(models, tok, new_tokens=a.new_tokens, prefill_tokens=PREFILL, runs=a.runs)}
+    if a.compile:
+        speed["compiled "] = generation_speed(models, tok, new_tokens=a.new_tokens, prefill_tokens=PREFILL,
+                                              runs=a.runs, compile=True)
+    for mode, sp in speed.items():
+        d = sp["dense"]
+        per = {"decode": 1 / d["decode"], "prefill": PREFILL / d["prefill"]}  # the dense model's seconds per forward
+        for r in rows:
+            ideal, s = rows[0]["params"] / r["params"], sp[r["budget"]]
+            r.update({f"{mode}decode tok/s": s["decode"], f"{mode}decode x dense": s["decode"] / d["decode"]})
+            if not mode:  # the compiled prefill is the eager one (only the decoding step compiles)
+                r.update({"prefill tok/s": s["prefill"], "prefill x dense": s["prefill"] / d["prefill"],
+                          "ideal x dense": ideal})
+            r[f"{mode}decode / ideal"] = s["decode"] / d["decode"] / ideal
+            if not mode:
+                r["prefill / ideal"] = s["prefill"] / d["prefill"] / ideal
+            if r["budget"] in plans:  # predicted: dense forward - dense targets + planned targets (welore.costs)
+                for regime in ("decode",) if mode else ("decode", "prefill"):
+                    plan = plans[r["budget"]]
+                    predicted = per[regime] / (per[regime] - costs.dense_seconds(plan, regime)
+                                               + costs.seconds(plan, regime))
+                    r[f"{mode}predicted {regime} x dense"] = predicted
+                    r[f"{mode}measured / predicted {regime}"] = r[f"{mode}{regime} x dense"] / predicted
+    d = speed[""]["dense"]
+    per = {"decode": 1 / d["decode"]}
+    compiled = (f" Compiled decoding: dense {speed['compiled ']['dense']['decode']:.1f} tok/s "
+                f"({speed['compiled ']['dense']['decode'] / d['decode']:.2f}x eager)." if a.compile else "")
     header = (f"{a.model or 'SmolLM2-135M-Instruct (embedded)'}, budgets {a.budgets} ({a.target}, {a.allocation} "
               f"allocation, {a.method or 'svd'}), "
               f"{torch.get_num_threads()} threads, {next(dense.model.parameters()).dtype}, "
               f"{'cost-model plans (--speed), ' if speed_on else ''}dense decode "
-              f"{speed['dense']['decode']:.1f} tok/s, prefill {speed['dense']['prefill']:.0f} tok/s (median of {a.runs}).\n\n"
+              f"{d['decode']:.1f} tok/s, prefill {d['prefill']:.0f} tok/s (median of {a.runs}).\n\n"
               f"Elastic artifact {size['elastic'] / 1e6:.1f} MB = {size['elastic'] / largest:.3f}x its largest budget alone "
               f"({largest / 1e6:.1f} MB), {size['elastic'] / separate_sum:.3f}x the {len(budgets)} separate checkpoints "
               f"({separate_sum / 1e6:.1f} MB); compressed in {seconds['elastic']:.0f} s against "
               f"{sum(seconds[f'{b:g}'] for b in budgets):.0f} s for the separate runs. Predictions: {costs.device}, "
               f"target matrices {1e3 * costs.dense_seconds(plans[f'{budgets[0]:g}']):.1f} ms of the dense model's "
-              f"{1e3 * per['decode']:.1f} ms per decoded token.")
+              f"{1e3 * per['decode']:.1f} ms per decoded token.{compiled}")
     table = markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     recovery = recover(out, budgets, a.recover, a.nested_steps or a.recover) if a.recover else []
     if recovery:

@@ -182,7 +182,7 @@ def cmd_generate(a) -> int:
                         budget=job.budget)
     chat = not job.raw and has_chat_template(loaded.tokenizer)
     generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=job.max_new_tokens, chat=chat,
-             temperature=job.temperature, seed=job.seed, stream=True)
+             temperature=job.temperature, seed=job.seed, stream=True, compile=job.compile)
     return 0
 
 

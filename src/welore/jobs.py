@@ -173,6 +173,9 @@ class GenerateJob(Loading, Budget):
     max_new_tokens: int = field(default=128, metadata=_help("tokens to generate"))
     temperature: float = field(default=0.0, metadata=_help("0 (default): greedy"))
     seed: int = field(default=0, metadata=_help("seed of the sampling"))
+    compile: bool = field(default=False, metadata=_help(
+        "compile the decoding step (torch.compile, static KV cache): ~30 s once, then ~1.3x the tokens/s on a CPU; "
+        "for long generations"))
 
     def __post_init__(self) -> None:
         check_positive(self, "max_new_tokens")
