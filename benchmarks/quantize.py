@@ -11,10 +11,14 @@ head apart, unquantised in every row):
            width chosen together on calibrated loss estimates), at each --budgets B: one
            calibration and one table of storage choices, re-planned per budget and quantiser
 with the wall time and peak memory (resident memory it adds over the model copy it works on) of
-each, and batch-1 decode tokens/s of dense, the best plain row and the best welore row at 4 bits.
+each; and the speed of dense, the best plain and welore rows at 4 bits and every rank+bits row:
+batch-1 decode tokens/s eager and compiled, 512-token prefill, and their perplexity with every
+product on the int4 kernel (QuantLinear's decode path) against HQQ's path, which the table's
+512-token evaluations take.
 Writes results.json, results.md and quantize.png to --out.
 
     python benchmarks/quantize.py           # ~40 min on 2 CPU cores, nothing else running
+    python benchmarks/quantize.py --bits 4 --param-ratios 0.1 --budgets 3.25 4.25 --joint-quantizers hqq  # the speed
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ def main() -> None:
             r["storage"] = dict(sorted(Counter(
                 f"{mp.bits}-bit" + (" LRC" if mp.lrc else f" + rank {mp.correction}" if mp.correction else "")
                 for mp in done.plan.matrices).items()))
+            models[r["model"]] = m if quantizer == a.joint_quantizers[0] else None
             del m, done
             gc.collect()
     del first
@@ -130,19 +135,20 @@ def main() -> None:
         del lr
         gc.collect()
 
-    speed = decode_speeds(rows, models, tok, a.decode_tokens)
+    speed = decode_speeds(rows, models, tok, a.decode_tokens, a)
     (out / "results.json").write_text(json.dumps({"rows": rows, "decode": speed, "args": vars(a)}, indent=1))
     table = markdown_table([{**{k: v for k, v in r.items() if k != "storage"},
                              "wikitext2 x dense": r["wikitext2 ppl"] / ref["wikitext2 ppl"],
                              "c4 x dense": r["c4 ppl"] / ref["c4 ppl"]} for r in rows])
     storage = "\n".join(f"- {r['model']}: " + ", ".join(f"{n} {k}" for k, n in r["storage"].items())
                         for r in rows if "storage" in r)
-    (out / "results.md").write_text(f"{table}\n\nDecode (batch 1, {a.decode_tokens} new tokens): "
-                                    + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items())
-                                    + f"\n\nMatrices per storage choice:\n{storage}\n")
+    speed_table = markdown_table([{"model": k, **v} for k, v in speed.items()])
+    (out / "results.md").write_text(f"{table}\n\nSpeed (batch 1, {a.decode_tokens} new tokens; prefill 512 tokens; "
+                                    f"median of 3, models alternating):\n\n{speed_table}"
+                                    f"\n\nMatrices per storage choice:\n{storage}\n")
     plot(rows, out / "quantize.png")
     print(table)
-    print(speed)
+    print(speed_table)
 
 
 def rss_gib() -> float:
@@ -170,22 +176,41 @@ class PeakRSS:
         self.gib = max(self.top, rss_gib()) - self.base
 
 
-def decode_speeds(rows: list[dict], models: dict, tok, new_tokens: int) -> dict[str, float]:
-    """Greedy batch-1 decode tokens/s of dense and of the best 4-bit plain and welore rows."""
+def decode_speeds(rows: list[dict], models: dict, tok, new_tokens: int, a) -> dict[str, dict]:
+    """Greedy batch-1 decode tokens/s (eager and compiled decoding) and 512-token prefill of dense,
+    the best plain and welore rows kept (4-bit) and every rank+bits row, models alternating
+    (welore.generate.generation_speed); and each quantised model's perplexity with the int4 kernel
+    on every forward (the table's rows evaluate 512-token sequences, past QuantLinear.int4_rows:
+    HQQ's fp32 path), to show what its bfloat16 activations cost."""
+    from welore.generate import generation_speed
+    from welore.qlinear import QuantLinear
+
     picks = ["dense"]
     for family in ("plain", "welore"):
         kept = [r for r in rows if r["family"] == family and models.get(r["model"]) is not None]
         if kept:
             picks.append(min(kept, key=lambda r: r["wikitext2 ppl"])["model"])
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    picks += [r["model"] for r in rows if r["family"] == "rank+bits" and models.get(r["model"]) is not None]
+    chosen = {name: models[name] for name in picks}
+    eager = generation_speed(chosen, tok, new_tokens=new_tokens, runs=3)
+    compiled = generation_speed(chosen, tok, new_tokens=new_tokens, runs=3, compile=True)
+    by_name = {r["model"]: r for r in rows}
     speed = {}
     for name in picks:
-        m = models[name]
-        with torch.no_grad():
-            m.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-            t = time.perf_counter()
-            m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            speed[name] = new_tokens / (time.perf_counter() - t)
+        s = speed[name] = {"decode tok/s": eager[name]["decode"], "compiled decode tok/s": compiled[name]["decode"],
+                           "prefill tok/s": eager[name]["prefill"]}
+        for k in list(s):
+            s[k.replace("tok/s", "x dense")] = s[k] / speed["dense"][k]
+        if name == "dense":
+            continue
+        rows_before = QuantLinear.int4_rows
+        QuantLinear.int4_rows = 1 << 30
+        try:
+            for corpus in ("wikitext2", "c4"):
+                ppl = perplexity(chosen[name], tok, corpus, seqlen=a.seqlen, max_tokens=a.tokens, progress=False).ppl
+                s[f"{corpus} ppl, int4 kernel / HQQ path"] = ppl / by_name[name][f"{corpus} ppl"]
+        finally:
+            QuantLinear.int4_rows = rows_before
     return speed
 
 

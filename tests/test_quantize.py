@@ -81,6 +81,7 @@ def test_a_quantised_compressed_dir_loads_the_same_in_welore_and_plain_transform
     cfg = CompressConfig(ratio=0.3, min_ratio=0.0, bits=3, group_size=32, quantizer="hqq")
     done = compress(model, None, cfg, progress=False)
     out = save_compressed(model, tmp_path / "q", done.plan, settings=cfg.to_dict())
+    model.eval()  # inference, as the loaded models are: the int4 kernel's path
     meta = json.loads((out / "welore.json").read_text())
     assert meta["quantization"]["bits_per_weight"] == done.quant["bits_per_weight"]
     assert meta["settings"]["bits"] == 3 and meta["settings"]["quantizer"] == "hqq"
@@ -89,13 +90,14 @@ def test_a_quantised_compressed_dir_loads_the_same_in_welore_and_plain_transform
     assert torch.equal(_plain_transformers_logits(out, tmp_path), _logits(model))
 
 
-def test_merge_dequantises_into_plain_modules_of_the_original_type(tmp_path):
+def test_merge_dequantises_into_plain_modules_of_the_original_type(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     model = make_tiny("gpt2")  # Conv1D N-LRCs: merged back as Conv1D
     done = compress(model, None, CompressConfig(ratio=0.3, bits=4, group_size=32), progress=False)
     assert done.plan.lrcs and len(done.plan.lrcs) < len(done.plan.matrices)
+    monkeypatch.setattr(QuantLinear, "int4_kernel", False)  # fp32 activations, as the merged model has
     before = _logits(model)
     merge_to_dense(model)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -184,6 +186,7 @@ def test_a_bits_per_weight_budget_is_met_and_stored_as_planned(tmp_path, tokeniz
         stored = done.quant["matrices"][mp.name]
         assert stored["bits"] == pytest.approx(8 * mp.nbytes / mp.params_before, abs=1e-3), mp.name
     out = save_compressed(model, tmp_path / "q", plan, settings=cfg.to_dict())
+    model.eval()  # inference, as the loaded model is: the int4 kernel's path
     assert torch.equal(_logits(load_compressed(out, device="cpu").model), _logits(model))
     assert json.loads((out / "welore.json").read_text())["plan"]["totals"]["bits_per_weight"] == plan.bits_per_weight
 
@@ -248,7 +251,7 @@ def test_q_plus_lr_corrects_what_the_quantiser_loses(whitened):
     torch.testing.assert_close(q(x1), x1 @ q.dense().T, atol=1e-4, rtol=1e-4)
 
 
-def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path):
+def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path, monkeypatch):
     """A model holding Q + LR layers (what the bits rule picks at low budgets on larger matrices than a
     tiny model has) loads in welore and plain transformers with the same logits, and merges."""
     from welore.quantize import fit_q_plus_lr
@@ -260,12 +263,14 @@ def test_a_q_plus_lr_layer_saves_loads_and_merges(tmp_path):
         module = model.get_submodule(name)
         model.set_submodule(name, fit_q_plus_lr(module.weight, 3, 32, 4, bias=module.bias))
     out = save_compressed(model, tmp_path / "q", done.plan, settings={})
+    model.eval()  # inference, as the loaded models are: the int4 kernel's path
     meta = json.loads((out / "welore.json").read_text())
     assert meta["quantization"]["matrices"][dense[0]]["stored"] == (
         "3-bit g32 + rank 4 fp16 correction")
     loaded = load_compressed(out, device="cpu")
     assert torch.equal(_logits(loaded.model), _logits(model))
     assert torch.equal(_plain_transformers_logits(out, tmp_path), _logits(model))
+    monkeypatch.setattr(QuantLinear, "int4_kernel", False)  # fp32 activations, as the merged model has
     before = _logits(model)
     merge_to_dense(model)
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-4)

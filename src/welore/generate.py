@@ -89,10 +89,11 @@ def continuation(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 1
 def generation_speed(models: dict[str, torch.nn.Module], tokenizer, *, new_tokens: int = 64, prefill_tokens: int = 512,
                      runs: int = 3, compile: bool = False) -> dict[str, dict[str, float]]:
     """{name: {"decode": tokens/s, "prefill": tokens/s}} of greedy batch-1 `generate`, the median of
-    `runs`, the models alternating run by run so that drift of the machine hits each alike. Decode
+    `runs`, the models alternating run by run so that drift of the machine hits each alike (eager). Decode
     excludes the prefill (time of `new_tokens` less time of one); prefill: one forward of
     `prefill_tokens` random ids, the first token included. compile: decode compiled
-    (`compiled_decoding`; the warm-up compiles, at the length timed); the prefill stays eager."""
+    (`compiled_decoding`; the warm-up compiles, at the length timed), one model at a time (below);
+    the prefill stays eager."""
     import statistics
     import time
 
@@ -113,19 +114,31 @@ def generation_speed(models: dict[str, torch.nn.Module], tokenizer, *, new_token
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    # Compiled, every model of a class shares one compiled frame: each model's shapes are a recompile
-    # of it, and past dynamo's limit (8) the rest would run eager, unnoticed. The prefill stays eager
-    # (as it does in compiled generation) and runs without the static cache, whose length would
-    # otherwise grow to the prefill's for every later decode (transformers keeps the longest one).
-    limit = max(torch._dynamo.config.recompile_limit, 4 * len(models))
+    # Compiled, every model of a class shares one compiled frame, each model a recompile of it: past
+    # dynamo's limit (8) the rest would run eager, unnoticed, and each call checks the guards of
+    # every other model's entry first (measured: a dense model compiled after four others, beside
+    # four quantised ones, ran at its eager speed; the cause not isolated further). So compiled,
+    # each model is timed alone, from a fresh dynamo cache, its runs back to back. The prefill stays eager (as in compiled generation) and runs without the
+    # static cache, whose length would otherwise grow to the prefill's for every later decode
+    # (transformers keeps the longest one).
     raw: dict[str, dict[str, list]] = {name: {"decode": [], "prefill": []} for name in models}
-    with torch._dynamo.config.patch(recompile_limit=limit):
-        for m in models.values():  # warm-up: allocator, kernels, caches; compiling: at the length timed
-            timed(m, short, new_tokens if compile else 4, **extra)
-            timed(m, long, 1)
+    for m in models.values():
+        m.eval()  # inference: no dropout, and modules swapped in later (training by default) agree
+
+    def measure(names: list[str]) -> None:
+        for name in names:  # warm-up: allocator, kernels, caches; compiling: at the length timed
+            timed(models[name], short, new_tokens if compile else 4, **extra)
+            timed(models[name], long, 1)
         for _ in range(runs):
-            for name, m in models.items():
-                decode = timed(m, short, new_tokens, **extra) - timed(m, short, 1, **extra)
-                raw[name]["decode"].append((new_tokens - 1) / decode)
+            for name in names:
+                m = models[name]
+                raw[name]["decode"].append((new_tokens - 1) / (timed(m, short, new_tokens, **extra)
+                                                               - timed(m, short, 1, **extra)))
                 raw[name]["prefill"].append(prefill_tokens / timed(m, long, 1))
+
+    if not compile:
+        measure(list(models))
+    for name in models if compile else []:
+        torch._dynamo.reset()
+        measure([name])
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in raw.items()}

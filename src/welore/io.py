@@ -3,8 +3,9 @@
     out/
       config.json             the base architecture's Hugging Face config, plus `welore_lrcs` (the
                               shape of every low-rank layer) and an `auto_map` to modeling_welore.py
-      modeling_welore.py      welore's layers.py, self-contained: with it, plain transformers loads the
-                              directory (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`)
+      modeling_welore.py      welore's layers.py, and qlinear.py beside it (its one import): with them,
+      qlinear.py              plain transformers loads the directory
+                              (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`)
       generation_config.json  (when the model has one)
       model.safetensors       all weights; LRCs as `<name>.down.weight` / `<name>.up.weight[/bias]`;
                               quantised matrices (--bits) as `<name>.qweight` / `.scale` / `.zero`
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from . import elastic, layers
+from . import elastic, layers, qlinear
 from ._version import __version__
 from .allocate import RankPlan
 from .device import pick_device
@@ -152,6 +153,7 @@ def _save_config_and_modeling(model: nn.Module, out: Path, budgets: dict[str, Ra
         if marker not in source:
             raise RuntimeError("welore/layers.py lost its BASE_CLASS line")
         (out / MODELING).write_text(source.replace(marker, f"\nBASE_CLASS = {base!r}\n"))
+        (out / "qlinear.py").write_text(Path(qlinear.__file__).read_text())  # modeling_welore.py imports it
     elif specs or quant:
         logging.getLogger(__name__).warning("%s is not a transformers class: the output loads with welore only",
                                             type(model).__name__)

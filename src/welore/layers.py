@@ -1,5 +1,5 @@
 """LowRankLinear: a weight W (out x in) stored as two factors, W ~= up.weight @ down.weight;
-QuantLinear: a weight stored in low-bit groups (HQQ's packing) with a scale and zero per group.
+QuantLinear (qlinear.py): a weight stored in low-bit groups with a scale and zero per group.
 
 The factors come from one truncated SVD, W_k = U_k S_k V_k^T, with sqrt(S_k) folded into *both*:
 down = sqrt(S_k) V_k^T (k x in), up = U_k sqrt(S_k) (out x k). Balanced factors have equal norms,
@@ -9,21 +9,20 @@ makes one factor orders of magnitude larger than the other).
 The factors are two plain `nn.Linear`s, so anything that understands Linear (PEFT, quantisers,
 torch.compile, FSDP wrapping) works on them unchanged.
 
-This file imports nothing from welore on purpose: `welore.io.save_compressed` copies it into every
-output directory as `modeling_welore.py` (with BASE_CLASS filled in) and points config.json's
-`auto_map` at it, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` rebuilds
-the low-rank layers where welore is not installed.
+This file imports nothing from welore but its sibling qlinear.py, on purpose: `welore.io.save_compressed`
+copies both into every output directory (this one as `modeling_welore.py`, with BASE_CLASS filled in)
+and points config.json's `auto_map` at it, so `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` rebuilds the low-rank and quantised layers where welore is not installed.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import transformers
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
+
+from .qlinear import QuantLinear, dense_module, qgroups  # noqa: F401 (qgroups: welore's name for it)
 
 
 class LowRankLinear(nn.Module):
@@ -113,96 +112,6 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, kind={self.kind}"
-
-
-class QuantLinear(nn.Module):
-    """y = x W^T + b with W stored as `bits`-bit integers in groups of `group` consecutive weights
-    (row-major, so a group stays in one row whenever `group` divides in_features), each group with an
-    fp16 scale and zero: W = (q - zero) * scale. Quantising, packing and unpacking are the HQQ
-    library's (hqq.core.quantize.Quantizer), imported only when used; the weight is dequantised on
-    every forward (the packed one is what is kept in memory and on disk)."""
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group: int, qshape: tuple[int, int],
-                 qdtype: str = "uint8", bias: bool = True, kind: str = "linear", device=None, dtype=None,
-                 rank: int = 0):
-        super().__init__()
-        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
-        self.kind, self.rank = kind, rank  # kind: the module it replaced ("linear" or GPT-2's "conv1d")
-        groups = qgroups(in_features * out_features, group)
-        self.register_buffer("qweight", torch.zeros(qshape, dtype=getattr(torch, qdtype), device=device))
-        self.register_buffer("scale", torch.ones(groups, 1, dtype=torch.float16, device=device))
-        self.register_buffer("zero", torch.zeros(groups, 1, dtype=torch.float16, device=device))
-        if rank:  # Q + LR: W ~ dequantised Q + lr_up @ lr_down, a low-rank correction in fp16
-            self.register_buffer("lr_down", torch.zeros(rank, in_features, dtype=torch.float16, device=device))
-            self.register_buffer("lr_up", torch.zeros(out_features, rank, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out x in) weight in `dtype` (default: the bias's, else float32)."""
-        from hqq.core.quantize import Quantizer
-
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        packing = Quantizer.bit_to_packing[self.bits]
-        meta = {"nbits": self.bits, "group_size": self.group, "shape": (self.scale.shape[0], self.group),
-                "scale": self.scale.to(dtype), "zero": self.zero.to(dtype), "axis": 1, "packing": packing,
-                "view_as_float": False, "compute_dtype": dtype}
-        w = Quantizer.dequantize(self.qweight, meta)
-        return w.reshape(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.requires_grad and torch.is_grad_enabled() and not (bias is not None and bias.requires_grad):
-            # training through this frozen matrix: HQQ's no-cache matmul dequantises it again in the
-            # backward, where autograd would keep the full-precision weight alive until then
-            from hqq.core.quantize import HQQMatmulNoCacheDeq
-
-            y = HQQMatmulNoCacheDeq.apply(x, lambda: self.dequantize(x.dtype), bias)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype), bias)
-        return y if not self.rank else y + (x @ self.lr_down.t().to(x.dtype)) @ self.lr_up.t().to(x.dtype)
-
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out x in) matrix this layer stands for: the dequantised weight, plus the correction."""
-        w = self.dequantize(dtype)
-        return w if not self.rank else w + (self.lr_up.to(w.dtype) @ self.lr_down.to(w.dtype))
-
-    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The dequantised weight in a plain module of the original type."""
-        return dense_module(self.dense(dtype).detach(), self.bias, self.kind)
-
-    def spec(self) -> dict:
-        """What `swap_in_quant` needs to rebuild this layer empty (config.json's `welore_quant`)."""
-        return {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group": self.group,
-                "qshape": list(self.qweight.shape), "qdtype": str(self.qweight.dtype).removeprefix("torch."),
-                "bias": self.bias is not None, "kind": self.kind, "rank": self.rank}
-
-    def extra_repr(self) -> str:
-        lr = f", rank={self.rank}" if self.rank else ""
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}{lr}"
-
-
-def dense_module(w: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
-    """A plain module of type `kind` (Linear, or GPT-2's Conv1D) holding weight `w` (out x in) and `bias`."""
-    out_features, in_features = w.shape
-    if kind == "conv1d":
-        dense = Conv1D(out_features, in_features)
-        dense.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w.t())
-            dense.bias.copy_(bias if bias is not None else torch.zeros_like(dense.bias))
-        return dense
-    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(w)
-        if bias is not None:
-            dense.bias.copy_(bias)
-    return dense
-
-
-def qgroups(numel: int, group: int) -> int:
-    """Groups of a quantised matrix: enough for `numel` weights, a multiple of 8 so that every packing
-    (8 two-bit or one-bit values, or two four-bit values, per byte) packs whole rows of groups."""
-    return 8 * math.ceil(numel / (8 * group))
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -122,7 +122,7 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
                               kind=t.kind)
         else:
             q = quantize_weight(w, module.bias, b, g, optimize=opt, kind=t.kind)
-        model.set_submodule(t.name, q)
+        model.set_submodule(t.name, q.train(module.training))  # a model in eval mode stays in it
     return bits_report(model)
 
 
