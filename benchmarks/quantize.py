@@ -142,7 +142,8 @@ def main() -> None:
                              "c4 x dense": r["c4 ppl"] / ref["c4 ppl"]} for r in rows])
     storage = "\n".join(f"- {r['model']}: " + ", ".join(f"{n} {k}" for k, n in r["storage"].items())
                         for r in rows if "storage" in r)
-    speed_table = markdown_table([{"model": k, **v} for k, v in speed.items()])
+    speed_rows = [{"model": k, **v} for k, v in speed.items()]
+    speed_table = markdown_table(speed_rows, list(dict.fromkeys(k for r in speed_rows for k in r)))
     (out / "results.md").write_text(f"{table}\n\nSpeed (batch 1, {a.decode_tokens} new tokens; prefill 512 tokens; "
                                     f"median of 3, models alternating):\n\n{speed_table}"
                                     f"\n\nMatrices per storage choice:\n{storage}\n")
