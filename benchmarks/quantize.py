@@ -145,7 +145,7 @@ def main() -> None:
     speed_rows = [{"model": k, **v} for k, v in speed.items()]
     speed_table = markdown_table(speed_rows, list(dict.fromkeys(k for r in speed_rows for k in r)))
     (out / "results.md").write_text(f"{table}\n\nSpeed (batch 1, {a.decode_tokens} new tokens; prefill 512 tokens; "
-                                    f"median of 3, models alternating):\n\n{speed_table}"
+                                    f"median of 3; eager: models alternating, compiled: one at a time):\n\n{speed_table}"
                                     f"\n\nMatrices per storage choice:\n{storage}\n")
     plot(rows, out / "quantize.png")
     print(table)
@@ -179,8 +179,8 @@ class PeakRSS:
 
 def decode_speeds(rows: list[dict], models: dict, tok, new_tokens: int, a) -> dict[str, dict]:
     """Greedy batch-1 decode tokens/s (eager and compiled decoding) and 512-token prefill of dense,
-    the best plain and welore rows kept (4-bit) and every rank+bits row, models alternating
-    (welore.generate.generation_speed); and each quantised model's perplexity with the int4 kernel
+    the best plain and welore rows kept (4-bit) and every rank+bits row (welore.generate.
+    generation_speed: eager, the models alternating; compiled, one at a time); and each quantised model's perplexity with the int4 kernel
     on every forward (the table's rows evaluate 512-token sequences, past QuantLinear.int4_rows:
     HQQ's fp32 path), to show what its bfloat16 activations cost."""
     from welore.generate import generation_speed

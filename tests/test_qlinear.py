@@ -53,7 +53,7 @@ def test_inference_runs_on_the_kernel_and_training_on_hqq():
     assert layer._int4 is None  # training drops the kernel's copy
 
 
-def test_the_kernel_is_rebuilt_when_the_weight_changes_and_skips_what_it_cannot_run():
+def test_the_kernel_is_rebuilt_when_the_weight_changes_and_skips_what_it_cannot_run(monkeypatch):
     layer, other = _layer(48, 128, 4, 64, seed=0), _layer(48, 128, 4, 64, seed=2)
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -63,12 +63,9 @@ def test_the_kernel_is_rebuilt_when_the_weight_changes_and_skips_what_it_cannot_
         torch.testing.assert_close(layer(x), other(x))
     assert _layer(48, 128, 8, 64).int4() is None  # 8 bits: HQQ's path
     assert _layer(48, 100, 4, 64).int4() is None  # groups across rows
-    QuantLinear.int4_kernel = False
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
-    finally:
-        QuantLinear.int4_kernel = True
+    monkeypatch.setattr(QuantLinear, "int4_kernel", False)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
 
 
 def test_training_mode_keeps_hqqs_path_even_without_gradients():

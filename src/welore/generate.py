@@ -32,7 +32,7 @@ def compiled_decoding(device: torch.device) -> dict:
     route: a static KV cache and a CompileConfig; the prefill stays eager, its shapes vary).
 
     Batch-1 decoding is dominated by per-op overhead as much as by weights: on 2 CPU cores the
-    default model's step spends ~24 of 43 ms outside its linear layers, which is also why a
+    default model's step spends ~24 of 43 ms outside its target matrices, which is also why a
     compressed model is slower than its size promises. Inductor fuses that away: measured 1.3x per
     token dense, 1.4x at half the target parameters, after a one-off ~30 s compile (cached on disk
     by inductor, and again per new cache length). transformers compiles only on accelerators unless
@@ -116,11 +116,11 @@ def generation_speed(models: dict[str, torch.nn.Module], tokenizer, *, new_token
 
     # Compiled, every model of a class shares one compiled frame, each model a recompile of it: past
     # dynamo's limit (8) the rest would run eager, unnoticed, and each call checks the guards of
-    # every other model's entry first (measured: a dense model compiled after four others, beside
-    # four quantised ones, ran at its eager speed; the cause not isolated further). So compiled,
-    # each model is timed alone, from a fresh dynamo cache, its runs back to back. The prefill stays eager (as in compiled generation) and runs without the
-    # static cache, whose length would otherwise grow to the prefill's for every later decode
-    # (transformers keeps the longest one).
+    # every other model's entry first (measured: a dense model compiled beside four quantised ones
+    # ran at its eager speed; the cause not isolated further). So compiled, each model is timed
+    # alone, from a fresh dynamo cache, its runs back to back. The prefill stays eager (as in
+    # compiled generation) and runs without the static cache, whose length would otherwise grow to
+    # the prefill's for every later decode (transformers keeps the longest one).
     raw: dict[str, dict[str, list]] = {name: {"decode": [], "prefill": []} for name in models}
     for m in models.values():
         m.eval()  # inference: no dropout, and modules swapped in later (training by default) agree
@@ -136,9 +136,10 @@ def generation_speed(models: dict[str, torch.nn.Module], tokenizer, *, new_token
                                                                - timed(m, short, 1, **extra)))
                 raw[name]["prefill"].append(prefill_tokens / timed(m, long, 1))
 
-    if not compile:
+    if compile:
+        for name in models:
+            torch._dynamo.reset()
+            measure([name])
+    else:
         measure(list(models))
-    for name in models if compile else []:
-        torch._dynamo.reset()
-        measure([name])
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in raw.items()}

@@ -22,7 +22,7 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .qlinear import QuantLinear, dense_module, qgroups  # noqa: F401 (qgroups: welore's name for it)
+from .qlinear import QuantLinear, dense_module
 
 
 class LowRankLinear(nn.Module):

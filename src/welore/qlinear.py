@@ -99,8 +99,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if x.requires_grad and torch.is_grad_enabled() and not (bias is not None and bias.requires_grad):
+        bias_grad = bias is not None and bias.requires_grad
+        grad = torch.is_grad_enabled() and (x.requires_grad or bias_grad)
+        if grad and not bias_grad:
             # training through this frozen matrix: HQQ's no-cache matmul dequantises it again in the
             # backward, where autograd would keep the full-precision weight alive until then
             from hqq.core.quantize import HQQMatmulNoCacheDeq

@@ -24,8 +24,9 @@ from torch import nn
 
 from .errors import WeloreError
 from .factorize import whitening_factor
-from .layers import LowRankLinear, QuantLinear, qgroups
+from .layers import LowRankLinear
 from .progress import bar
+from .qlinear import QuantLinear, qgroups
 from .spectrum import Spectra
 from .targets import find_targets, layer_of, module_kind, weight_matrix
 
