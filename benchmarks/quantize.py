@@ -4,7 +4,8 @@ On the embedded default (or --model): every row is one model, evaluated on WikiT
 C4 (perplexity, `--tokens` each), with the bits it stores per block weight counted from its
 tensors (packed integers, scales, zeros, norms, biases: everything in the blocks; embeddings and
 head apart, unquantised in every row):
-  plain    HQQ's round-to-nearest and HQQ's half-quadratic fit, at 8/4/3/2 bits, groups of 128 and 64
+  plain    HQQ's round-to-nearest, HQQ's half-quadratic fit and GPTQ (welore.quantizers, on the same
+           calibration tokens as the calibrated rows), at 8/4/3/2 bits, groups of 128 and 64
   welore   the calibrated recipe (loss allocation + whiten-fisher) at 10% and 20% fewer parameters,
            factors and N-LRCs then quantised the same ways at 4/3/2 bits
   rank+bits  `welore compress --bits-per-weight B` (the `bits` rule: every matrix's rank and bit
@@ -17,7 +18,8 @@ product on the int4 kernel (QuantLinear's decode path) against HQQ's path, which
 512-token evaluations take.
 Writes results.json, results.md and quantize.png to --out.
 
-    python benchmarks/quantize.py           # ~40 min on 2 CPU cores, nothing else running
+    python benchmarks/quantize.py           # ~70 min on 2 CPU cores, nothing else running
+    python benchmarks/quantize.py --bits 4 3 2 --groups 128 --param-ratios 0.1 --budgets 2.5 3.25 4.25 --decode-tokens 0
     python benchmarks/quantize.py --bits 4 --param-ratios 0.1 --budgets 3.25 4.25 --joint-quantizers hqq  # the speed
 """
 
@@ -36,9 +38,11 @@ from pathlib import Path
 import torch
 
 from welore import CompressConfig, load_model, perplexity
+from welore.calibrate import calibration_batches, collect_stats
 from welore.compress import compress
-from welore.quantize import bits_report, quantize_model
+from welore.quantize import bits_report, choices_estimator, quantize_model
 from welore.report import markdown_table
+from welore.targets import find_targets
 
 
 def main() -> None:
@@ -52,8 +56,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.25, 3.5, 4.25, 4.5],
                     help="bits per weight for the rank+bits rows")
-    ap.add_argument("--joint-quantizers", nargs="+", default=["hqq", "rtn"])
-    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--quantizers", nargs="+", default=["rtn", "hqq", "gptq"], help="for the plain and welore rows")
+    ap.add_argument("--joint-quantizers", nargs="+", default=["gptq", "hqq"])
+    ap.add_argument("--decode-tokens", type=int, default=64, help="0: no speed table")
     ap.add_argument("--out", default="bench-out/quantize")
     a = ap.parse_args()
     out = Path(a.out)
@@ -63,12 +68,12 @@ def main() -> None:
     dense, tok = loaded.model, loaded.tokenizer
     rows: list[dict] = []
 
-    def row(family: str, label: str, model, seconds: float, peak: float | None = None) -> dict:
+    def row(family: str, label: str, model, seconds: float, peak: float | None = None, quantizer: str = "") -> dict:
         # an unquantised model counts as stored in 16 bits (what a checkpoint of it holds), not as
         # the float32 copy this CPU computes with
         quantised = any(type(m).__name__ == "QuantLinear" for m in model.modules())
         bits = bits_report(model if quantised else copy.deepcopy(model).half())["bits_per_weight"]
-        r = {"family": family, "model": label, "bits/weight": bits}
+        r = {"family": family, "quantizer": quantizer, "model": label, "bits/weight": bits}
         for corpus in ("wikitext2", "c4"):
             r[f"{corpus} ppl"] = perplexity(model, tok, corpus, seqlen=a.seqlen, max_tokens=a.tokens,
                                             progress=False).ppl
@@ -80,19 +85,26 @@ def main() -> None:
 
     ref = row("dense", "dense (16-bit)", dense, 0.0)
     models = {"dense": dense}
+    t = time.perf_counter()  # GPTQ's Hessians: the calibration every calibrated row below also draws
+    stats = collect_stats(dense, find_targets(dense), calibration_batches(tok, a.calib_samples, a.seqlen),
+                          progress=False) if "gptq" in a.quantizers else None
+    calib_s = time.perf_counter() - t
     for bits in a.bits:
         for group in a.groups if bits < 8 else a.groups[:1]:
-            for quantizer in ("rtn", "hqq"):
+            for quantizer in a.quantizers:
                 m = copy.deepcopy(dense)
                 t = time.perf_counter()
                 with PeakRSS() as peak:
-                    quantize_model(m, bits, group, quantizer, progress=False)
-                r = row("plain", f"{quantizer} {bits}-bit g{group}", m, time.perf_counter() - t, peak.gib)
+                    quantize_model(m, bits, group, quantizer, stats=stats, progress=False)
+                seconds = time.perf_counter() - t + (calib_s if quantizer == "gptq" else 0.0)
+                r = row("plain", f"{quantizer} {bits}-bit g{group}", m, seconds, peak.gib, quantizer)
                 models[r["model"]] = m if bits == 4 else None
                 del m
                 gc.collect()
-    first = None  # one calibration and one table of choices (quantiser-independent) serve every row
+    del stats
+    firsts = {}  # one calibration and one table of choices per estimator (choices_estimator) serve its rows
     for quantizer in a.joint_quantizers:
+        first = firsts.get(choices_estimator(quantizer))
         for budget in a.budgets:
             cfg = CompressConfig(bits_per_weight=budget, method="whiten-fisher", quantizer=quantizer,
                                  group_size=a.groups[0], calib_samples=a.calib_samples)
@@ -102,15 +114,15 @@ def main() -> None:
                 done = compress(m, tok, cfg, reuse=first, progress=False)
             seconds = time.perf_counter() - t + (first.prep_seconds if first is not None else 0.0)
             r = row("rank+bits", f"rank+bits {budget:g} ({quantizer} g{a.groups[0]})", m, seconds,
-                    peak.gib if first is None else None)  # a re-plan's peak is not the method's
-            first = first or done
+                    peak.gib if first is None else None, quantizer)  # a re-plan's peak is not the method's
+            first = firsts[choices_estimator(quantizer)] = first or done
             r["storage"] = dict(sorted(Counter(
                 f"{mp.bits}-bit" + (" LRC" if mp.lrc else f" + rank {mp.correction}" if mp.correction else "")
                 for mp in done.plan.matrices).items()))
             models[r["model"]] = m if quantizer == a.joint_quantizers[0] else None
             del m, done
             gc.collect()
-    del first
+    del first, firsts
     gc.collect()
     for ratio in a.param_ratios:
         cfg = CompressConfig(ratio=ratio, target="params", allocation="loss", method="whiten-fisher",
@@ -118,24 +130,24 @@ def main() -> None:
         lr = copy.deepcopy(dense)
         t = time.perf_counter()
         with PeakRSS() as peak:
-            compress(lr, tok, cfg, progress=False)
+            recipe = compress(lr, tok, cfg, progress=False)
         compress_s = time.perf_counter() - t
         row("low rank", f"recipe {ratio:.0%} fewer params, 16-bit factors", lr, compress_s, peak.gib)
         for bits in [b for b in a.bits if b < 8]:
-            for quantizer in ("rtn", "hqq"):
+            for quantizer in a.quantizers:
                 m = copy.deepcopy(lr)
                 t = time.perf_counter()
-                with PeakRSS() as q_peak:
-                    quantize_model(m, bits, a.groups[0], quantizer, progress=False)
+                with PeakRSS() as q_peak:  # GPTQ: on the recipe's own calibration
+                    quantize_model(m, bits, a.groups[0], quantizer, stats=recipe.stats, progress=False)
                 r = row("welore", f"recipe {ratio:.0%} + {quantizer} {bits}-bit g{a.groups[0]}", m,
-                        compress_s + time.perf_counter() - t, max(peak.gib, q_peak.gib))
+                        compress_s + time.perf_counter() - t, max(peak.gib, q_peak.gib), quantizer)
                 models[r["model"]] = m if bits == 4 else None
                 del m
                 gc.collect()
-        del lr
+        del lr, recipe
         gc.collect()
 
-    speed = decode_speeds(rows, models, tok, a.decode_tokens, a)
+    speed = decode_speeds(rows, models, tok, a.decode_tokens, a) if a.decode_tokens > 0 else {}
     (out / "results.json").write_text(json.dumps({"rows": rows, "decode": speed, "args": vars(a)}, indent=1))
     table = markdown_table([{**{k: v for k, v in r.items() if k != "storage"},
                              "wikitext2 x dense": r["wikitext2 ppl"] / ref["wikitext2 ppl"],
@@ -143,7 +155,8 @@ def main() -> None:
     storage = "\n".join(f"- {r['model']}: " + ", ".join(f"{n} {k}" for k, n in r["storage"].items())
                         for r in rows if "storage" in r)
     speed_rows = [{"model": k, **v} for k, v in speed.items()]
-    speed_table = markdown_table(speed_rows, list(dict.fromkeys(k for r in speed_rows for k in r)))
+    speed_table = (markdown_table(speed_rows, list(dict.fromkeys(k for r in speed_rows for k in r))) if speed_rows
+                   else "(not measured: --decode-tokens 0)")
     (out / "results.md").write_text(f"{table}\n\nSpeed (batch 1, {a.decode_tokens} new tokens; prefill 512 tokens; "
                                     f"median of 3; eager: models alternating, compiled: one at a time):\n\n{speed_table}"
                                     f"\n\nMatrices per storage choice:\n{storage}\n")
@@ -222,18 +235,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, corpus in zip(axes, ("wikitext2", "c4")):
-        for family, marker in (("plain", "o"), ("welore", "s"), ("rank+bits", "D"), ("low rank", "^"),
-                               ("dense", "*")):
-            pts = sorted((r["bits/weight"], r[f"{corpus} ppl"]) for r in rows if r["family"] == family)
-            if pts:
-                ax.plot(*zip(*pts), marker=marker, linestyle=":" if family in ("plain", "rank+bits") else "",
-                        label=family)
+        markers = {"plain": "o", "welore": "s", "rank+bits": "D", "low rank": "^", "dense": "*"}
+        for family, quantizer in dict.fromkeys((r["family"], r["quantizer"]) for r in rows):
+            pts = sorted((r["bits/weight"], r[f"{corpus} ppl"]) for r in rows
+                         if (r["family"], r["quantizer"]) == (family, quantizer))
+            ax.plot(*zip(*pts), marker=markers[family], label=f"{family} {quantizer}".strip(),
+                    linestyle=":" if family in ("plain", "rank+bits") else "")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("bits per block weight (stored)")
         ax.set_ylabel(f"{corpus} perplexity")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

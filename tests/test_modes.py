@@ -6,7 +6,7 @@ import torch
 from welore import FinetuneConfig, WeloreError, apply_plan, load_compressed, plan_model, set_trainable
 from welore.layers import LowRankLinear, QuantLinear
 from welore.modes import FROZEN_GROUP, MODES, Mode, get_mode, prepare_mode
-from welore.quantize import quantize_weight
+from welore.quantizers import quantize_weight
 from welore.train import finetune
 
 

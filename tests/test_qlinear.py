@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from welore.qlinear import Int4Weight, QuantLinear
-from welore.quantize import quantize_weight
+from welore.quantizers import quantize_weight
 
 
 def _layer(out_features: int, in_features: int, bits: int, group: int, seed: int = 0) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=g)
-    return quantize_weight(w, torch.randn(out_features, generator=g), bits, group, optimize=True).eval()
+    return quantize_weight(w, torch.randn(out_features, generator=g), bits, group, "hqq").eval()
 
 
 @pytest.mark.parametrize("out_features, in_features, bits, group", [

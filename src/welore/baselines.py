@@ -20,7 +20,8 @@ from .config import CompressConfig
 from .evaluate import perplexity
 from .generate import continuation
 from .jobs import CompressJob
-from .quantize import BITS, bits_report, quantize_model
+from .quantize import bits_report, quantize_model
+from .quantizers import BITS
 from .targets import count_parameters
 
 Row = Callable[[str, RankPlan | None, nn.Module, float], dict]
@@ -107,13 +108,15 @@ def plain_widths(done: Compressed) -> list[int]:
 
 
 def plain_rows(dense: nn.Module, done: Compressed, row: Row, job: CompressJob) -> list[dict]:
-    """Plain quantisation (the same quantiser and groups, no low rank) at `plain_widths`; `dense` is
-    quantised in place for the last."""
+    """Plain quantisation (the same quantiser and groups, no low rank; GPTQ on the same calibration) at
+    `plain_widths`; `dense` is quantised in place for the last."""
     cfg, rows, widths = done.config, [], plain_widths(done)
     for i, b in enumerate(widths):
         model = dense if i == len(widths) - 1 else copy.deepcopy(dense)
         t = time.perf_counter()
-        quantize_model(model, b, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, progress=job.progress)
+        # a calibrated quantiser reads the dense model's own statistics: the first pass's
+        quantize_model(model, b, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, stats=done.first_pass[2],
+                       progress=job.progress)
         rows.append(row(f"plain {cfg.quantizer} {b}-bit", None, model, time.perf_counter() - t))
         del model
     return rows

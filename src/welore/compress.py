@@ -25,7 +25,7 @@ from .errors import WeloreError
 from .factorize import analyze_data_aware, attach_loss_tails, refit_up
 from .layers import LowRankLinear, QuantLinear
 from .progress import bar
-from .quantize import attach_choices, quantize_model
+from .quantize import attach_choices, choices_estimator, quantize_model
 from .spectrum import Spectra, analyze, svd_for
 from .targets import Target, find_targets, layer_of, module_kind, weight_matrix
 
@@ -74,7 +74,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
         if rule.needs_tails:
             alloc_spectra = attach_loss_tails(model, factors, stats, cfg.method)
         if rule.needs_choices:
-            alloc_spectra = attach_choices(model, factors, stats, group=cfg.group_size, progress=progress)
+            alloc_spectra = attach_choices(model, factors, stats, group=cfg.group_size, quantizer=cfg.quantizer,
+                                           progress=progress)
         return factors, alloc_spectra, allocate(alloc_spectra, ratio=_ratio(model, cfg, targets), target=cfg.target,
                                                 allocation=cfg.allocation, min_ratio=cfg.min_ratio,
                                                 threshold=cfg.threshold, costs=costs)
@@ -132,6 +133,8 @@ SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "seed", "tar
 def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: bool) -> Compressed:
     """`compress` from `reuse`'s first pass: a new plan over the same factors (see `compress`)."""
     differ = [k for k in SAME_FACTORS if getattr(cfg, k) != getattr(reuse.config, k)]
+    if cfg.rule.needs_choices and choices_estimator(cfg.quantizer) != choices_estimator(reuse.config.quantizer):
+        differ.append("quantizer")  # the storage choices' errors were estimated for the other one
     if differ or cfg.calib_passes != 1:
         raise WeloreError(f"cannot reuse factors made with other settings ({', '.join(differ) or 'calib_passes'})")
     factors, alloc_spectra, stats = reuse.first_pass

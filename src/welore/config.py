@@ -16,7 +16,8 @@ from .allocate.rule import Rule
 from .elastic import check_elastic, parse_budgets
 from .errors import WeloreError
 from .factorize import METHODS, Factorizer, get_method
-from .quantize import BITS, QUANTIZERS, check_budget, check_quant_args
+from .quantize import check_budget
+from .quantizers import BITS, CALIBRATED, QUANTIZERS, check_quant_args
 
 
 def _help(text: str, **more) -> dict:
@@ -87,13 +88,14 @@ class CompressConfig(Selection):
         "(--allocation bits; data-aware with a calibrated --method)"))
     group_size: int = field(default=128, metadata=_help("weights per quantisation group (with --bits)"))
     quantizer: str | None = field(default=None, metadata=_help(
-        "round to nearest, or HQQ's half-quadratic fit of scale and zero (both data-free; default: rtn, except hqq "
-        "with --bits-per-weight below 2.75 or from 4)", choices=QUANTIZERS.keys()))
+        "rtn (round to nearest) or hqq (HQQ's fit of scale and zero), both data-free, or gptq (GPTQ on the "
+        "calibration inputs; calibrates even a data-free --method). Default: rtn, gptq with --bits-per-weight",
+        choices=QUANTIZERS.keys()))
 
     def __post_init__(self) -> None:
-        b = self.bits_per_weight  # alone, what docs/results/quantize.md ranks best there: calibrated, rtn/hqq by b
+        b = self.bits_per_weight  # alone, what docs/results/quantize.md ranks best at every budget: calibrated, gptq
         self.method, self.quantizer = (self.method or ("svd" if b is None else "whiten-fisher"),
-                                       self.quantizer or ("rtn" if b is None or 2.75 <= b < 4 else "hqq"))
+                                       self.quantizer or ("rtn" if b is None else "gptq"))
         check_quant_args(self.bits, self.group_size, self.quantizer)
         if self.target == "latency":
             self.speed = True
@@ -114,7 +116,8 @@ class CompressConfig(Selection):
             raise WeloreError(f"unknown allocation spectrum {self.alloc_spectrum!r}; choose weight or data")
         if self.calibrated and self.calib_samples <= 0:
             what = self.method if self.factorizer.needs_stats else (
-                f"the {self.allocation} allocation" if self.rule.needs_tails else "refit")
+                f"the {self.allocation} allocation" if self.rule.needs_tails else "refit" if self.refit
+                else f"the {self.quantizer} quantizer")
             raise WeloreError(f"{what} needs calibration data (calib samples > 0)")
         check_positive(self, "calib_seqlen")
         if not (isinstance(self.calib_passes, int) and self.calib_passes >= 1):
@@ -137,8 +140,10 @@ class CompressConfig(Selection):
 
     @property
     def calibrated(self) -> bool:
-        """Needs calibration statistics (a data-aware method, refit, or a rule that reads loss estimates)."""
-        return self.factorizer.needs_stats or self.refit or self.rule.needs_tails
+        """Needs calibration statistics (a data-aware method, refit, a rule that reads loss estimates, or a
+        calibrated quantiser)."""
+        return (self.factorizer.needs_stats or self.refit or self.rule.needs_tails
+                or (self.quantized and self.quantizer in CALIBRATED))
 
     @property
     def gradients(self) -> bool:

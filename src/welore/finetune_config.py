@@ -12,7 +12,7 @@ from .config import _help, check_positive
 from .data import check_training_text, is_text_file
 from .errors import WeloreError
 from .modes import MODES, get_mode
-from .quantize import check_quant_args
+from .quantizers import check_quant_args
 from .tasks import TASKS
 
 # settings read only when distilling

@@ -1,15 +1,8 @@
 """Low-bit storage of a model's block matrices: dense ones (N-LRCs, or a whole uncompressed model)
-and the two factors of every LRC, each becomes a QuantLinear (welore.layers) of `bits`-bit integers
-in groups with an fp16 scale and zero. The quantisers are the HQQ library's, neither needs data:
-
-    rtn   round to nearest: scale and zero from each group's min and max
-    hqq   half-quadratic quantisation: scale and zero fitted to the group's weights (a few
-          proximal iterations), what `transformers.HqqConfig` runs
-
-Why HQQ rather than torchao, optimum-quanto or bitsandbytes: it packs 1, 2, 3, 4 and 8 bits (the
-widths a joint rank-and-bits allocation chooses from) with any group size, in pure PyTorch on any
-device, and quantises a 135M model in seconds on a CPU; torchao's sub-4-bit paths and bitsandbytes
-are 4-bit (NF4/FP4) or CUDA-first, and quanto has no 3-bit.
+and the two factors of every LRC, each becomes a QuantLinear (welore.qlinear) of `bits`-bit integers
+in groups with an fp16 scale and zero, by one of welore.quantizers' quantisers (rtn, hqq: no data;
+gptq: each matrix's calibration Gram matrix); plus the storage choices the `bits` allocation picks
+from, Q + LR fits, and the report of the bits stored.
 
 Bits per weight are counted from what is stored: packed integers, scales, zeros (and a bias where
 there is one), over the weights of the dense matrices they stand for; embeddings and head are
@@ -26,12 +19,11 @@ from .errors import WeloreError
 from .factorize import whitening_factor
 from .layers import LowRankLinear
 from .progress import bar
-from .qlinear import QuantLinear, qgroups
+from .qlinear import QuantLinear
+from .quantizers import BITS, CALIBRATED, check_quant_args, group_for, quantize_weight
 from .spectrum import Spectra
 from .targets import find_targets, layer_of, module_kind, weight_matrix
 
-QUANTIZERS = {"rtn": False, "hqq": True}  # name -> HQQ's `optimize`
-BITS = (2, 3, 4, 8)
 # the storage choices of the `bits` allocation (welore.allocate.bits): dense at any width, factors at
 # 3 bits and up (2-bit factors measured worse than dropping their rank), ranks on a grid of fractions
 FACTOR_BITS = (3, 4, 8)
@@ -39,16 +31,6 @@ RANK_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8)
 # Q + LR choices: a quantised dense matrix with a small fp16 correction (up to an eighth of the rank);
 # measured on the default at 2.5 and 3.25 bits, the rule never took 2-bit + LR nor a rank above 16
 QLR_BITS, QLR_RANKS = (3, 4), (8, 16)
-
-
-def check_quant_args(bits: int | None, group: int, quantizer: str) -> None:
-    """One-line errors for settings no quantiser can run."""
-    if bits is not None and bits not in BITS:
-        raise WeloreError(f"bits must be one of {', '.join(map(str, BITS))} (or none, 16-bit), got {bits}")
-    if group <= 0 or group % 8:
-        raise WeloreError(f"group size must be a positive multiple of 8, got {group}")
-    if quantizer not in QUANTIZERS:
-        raise WeloreError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
 
 
 def check_budget(bits_per_weight: float | None, *, bits: int | None, allocation: str, threshold: float | None) -> None:
@@ -61,42 +43,6 @@ def check_budget(bits_per_weight: float | None, *, bits: int | None, allocation:
         raise WeloreError(f"--bits-per-weight chooses every matrix's rank and bit width itself: drop {clash}")
 
 
-def group_for(in_features: int, group: int) -> int:
-    """The group size used for a matrix with rows of `in_features`: `group` itself when it divides the
-    rows, else the largest multiple of 8 between group/2 and group that does (576-wide rows get 96 for
-    128: groups never straddle two rows, at a few more scales), else `group` (groups run across rows)."""
-    if in_features % group == 0:
-        return group
-    for g in range(group - 8, group // 2 - 1, -8):
-        if g > 0 and in_features % g == 0:
-            return g
-    return group
-
-
-@torch.no_grad()
-def quantize_weight(w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int, optimize: bool = False,
-                    kind: str = "linear") -> QuantLinear:
-    """A QuantLinear holding `w` (out x in) quantised: round to nearest (optimize=False) or HQQ's
-    half-quadratic fit of scale and zero to the weights (optimize=True); no data either way."""
-    from hqq.core.quantize import Quantizer
-
-    out_features, in_features = w.shape
-    flat = w.detach().float().reshape(-1)
-    groups = qgroups(flat.numel(), group)
-    # padded with the last weight so no group's range grows; the padding is cut off on the way back
-    flat = torch.cat([flat, flat[-1:].expand(groups * group - flat.numel())]).view(groups, group)
-    q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=optimize, axis=1,
-                                 device=str(w.device), compute_dtype=torch.float32)
-    layer = QuantLinear(in_features, out_features, bits, group, tuple(q.shape), str(q.dtype).removeprefix("torch."),
-                        bias=bias is not None, kind=kind, device=w.device, dtype=bias.dtype if bias is not None else w.dtype)
-    layer.qweight.copy_(q)
-    layer.scale.copy_(meta["scale"].reshape(groups, 1))
-    layer.zero.copy_(meta["zero"].reshape(groups, 1))
-    if bias is not None:
-        layer.bias.copy_(bias)
-    return layer
-
-
 def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 128, quantizer: str = "rtn", *,
                    ignore: list[str] | None = None, corrections: dict[str, int] | None = None,
                    stats: dict | None = None, progress: bool = True) -> dict:
@@ -104,7 +50,8 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
     layers included; embeddings and head never) to `bits` bits, or, with a dict, each matrix named
     in it to its own width (an LRC's factors to their matrix's; 16 and up: left as stored).
     `corrections`: {name: rank} of matrices stored as Q + LR (`fit_q_plus_lr`, whitened with the
-    calibration `stats` where given). Returns `bits_report(model)`."""
+    calibration `stats` where given); a calibrated quantizer (gptq) reads its Hessians from `stats`.
+    Returns `bits_report(model)`."""
     widths, corrections = (bits if isinstance(bits, dict) else None), corrections or {}
     for b in set(widths.values()) - {16, 32} if widths else [bits]:
         check_quant_args(b, group, quantizer)
@@ -114,22 +61,21 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
         b = bits if widths is None else widths.get(t.name, widths.get(t.name.rpartition(".")[0], 16))
         if b >= 16:
             continue
-        module, g, opt = model.get_submodule(t.name), group_for(t.in_features, group), QUANTIZERS[quantizer]
-        w = weight_matrix(module)
+        module, g = model.get_submodule(t.name), group_for(t.in_features, group)
+        w, st = weight_matrix(module), (stats or {}).get(t.name)
+        hessian = _hessian(model, t.name, stats) if quantizer in CALIBRATED else None
         if corrections.get(t.name):
-            st = (stats or {}).get(t.name)
-            scaling = _scaling(st, w.device)
-            q = fit_q_plus_lr(w, b, g, corrections[t.name], optimize=opt, scaling=scaling, bias=module.bias,
-                              kind=t.kind)
+            q = fit_q_plus_lr(w, b, g, corrections[t.name], quantizer=quantizer, scaling=_scaling(st, w.device),
+                              bias=module.bias, kind=t.kind, hessian=hessian)
         else:
-            q = quantize_weight(w, module.bias, b, g, optimize=opt, kind=t.kind)
+            q = quantize_weight(w, module.bias, b, g, quantizer, hessian=hessian, kind=t.kind)
         model.set_submodule(t.name, q.train(module.training))  # a model in eval mode stays in it
     return bits_report(model)
 
 
 @torch.no_grad()
 def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None, *, group: int = 128,
-                   progress: bool = True) -> Spectra:
+                   quantizer: str = "rtn", progress: bool = True) -> Spectra:
     """Set `spectra.choices[name]` to the storage choices of each target matrix, what the `bits`
     allocation chooses among: arrays `rank` (full rank: dense), `bits`, `nbytes` (what it stores,
     counted from the quantised tensors), `err` and `correction` (the rank of a Q + LR correction, 0
@@ -139,11 +85,10 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
     dense matrix. Bytes are those stored; `err`, from what `stats` (calibration statistics) carry:
     with loss gradients, the estimated loss increase
     (as `welore.factorize` estimates it for the `loss` rule); with inputs only, the relative output
-    error; without, the relative weight error ||W - W'||^2 / ||W||^2."""
+    error; without, the relative weight error ||W - W'||^2 / ||W||^2. Errors are those of round to
+    nearest, except the dense choices below 8 bits for a calibrated `quantizer` (see choices_estimator)."""
     check_quant_args(None, group, "rtn")
-    # errors estimated with round to nearest whatever stores the model: the bytes are the same, HQQ's
-    # fit only lowers the error, and it costs 20-50x as much (half an hour for the 135M default's table)
-    opt = False
+    estimator = choices_estimator(quantizer)
     for t in bar(spectra.targets, progress=progress, desc="Storage choices", unit="matrix"):
         w = weight_matrix(model.get_submodule(t.name)).detach()
         m, n = w.shape
@@ -153,15 +98,15 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
         full = min(m, n)
         rows = [(full, 8 * size, size * m * n, 0.0, 0)]
         for b in BITS:
-            q = quantize_weight(w, None, b, group_for(n, group), optimize=opt)
+            q = quantize_weight(w, None, b, group_for(n, group), estimator if b < 8 else "rtn",
+                                hessian=st.gram if estimator in CALIBRATED else None)
             rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
         ranks = [k for k in QLR_RANKS if k <= full // 8]
         if ranks:  # every start is a prefix of one fit at the largest rank
             up, down = low_rank_fit(w.float(), max(ranks), scaling)
         for b in QLR_BITS:
             for k in ranks:
-                q = fit_q_plus_lr(w, b, group_for(n, group), k, optimize=opt, scaling=scaling,
-                                  start=up[:, :k] @ down[:k])
+                q = fit_q_plus_lr(w, b, group_for(n, group), k, scaling=scaling, start=up[:, :k] @ down[:k])
                 rows.append((full, b, _nbytes(q), err(q.dense(torch.float32)), k))
         if t.name in spectra.factors:
             U, S, Vh = spectra.factors[t.name]
@@ -171,8 +116,8 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
                 lr = LowRankLinear.from_svd(U.to(w.device), S.to(w.device), Vh.to(w.device), k, None,
                                             dtype=torch.float32)
                 for b in FACTOR_BITS:
-                    qd = quantize_weight(lr.down.weight, None, b, group_for(n, group), optimize=opt)
-                    qu = quantize_weight(lr.up.weight, None, b, group_for(k, group), optimize=opt)
+                    qd = quantize_weight(lr.down.weight, None, b, group_for(n, group))
+                    qu = quantize_weight(lr.up.weight, None, b, group_for(k, group))
                     rows.append((k, b, _nbytes(qd) + _nbytes(qu),
                                  err(up=qu.dequantize(torch.float32), down=qd.dequantize(torch.float32)), 0))
         spectra.choices[t.name] = {key: np.array(col) for key, col in
@@ -180,11 +125,21 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
     return spectra
 
 
+def choices_estimator(quantizer: str) -> str:
+    """The quantiser whose errors the storage choices estimate for a model `quantizer` stores: round to
+    nearest (the bytes are the same, HQQ's fit only lowers the error and costs 20-50x as much: half an
+    hour for the 135M default's table), except a calibrated one for the dense choices: GPTQ's output
+    error is a quarter to a third of rounding's, and a rule that saw rounding's would factorise matrices
+    GPTQ stores better dense (measured on the default at 3.25 bits: 116.3 WikiText-2 perplexity with
+    rounding's estimates, 79.5 with GPTQ's, both stored by GPTQ)."""
+    return quantizer if quantizer in CALIBRATED else "rtn"
+
+
 @torch.no_grad()
-def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize: bool = False,
+def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, quantizer: str = "rtn",
                   scaling: tuple[torch.Tensor, torch.Tensor] | None = None, rounds: int = 1,
-                  bias: torch.Tensor | None = None, kind: str = "linear", start: torch.Tensor | None = None
-                  ) -> QuantLinear:
+                  bias: torch.Tensor | None = None, kind: str = "linear", start: torch.Tensor | None = None,
+                  hessian: torch.Tensor | None = None) -> QuantLinear:
     """W ~ Q(W - LR) + LR, the shape of LQ-LoRA and CALDERA: from the rank-`rank` part of W (or `start`),
     `rounds` times quantise what the correction leaves, then refit the correction to what the quantiser
     lost, by a truncated SVD in the whitened norm ||(.) S|| when `scaling` = (S, S^-1) is given (the
@@ -197,7 +152,7 @@ def fit_q_plus_lr(w: torch.Tensor, bits: int, group: int, rank: int, *, optimize
     # further rounds then gain little: 0.081 after a second, 0.079 after a fourth)
     correction = (lambda up, down: up @ down)(*low_rank_fit(w32, rank, scaling)) if start is None else start
     for _ in range(rounds):
-        q = quantize_weight(w32 - correction, None, bits, group, optimize=optimize, kind=kind)
+        q = quantize_weight(w32 - correction, None, bits, group, quantizer, hessian=hessian, kind=kind)
         up, down = low_rank_fit(w32 - q.dequantize(torch.float32), rank, scaling)
         correction = up @ down
     return with_correction(q, up, down, bias)
@@ -234,6 +189,21 @@ def low_rank_fit(r: torch.Tensor, rank: int, scaling=None, seed: int = 0) -> tup
 
 def _nbytes(q: QuantLinear) -> int:
     return sum(b.numel() * b.element_size() for b in q.buffers())
+
+
+def _hessian(model: nn.Module, name: str, stats: dict | None) -> torch.Tensor:
+    """X^T X of the inputs matrix `name` sees, for a calibrated quantiser: its calibration Gram matrix G;
+    an LRC's down factor sees its matrix's inputs (G), its up factor the down factor's outputs (D G D^T,
+    with D as stored: quantised first, the up factor then answers for the down factor's error)."""
+    parent, _, part = name.rpartition(".")
+    st = (stats or {}).get(name) or (stats or {}).get(parent)
+    if st is None:
+        raise WeloreError(f"a calibrated quantizer needs calibration statistics, and {name} has none")
+    if name in stats or part != "up":
+        return st.gram
+    down = model.get_submodule(f"{parent}.down")
+    d = down.dense(torch.float64) if isinstance(down, QuantLinear) else weight_matrix(down).double()
+    return d @ st.gram.to(d) @ d.T
 
 
 def _scaling(st, device) -> tuple[torch.Tensor, torch.Tensor] | None:

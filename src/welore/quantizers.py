@@ -1,0 +1,148 @@
+"""One matrix to low-bit groups: the quantisers, each storing a QuantLinear (welore.qlinear) of `bits`-bit
+integers in groups with an fp16 scale and zero, in HQQ's packed layout whichever fitted them:
+
+    rtn   round to nearest: scale and zero from each group's min and max (HQQ's; no data)
+    hqq   half-quadratic quantisation: scale and zero fitted to the group's weights by a few proximal
+          iterations (HQQ's, what `transformers.HqqConfig` runs; no data)
+    gptq  GPTQ (Frantar et al. 2022): columns quantised one at a time, each one's error pushed onto the
+          columns not yet quantised through the inverse of the layer's input Hessian X^T X, so it needs
+          calibration inputs (the Gram matrices welore's calibration collects). Act-order on static
+          groups (the groups stay in the column order HQQ's layout stores) and GPTQ's clipping search:
+          the lowest output error measured on the default's first three blocks (2-bit: 0.043 of the
+          matrices' output energy on the calibration tokens; 0.061 without the search, 0.23 with rtn).
+
+Why HQQ's layout and packing (rather than torchao, optimum-quanto or bitsandbytes): it packs 1, 2, 3, 4
+and 8 bits (the widths a joint rank-and-bits allocation chooses from) with any group size, in pure
+PyTorch on any device; torchao's sub-4-bit paths and bitsandbytes are 4-bit (NF4/FP4) or CUDA-first,
+and quanto has no 3-bit. Why GPTQ's ~40 lines here rather than a library: llm-compressor pins older
+torch and transformers releases; GPTQModel (7.6) installs here but pulls torchao, whose import (which
+transformers then triggers on every model load) prints failed kernel loads, and its solver is an
+internal API. Ours was checked against GPTQModel's on the same Hessians and settings (the default's
+first three blocks, 21 matrices): the same output error at 3 bits (0.00975 both), within 2% at 2 bits
+(0.0426 against 0.0418), in half its time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import WeloreError
+from .qlinear import QuantLinear, qgroups
+
+QUANTIZERS = {"rtn": "round to nearest", "hqq": "HQQ's half-quadratic fit", "gptq": "GPTQ (calibrated)"}
+CALIBRATED = {"gptq"}  # quantisers that need each matrix's input Hessian
+BITS = (2, 3, 4, 8)
+
+
+def check_quant_args(bits: int | None, group: int, quantizer: str) -> None:
+    """One-line errors for settings no quantiser can run."""
+    if bits is not None and bits not in BITS:
+        raise WeloreError(f"bits must be one of {', '.join(map(str, BITS))} (or none, 16-bit), got {bits}")
+    if group <= 0 or group % 8:
+        raise WeloreError(f"group size must be a positive multiple of 8, got {group}")
+    if quantizer not in QUANTIZERS:
+        raise WeloreError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+
+
+def group_for(in_features: int, group: int) -> int:
+    """The group size used for a matrix with rows of `in_features`: `group` itself when it divides the
+    rows, else the largest multiple of 8 between group/2 and group that does (576-wide rows get 96 for
+    128: groups never straddle two rows, at a few more scales), else `group` (groups run across rows)."""
+    if in_features % group == 0:
+        return group
+    for g in range(group - 8, group // 2 - 1, -8):
+        if g > 0 and in_features % g == 0:
+            return g
+    return group
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int, quantizer: str = "rtn", *,
+                    hessian: torch.Tensor | None = None, kind: str = "linear") -> QuantLinear:
+    """A QuantLinear holding `w` (out x in) quantised by `quantizer`; `hessian`: the input Gram matrix
+    X^T X (in x in) that gptq needs. Where groups straddle rows (in_features not a multiple of the
+    group: some LRC up factors), gptq cannot keep its column order and HQQ's fit stores the matrix."""
+    from hqq.core.quantize import Quantizer
+
+    out_features, in_features = w.shape
+    if quantizer in CALIBRATED and hessian is None:
+        raise WeloreError(f"the {quantizer} quantizer needs calibration data (a calibrated --method or --calib-samples)")
+    if quantizer == "gptq" and in_features % group == 0:
+        q, scale, zero = _gptq(w, hessian, bits, group)
+        pad = qgroups(q.numel(), group) - q.shape[0]  # whole groups of padding, cut off on the way back
+        q, scale, zero = (torch.cat([t, t[-1:].expand(pad, -1)]) for t in (q, scale, zero))
+        q = Quantizer.pack[Quantizer.bit_to_packing[bits]](q)
+    else:
+        flat = w.detach().float().reshape(-1)
+        groups = qgroups(flat.numel(), group)
+        # padded with the last weight so no group's range grows; the padding is cut off on the way back
+        flat = torch.cat([flat, flat[-1:].expand(groups * group - flat.numel())]).view(groups, group)
+        q, meta = Quantizer.quantize(flat, nbits=bits, group_size=group, optimize=quantizer != "rtn", axis=1,
+                                     device=str(w.device), compute_dtype=torch.float32)
+        scale, zero = meta["scale"], meta["zero"]
+    layer = QuantLinear(in_features, out_features, bits, group, tuple(q.shape), str(q.dtype).removeprefix("torch."),
+                        bias=bias is not None, kind=kind, device=w.device, dtype=bias.dtype if bias is not None else w.dtype)
+    layer.qweight.copy_(q)
+    layer.scale.copy_(scale.reshape(-1, 1))
+    layer.zero.copy_(zero.reshape(-1, 1))
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, *, damp: float = 0.01,
+          block: int = 128, grid: int = 25, max_shrink: float = 0.8, norm: float = 2.4
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on one matrix: (levels (groups x group, uint8), scale, zero), groups row-major as HQQ stores
+    them, dequantising as (level - zero) * scale. The reference algorithm (IST-DASLab/gptq's
+    `fasterquant`, as GPTQModel runs it with `desc_act`, `static_groups` and `mse`): each group's grid
+    fixed first from the weights, clipped by a search over shrunk ranges (`grid` steps down to
+    1 - `max_shrink`, error in the `norm`-norm); columns then quantised in order of decreasing Hessian
+    diagonal, each column's rounding error pushed onto the columns not yet quantised through the
+    Cholesky factor of the damped inverse Hessian, `block` columns at a time."""
+    W = w.detach().float().clone()
+    rows, cols = W.shape
+    H = hessian.to(W.device, torch.float64).clone()
+    dead = H.diagonal() == 0  # inputs never seen: any value, no error
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    maxq = 2**bits - 1
+    scale, zero = _grid(W.view(rows, cols // group, group), maxq, grid, max_shrink, norm)  # rows x groups
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    levels = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, err1, Hinv1 = W[:, i1:i2].clone(), torch.empty(rows, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(perm[i1 + i]) // group
+            s, z = scale[:, g], zero[:, g]
+            level = (W1[:, i] / s + z).round_().clamp_(0, maxq)
+            levels[:, perm[i1 + i]] = level.to(torch.uint8)
+            e = (W1[:, i] - (level - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+    return levels.view(-1, group), scale.reshape(-1, 1), zero.reshape(-1, 1)
+
+
+def _grid(x: torch.Tensor, maxq: int, grid: int, max_shrink: float, norm: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (scale, integer zero) per group of `x` (... x group), the range [min(x, 0), max(x, 0)]
+    shrunk by the factor of least quantisation error among `grid` steps (GPTQ's `mse` search)."""
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    tiny = (hi - lo) < 1e-12
+    lo, hi = torch.where(tiny, lo - 1, lo), torch.where(tiny, hi + 1, hi)
+    best = torch.full_like(lo, float("inf"))
+    scale, zero = torch.empty_like(lo), torch.empty_like(lo)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        s = (hi - lo) * p / maxq
+        z = (-lo * p / s).round()
+        q = ((x / s[..., None] + z[..., None]).round().clamp(0, maxq) - z[..., None]) * s[..., None]
+        err = (q - x).abs().pow(norm).sum(-1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
