@@ -10,7 +10,7 @@ from welore.compress import compress
 from welore.layers import LowRankLinear
 from welore.qlinear import QuantLinear
 from welore.quantize import quantize_model
-from welore.quantizers import BITS, group_for, quantize_weight
+from welore.quantizers import BITS, group_for, quantize_weight, quantize_widths
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -96,3 +96,12 @@ def test_gptq_needs_statistics_for_every_matrix():
         quantize_model(model, 4, 32, "gptq", stats={}, progress=False)
     with pytest.raises(WeloreError, match="gptq quantizer needs calibration data"):
         CompressConfig(bits=4, quantizer="gptq", calib_samples=0)
+
+
+def test_gptq_at_several_widths_in_one_pass_is_each_width_alone():
+    w, x = torch.randn(24, 64, generator=torch.Generator().manual_seed(2)), correlated_inputs(64)
+    hessian = (x.T @ x).double()
+    together = quantize_widths(w, None, (2, 3, 4), 32, "gptq", hessian=hessian)
+    for bits, layer in zip((2, 3, 4), together):
+        alone = quantize_weight(w, None, bits, 32, "gptq", hessian=hessian)
+        assert layer.bits == bits and torch.equal(layer.dequantize(), alone.dequantize())

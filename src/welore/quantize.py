@@ -20,7 +20,7 @@ from .factorize import whitening_factor
 from .layers import LowRankLinear
 from .progress import bar
 from .qlinear import QuantLinear
-from .quantizers import BITS, CALIBRATED, check_quant_args, group_for, quantize_weight
+from .quantizers import BITS, CALIBRATED, check_quant_args, group_for, quantize_weight, quantize_widths
 from .spectrum import Spectra
 from .targets import find_targets, layer_of, module_kind, weight_matrix
 
@@ -97,9 +97,11 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
         size, err = w.element_size(), _error_of(w.float(), st)
         full = min(m, n)
         rows = [(full, 8 * size, size * m * n, 0.0, 0)]
-        for b in BITS:
-            q = quantize_weight(w, None, b, group_for(n, group), estimator if b < 8 else "rtn",
-                                hessian=st.gram if estimator in CALIBRATED else None)
+        low = tuple(b for b in BITS if b < 8)
+        dense = [*quantize_widths(w, None, low, group_for(n, group), estimator,
+                                  hessian=st.gram if estimator in CALIBRATED else None),
+                 *(quantize_weight(w, None, b, group_for(n, group)) for b in BITS if b >= 8)]
+        for b, q in zip((*low, *(b for b in BITS if b >= 8)), dense):
             rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
         ranks = [k for k in QLR_RANKS if k <= full // 8]
         if ranks:  # every start is a prefix of one fit at the largest rank
