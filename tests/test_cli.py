@@ -1,6 +1,7 @@
 """The CLI in-process: every command on a tiny model, and every bad input gives one line + exit 2."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -41,6 +42,9 @@ def test_compress_evaluate_merge(capsys, model_dir, tmp_path):
     assert abs(rows[3]["params"] - rows[2]["params"]) <= 0.02 * rows[2]["params"]
     assert all(isinstance(r["continuation"], str) for r in rows)
     assert "Next:" in stdout and "welore finetune" in stdout and "--method whiten-fisher" in stdout
+    hint = next(line for line in stdout.splitlines() if "read what it writes:" in line).split(": ", 1)[1]
+    code, _, err = run(capsys, *shlex.split(hint)[1:])  # the hint runs as printed
+    assert code == 0, err
 
     code, stdout, _ = run(capsys, "evaluate", str(out), "--corpus", "wikitext2", "c4", "--max-tokens", "256",
                           "--seqlen", "64", "-q")

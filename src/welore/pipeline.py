@@ -250,5 +250,5 @@ def next_steps(out: Path, plan: RankPlan, settings: dict, rows: list[dict], per_
         lines.append(f"  recover quality by training the low-rank factors on C4 text{when}; or add --recover 500 to "
                      f"this command: welore finetune {out} -o {out}/recovered --lr 3e-4 --warmup 10 --batch-size 2 "
                      "--seqlen 128 --steps 500 --eval-every 100")
-    lines.append(f"  read what it writes: welore generate {out} --raw {json.dumps(prompt)} --max-new-tokens 64")
+    lines.append(f"  read what it writes: welore generate {out} {json.dumps(prompt)} --raw --max-new-tokens 64")  # --raw takes a value when one follows
     return "\n".join(lines)
