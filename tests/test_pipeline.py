@@ -122,5 +122,5 @@ def test_next_steps_fit_the_model_that_ran(tmp_path):
     settings = {"eval": {"corpus": "wikitext2", "tokens": 4096, "prompt": "def fib(n):", "new_tokens": 12}}
     timed = CompressResult(tmp_path, lrc, settings=settings, per_token=0.001).explain()
     assert "min here, from this run's evaluation speed" in timed and "135M" not in timed
-    assert 'welore generate ' in timed and '--raw "def fib(n):"' in timed and "Paris" not in timed
+    assert 'welore generate ' in timed and '"def fib(n):" --raw' in timed and "Paris" not in timed
     assert "min here" not in CompressResult(tmp_path, lrc, settings=settings).explain()
