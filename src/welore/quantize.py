@@ -97,12 +97,11 @@ def attach_choices(model: nn.Module, spectra: Spectra, stats: dict | None = None
         size, err = w.element_size(), _error_of(w.float(), st)
         full = min(m, n)
         rows = [(full, 8 * size, size * m * n, 0.0, 0)]
-        low = tuple(b for b in BITS if b < 8)
-        dense = [*quantize_widths(w, None, low, group_for(n, group), estimator,
-                                  hessian=st.gram if estimator in CALIBRATED else None),
-                 *(quantize_weight(w, None, b, group_for(n, group)) for b in BITS if b >= 8)]
-        for b, q in zip((*low, *(b for b in BITS if b >= 8)), dense):
-            rows.append((full, b, _nbytes(q), err(q.dequantize(torch.float32)), 0))
+        low, high = tuple(b for b in BITS if b < 8), tuple(b for b in BITS if b >= 8)
+        for q in [*quantize_widths(w, None, low, group_for(n, group), estimator,
+                                   hessian=st.gram if estimator in CALIBRATED else None),
+                  *quantize_widths(w, None, high, group_for(n, group))]:
+            rows.append((full, q.bits, _nbytes(q), err(q.dequantize(torch.float32)), 0))
         ranks = [k for k in QLR_RANKS if k <= full // 8]
         if ranks:  # every start is a prefix of one fit at the largest rank
             up, down = low_rank_fit(w.float(), max(ranks), scaling)
@@ -198,7 +197,8 @@ def _hessian(model: nn.Module, name: str, stats: dict | None) -> torch.Tensor:
     an LRC's down factor sees its matrix's inputs (G), its up factor the down factor's outputs (D G D^T,
     with D as stored: quantised first, the up factor then answers for the down factor's error)."""
     parent, _, part = name.rpartition(".")
-    st = (stats or {}).get(name) or (stats or {}).get(parent)
+    stats = stats or {}
+    st = stats.get(name) or stats.get(parent)
     if st is None:
         raise WeloreError(f"a calibrated quantizer needs calibration statistics, and {name} has none")
     if name in stats or part != "up":
