@@ -100,7 +100,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
     return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t,
-                      _quantize(model, cfg, plan, stats, progress), costs)
+                      _quantize(model, cfg, plan, stats, alloc_spectra.fits if rule.needs_choices else {}, progress), costs)
 
 
 def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> float | None:
@@ -116,14 +116,14 @@ def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> floa
     return (cfg.ratio * (weights + sum(p.numel() for p in other)) - other_bits) / weights
 
 
-def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict | None, progress: bool
-              ) -> dict | None:
+def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict | None, fits: dict,
+              progress: bool) -> dict | None:
     """With cfg.bits: factors and N-LRCs to low-bit groups (welore.quantize), or each matrix to the width
-    its plan chose; the bits spent."""
+    its plan chose (reusing the storage choices' `fits` of dense matrices); the bits spent."""
     if cfg.bits is None and plan.bits_per_weight is None:
         return None
     bits = cfg.bits if cfg.bits is not None else {m.name: m.bits for m in plan.matrices}
-    return quantize_model(model, bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, stats=stats,
+    return quantize_model(model, bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, stats=stats, fits=fits,
                           corrections={m.name: m.correction for m in plan.matrices if m.correction}, progress=progress)
 
 
@@ -145,7 +145,7 @@ def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: 
                     allocation=cfg.allocation, min_ratio=cfg.min_ratio, threshold=cfg.threshold, costs=costs)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
-    quant = _quantize(model, cfg, plan, stats, progress)
+    quant = _quantize(model, cfg, plan, stats, alloc_spectra.fits if cfg.rule.needs_choices else {}, progress)
     return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
                       time.perf_counter() - t, quant, costs)
 

@@ -59,6 +59,8 @@ class Spectra:
     tails: dict = field(default_factory=dict, repr=False)
     # name -> storage choices (rank, bits, bytes, error) of the `bits` allocation (welore.quantize.attach_choices)
     choices: dict = field(default_factory=dict, repr=False)
+    # name -> {bits: QuantLinear}: dense fits made for `choices` by the quantiser that stores the model, reused
+    fits: dict = field(default_factory=dict, repr=False)
     # name -> how the factorisation went (e.g. which square root whitening took; the eigh fallback is worth knowing)
     how: dict = field(default_factory=dict, repr=False)
 
