@@ -1,5 +1,6 @@
 import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,23 +96,34 @@ def lagging(self):
     barrier(self)
     time.sleep(0.2 * self.process_index)
 PartialState.wait_for_everyone = lagging
+import os
+if os.environ.get("WELORE_SYNTHETIC_COSTS"):  # --speed untimed, each process with other costs: only a handoff agrees
+    sys.path.insert(0, os.environ["WELORE_SYNTHETIC_COSTS"])
+    from conftest import synthetic_costs
+    import welore.stream
+    rank = int(os.environ["RANK"])
+    welore.stream.for_shapes = lambda shapes, *a, **k: synthetic_costs(shapes, multiple=4 * (1 + rank))
 from welore.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("calibration", [[], CALIBRATED], ids=["svd", "calibrated"])
-def test_two_processes_write_thesame_output(tmp_path, model_dir, calibration):
+@pytest.mark.parametrize("calibration", [[], CALIBRATED, ["--speed"]], ids=["svd", "calibrated", "speed"])
+def test_two_processes_write_thesame_output(tmp_path, model_dir, calibration, request):
     """Work split over 2 CPU processes (gloo, launched by accelerate's torchrun launcher, one thread
     each) gives the bytes one process with one thread gives: LAPACK's rounding depends on the thread
     count, not on how the work is shared out. Plain SVD splits the blocks; calibration (two passes,
-    with gradients) splits each block's targets. The second process lags behind every barrier."""
+    with gradients) splits each block's targets; with --speed process 0's cost model is every
+    process' (here each would time other costs). The second process lags behind every barrier."""
     import os
     import subprocess
     import sys
 
     args = ["compress", str(model_dir), "--stream", "--ratio", "0.4", *calibration, "-q", "-o"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    if "--speed" in calibration:
+        request.getfixturevalue("fake_costs")  # the reference: process 0's costs
+        env["WELORE_SYNTHETIC_COSTS"] = str(Path(__file__).parent)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference in this process, with the one thread each of the two has
     try:
