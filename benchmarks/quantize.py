@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--param-ratios", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-data", default="c4-train", choices=["c4-train", "self"],
+                    help="every calibrated row's text: C4 training documents, or the model's own samples (no data)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.25, 3.5, 4.25, 4.5],
                     help="bits per weight for the rank+bits rows")
     ap.add_argument("--quantizers", nargs="+", default=["rtn", "hqq", "gptq"], help="for the plain and welore rows")
@@ -86,7 +88,8 @@ def main() -> None:
     ref = row("dense", "dense (16-bit)", dense, 0.0)
     models = {"dense": dense}
     t = time.perf_counter()  # GPTQ's Hessians: the calibration every calibrated row below also draws
-    stats = collect_stats(dense, find_targets(dense), calibration_batches(tok, a.calib_samples, a.seqlen),
+    stats = collect_stats(dense, find_targets(dense), calibration_batches(tok, a.calib_samples, a.seqlen, a.calib_data,
+                                                                          model=dense),
                           progress=False) if "gptq" in a.quantizers else None
     calib_s = time.perf_counter() - t
     for bits in a.bits:
@@ -107,7 +110,7 @@ def main() -> None:
         first = firsts.get(choices_estimator(quantizer))
         for budget in a.budgets:
             cfg = CompressConfig(bits_per_weight=budget, method="whiten-fisher", quantizer=quantizer,
-                                 group_size=a.groups[0], calib_samples=a.calib_samples)
+                                 group_size=a.groups[0], calib_samples=a.calib_samples, calib_data=a.calib_data)
             m = copy.deepcopy(dense)
             t = time.perf_counter()
             with PeakRSS() as peak:
@@ -126,7 +129,7 @@ def main() -> None:
     gc.collect()
     for ratio in a.param_ratios:
         cfg = CompressConfig(ratio=ratio, target="params", allocation="loss", method="whiten-fisher",
-                             min_ratio=0.0, calib_samples=a.calib_samples)
+                             min_ratio=0.0, calib_samples=a.calib_samples, calib_data=a.calib_data)
         lr = copy.deepcopy(dense)
         t = time.perf_counter()
         with PeakRSS() as peak:

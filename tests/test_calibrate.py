@@ -92,3 +92,37 @@ def test_every_architecture_calibrates_with_gradients(tiny, tokenizer):
     assert abs(plan.param_reduction - 0.3) < 0.1
     ids = calibration_batches(tokenizer, 1, 32)
     assert torch.isfinite(tiny(input_ids=ids).logits).all()
+
+
+def test_the_models_own_samples_calibrate_without_data(tokenizer):
+    from conftest import make_tiny
+
+    from welore import CompressConfig
+    from welore.compress import compress
+
+    model, rng = make_tiny("llama"), torch.random.get_rng_state()
+    ids = calibration_batches(tokenizer, 3, 16, "self", seed=1, model=model)
+    assert ids.shape == (3, 16) and torch.equal(ids, calibration_batches(tokenizer, 3, 16, "self", seed=1, model=model))
+    assert not torch.equal(ids, calibration_batches(tokenizer, 3, 16, "self", seed=2, model=model))
+    assert torch.equal(torch.random.get_rng_state(), rng)  # seeded apart from the caller's random state
+    assert not set(ids[:, 0].tolist()) & set(tokenizer.all_special_ids)
+    cfg = CompressConfig(ratio=0.3, method="whiten-fisher", calib_data="self", calib_samples=2, calib_seqlen=16)
+    done = compress(model, tokenizer, cfg, progress=False)
+    assert done.stats and cfg.to_dict()["calibration"]["corpus"] == "self"
+
+
+def test_sampling_calibration_text_needs_the_model_in_memory(model_dir, tmp_path, tokenizer, capsys):
+    from conftest import make_tiny
+
+    from welore.calibrate import sampled_batches
+    from welore.cli import main
+
+    with pytest.raises(WeloreError, match="needs the model in memory"):
+        calibration_batches(tokenizer, 2, 16, "self")
+    with pytest.raises(WeloreError, match="needs a tokenizer"):
+        sampled_batches(make_tiny("llama"), None, 2, 16)
+    out = tmp_path / "o"
+    assert main(["compress", str(model_dir), "--stream", "--method", "whiten", "--calib-data", "self", "-o", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs the model in memory" in err and len(err.splitlines()) == 1 and not out.exists()

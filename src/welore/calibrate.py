@@ -33,8 +33,14 @@ class InputStats:
     grad_sq: torch.Tensor | None = None  # mean squared dLoss/dy per output channel (collect_stats(gradients=True))
 
 
-def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-train", seed: int = 0) -> torch.Tensor:
-    """`samples` random windows of `seqlen` tokens from `corpus` (a training corpus, by default)."""
+def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-train", seed: int = 0, *,
+                        model: nn.Module | None = None, progress: bool = False) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens from `corpus` (a training corpus, by default), or, with
+    corpus "self", `samples` sequences `model` samples itself (`sampled_batches`: no data at all)."""
+    if corpus == "self":
+        if model is None:
+            raise WeloreError("calibrating on the model's own samples needs the model in memory (not --stream)")
+        return sampled_batches(model, tokenizer, samples, seqlen, seed=seed, progress=progress)
     if corpus in ("c4", "wikitext2"):
         raise WeloreError(f"{corpus} is evaluation text; calibrate on c4-train")
     if samples <= 0 or seqlen <= 1:
@@ -46,6 +52,36 @@ def calibration_batches(tokenizer, samples: int, seqlen: int, corpus: str = "c4-
         raise WeloreError(f"too few calibration tokens: {corpus} has {ids.numel():,}, "
                           f"{samples} x {seqlen} = {samples * seqlen:,} needed")
     return random_windows(ids, samples, seqlen, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sampled_batches(model: nn.Module, tokenizer, samples: int, seqlen: int, *, seed: int = 0, batch: int = 16,
+                    progress: bool = False) -> torch.Tensor:
+    """`samples` sequences of `seqlen` tokens sampled from `model` itself (temperature 1, no top-k or
+    top-p), each from a first token drawn uniformly from the vocabulary's ordinary tokens: calibration
+    with no data, as LLM-QAT's data-free generation (Liu et al. 2023). Their inputs are those the model
+    meets on its own text; with labels sampled from the model, the squared loss gradients are its true
+    Fisher rather than the empirical one. Seeded; the global random state is left as it was."""
+    if samples <= 0 or seqlen <= 1:
+        raise WeloreError(f"calibration needs samples > 0 and seqlen > 1, got {samples} x {seqlen}")
+    if tokenizer is None:
+        raise WeloreError("sampling calibration text needs a tokenizer, and this model has none")
+    device = next(model.parameters()).device
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(min(len(tokenizer), model.get_input_embeddings().num_embeddings))
+                             if i not in special])
+    first = ordinary[torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))]
+    was_training, out = model.training, []
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in bar(range(0, samples, batch), desc="Sampling calibration text", unit="batch", progress=progress):
+            start = first[i:i + batch, None].to(device)
+            out.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
+                                      top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                      pad_token_id=tokenizer.pad_token_id or 0).cpu())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 def collect_stats(model: nn.Module, targets: list[Target], batches: torch.Tensor, *, max_stats_gib: float = 4.0,

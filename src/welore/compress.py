@@ -84,7 +84,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     if cfg.calibrated:
         if tokenizer is None:
             raise WeloreError("calibration needs a tokenizer, and this model has none")
-        batches = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.seed)
+        batches = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.calib_data, seed=cfg.seed,
+                                      model=model, progress=progress)
         stats = collect_stats(model, targets, batches, gradients=cfg.gradients, progress=progress)
     factors, alloc_spectra, plan = plan_from(stats)
     first_pass = factors, alloc_spectra, stats
@@ -127,7 +128,7 @@ def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict
                           corrections={m.name: m.correction for m in plan.matrices if m.correction}, progress=progress)
 
 
-SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "seed", "targets", "ignore")
+SAME_FACTORS = ("method", "refit", "calib_samples", "calib_seqlen", "calib_data", "seed", "targets", "ignore")
 
 
 def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: bool) -> Compressed:

@@ -75,8 +75,11 @@ class CompressConfig(Selection):
     alloc_spectrum: str = field(default="weight", metadata=_help(
         "allocate ranks on the weight spectra (data-free) or the data-aware ones", choices=("weight", "data")))
     refit: bool = field(default=False, metadata=_help("least-squares refit of each up factor on calibration data"))
-    calib_samples: int = field(default=32, metadata=_help("calibration sequences from C4 train documents"))
+    calib_samples: int = field(default=32, metadata=_help("calibration sequences"))
     calib_seqlen: int = field(default=512, metadata=_help("tokens per calibration sequence"))
+    calib_data: str = field(default="c4-train", metadata=_help(
+        "calibration text: c4-train (C4 training documents) or self (sequences the model samples itself: no data)",
+        choices=("c4-train", "self")))
     calib_passes: int = field(default=1, metadata=_help(
         "2+: re-calibrate on the compressed model, refactorise and re-plan (one more pass each)"))
     seed: int = field(default=0, metadata=_help("seed of the calibration sample"))
@@ -159,8 +162,8 @@ class CompressConfig(Selection):
         """The settings as welore.json records them."""
         d = asdict(self)
         d = {**d, "targets": d.pop("targets"), "ignore": d.pop("ignore")}  # where they were before Selection
-        calib = {k: d.pop(k) for k in ("calib_samples", "calib_seqlen", "seed", "calib_passes")}
-        d["calibration"] = {"corpus": "c4-train", "samples": calib["calib_samples"], "seqlen": calib["calib_seqlen"],
+        calib = {k: d.pop(k) for k in ("calib_samples", "calib_seqlen", "seed", "calib_passes", "calib_data")}
+        d["calibration"] = {"corpus": calib["calib_data"], "samples": calib["calib_samples"], "seqlen": calib["calib_seqlen"],
                             "seed": calib["seed"], "loss_gradients": self.gradients,
                             "passes": calib["calib_passes"]} if self.calibrated else None
         return d

@@ -65,7 +65,7 @@ def spill_calibrated(reader: ShardReader, config, blocks: dict, keys: dict, cfg:
     if None in blocks:
         raise WeloreError("calibrated streaming compresses targets inside the transformer blocks only; "
                           "narrow --targets to block layers")
-    ids = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, seed=cfg.seed)
+    ids = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.calib_data, seed=cfg.seed)
     plan: RankPlan | None = None
     prev: Path | None = None
     for p in range(1, cfg.calib_passes + 1):
