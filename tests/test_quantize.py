@@ -165,6 +165,8 @@ def test_a_bits_per_weight_budget_is_met_and_stored_as_planned(tmp_path, tokeniz
 
 
 def test_storage_reuses_the_tables_gptq_fits_and_stores_what_it_would_have_fitted(tokenizer):
+    from dataclasses import replace
+
     from welore.compress import _quantize, apply_plan
 
     cfg = CompressConfig(bits_per_weight=4.0, group_size=32, calib_samples=2, calib_seqlen=32)
@@ -174,7 +176,7 @@ def test_storage_reuses_the_tables_gptq_fits_and_stores_what_it_would_have_fitte
     dense_gptq = [m for m in done.plan.matrices if not m.lrc and not m.correction and m.bits < 8]
     assert dense_gptq and all(m.bits in fits[m.name] for m in dense_gptq)
     again = apply_plan(make_tiny("llama"), done.plan, done.first_pass[0], progress=False)
-    _quantize(again, cfg, done.plan, done.stats, {}, False)  # every matrix fitted anew
+    _quantize(again, cfg, done.plan, done.stats, replace(done.first_pass[1], fits={}), False)  # every matrix fitted anew
     ours, theirs = unique_state_dict(done.model), unique_state_dict(again)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

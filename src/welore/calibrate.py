@@ -73,14 +73,16 @@ def sampled_batches(model: nn.Module, tokenizer, samples: int, seqlen: int, *, s
     first = ordinary[torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))]
     was_training, out = model.training, []
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in bar(range(0, samples, batch), desc="Sampling calibration text", unit="batch", progress=progress):
-            start = first[i:i + batch, None].to(device)
-            out.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
-                                      top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
-                                      pad_token_id=tokenizer.pad_token_id or 0).cpu())
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for i in bar(range(0, samples, batch), desc="Sampling calibration text", unit="batch", progress=progress):
+                start = first[i:i + batch, None].to(device)
+                out.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
+                                          temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1,
+                                          min_new_tokens=seqlen - 1, pad_token_id=tokenizer.pad_token_id or 0).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 

@@ -101,7 +101,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, *, spectra: Spect
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
     return Compressed(model, cfg, plan, spectra, list(targets), first_pass, stats, prep_s, time.perf_counter() - t,
-                      _quantize(model, cfg, plan, stats, alloc_spectra.fits if rule.needs_choices else {}, progress), costs)
+                      _quantize(model, cfg, plan, stats, alloc_spectra, progress), costs)
 
 
 def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> float | None:
@@ -117,13 +117,15 @@ def _ratio(model: nn.Module, cfg: CompressConfig, targets: list[Target]) -> floa
     return (cfg.ratio * (weights + sum(p.numel() for p in other)) - other_bits) / weights
 
 
-def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict | None, fits: dict,
+def _quantize(model: nn.Module, cfg: CompressConfig, plan: RankPlan, stats: dict | None, alloc_spectra: Spectra,
               progress: bool) -> dict | None:
     """With cfg.bits: factors and N-LRCs to low-bit groups (welore.quantize), or each matrix to the width
-    its plan chose (reusing the storage choices' `fits` of dense matrices); the bits spent."""
+    its plan chose (reusing the dense fits its storage choices made); the bits spent."""
     if cfg.bits is None and plan.bits_per_weight is None:
         return None
     bits = cfg.bits if cfg.bits is not None else {m.name: m.bits for m in plan.matrices}
+    # the fits of this plan's own table only: spectra passed in may carry an earlier call's
+    fits = alloc_spectra.fits if cfg.rule.needs_choices else {}
     return quantize_model(model, bits, cfg.group_size, cfg.quantizer, ignore=cfg.ignore, stats=stats, fits=fits,
                           corrections={m.name: m.correction for m in plan.matrices if m.correction}, progress=progress)
 
@@ -146,7 +148,7 @@ def _replan(model: nn.Module, cfg: CompressConfig, reuse: Compressed, progress: 
                     allocation=cfg.allocation, min_ratio=cfg.min_ratio, threshold=cfg.threshold, costs=costs)
     t = time.perf_counter()
     apply_plan(model, plan, factors, refit=stats if cfg.refit else None, progress=progress)
-    quant = _quantize(model, cfg, plan, stats, alloc_spectra.fits if cfg.rule.needs_choices else {}, progress)
+    quant = _quantize(model, cfg, plan, stats, alloc_spectra, progress)
     return Compressed(model, cfg, plan, reuse.spectra, reuse.targets, reuse.first_pass, stats, reuse.prep_seconds,
                       time.perf_counter() - t, quant, costs)
 

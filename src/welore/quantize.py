@@ -66,17 +66,18 @@ def quantize_model(model: nn.Module, bits: int | dict[str, int], group: int = 12
             continue
         module, g = model.get_submodule(t.name), group_for(t.in_features, group)
         w, st = weight_matrix(module), (stats or {}).get(t.name)
-        hessian = _hessian(model, t.name, stats) if quantizer in CALIBRATED else None
-        fit = (fits or {}).get(t.name, {}).get(b)
-        if fit is not None and not corrections.get(t.name):
+        fit = None if corrections.get(t.name) else (fits or {}).get(t.name, {}).get(b)
+        if fit is not None:
             q = copy.deepcopy(fit)  # a copy: the same fits serve every plan made from one table
             if module.bias is not None:
                 q.bias = nn.Parameter(module.bias.detach().clone())
-        elif corrections.get(t.name):
-            q = fit_q_plus_lr(w, b, g, corrections[t.name], quantizer=quantizer, scaling=_scaling(st, w.device),
-                              bias=module.bias, kind=t.kind, hessian=hessian)
         else:
-            q = quantize_weight(w, module.bias, b, g, quantizer, hessian=hessian, kind=t.kind)
+            hessian = _hessian(model, t.name, stats) if quantizer in CALIBRATED else None
+            if corrections.get(t.name):
+                q = fit_q_plus_lr(w, b, g, corrections[t.name], quantizer=quantizer, scaling=_scaling(st, w.device),
+                                  bias=module.bias, kind=t.kind, hessian=hessian)
+            else:
+                q = quantize_weight(w, module.bias, b, g, quantizer, hessian=hessian, kind=t.kind)
         model.set_submodule(t.name, q.train(module.training))  # a model in eval mode stays in it
     return bits_report(model)
 
