@@ -11,6 +11,9 @@ that matter: lrc vs full peak memory and tokens/s, lrc quality vs full and vs lo
     # over a quantised rest (qlrc) against QLoRA (qlora) and plain lrc, the recovery recipe's schedule
     python benchmarks/finetune.py --modes lrc qlrc qlora --tasks --steps 500 --batch-size 2 --lr 3e-4 \
         --base recipe20
+    # the same, each LRC over a quantised copy of its complement (LQ-LoRA's shape), against QLoRA
+    python benchmarks/finetune.py --modes qlrc-complement qlora --tasks --steps 500 --batch-size 2 --lr 3e-4 \
+        --base recipe20
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from welore import CompressConfig, CompressJob, FinetuneConfig, compare, run_com
 # parameters (issue 37's table: WikiText-2 71.3 where dense is 36.1)
 BASES = {"r50": CompressConfig(ratio=0.5),
          "recipe20": CompressConfig(ratio=0.2, target="params", allocation="loss", method="whiten-fisher")}
-PAIRS = [("lrc", "full"), ("lrc", "lora"), ("qlrc", "qlora"), ("qlrc", "lrc")]
+PAIRS = [("lrc", "full"), ("lrc", "lora"), ("qlrc", "qlora"), ("qlrc", "lrc"), ("qlrc-complement", "qlora")]
 
 
 def main() -> None:

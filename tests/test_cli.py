@@ -365,6 +365,20 @@ def test_compress_then_recover_in_one_command(capsys, model_dir, tmp_path):
     assert load_compressed(out / "recovered").plan.lrcs == load_compressed(out).plan.lrcs
 
 
+def test_a_quantised_model_recovers_its_scales_in_one_command(capsys, model_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "compress", str(model_dir), "-o", str(out), "--ratio", "0.3", "--min-ratio", "0",
+                            "--bits", "3", "--group-size", "32", "--no-eval", "--recover", "2", "-q")
+    assert code == 0, err
+    rec = json.loads((out / "recovered" / "finetune.json").read_text())
+    assert rec["config"] == {**rec["config"], "mode": "scales", "steps": 2, "lr": 4e-4}
+    assert "training the quantisation scales" in stdout
+    from welore import load_compressed
+    from welore.quantize import bits_report
+
+    assert bits_report(load_compressed(out / "recovered").model) == bits_report(load_compressed(out).model)
+
+
 def test_recover_with_a_teacher_caches_its_answers_and_removes_them(compressed_dir, model_dir, tmp_path):
     from welore import recover
 

@@ -98,21 +98,25 @@ def test_next_steps_suggest_only_what_applies(tmp_path):
     nothing = CompressResult(tmp_path, dense, settings={"allocation": "welore", "method": "svd"}).explain()
     assert "--param-ratio" not in nothing and "finetune" not in nothing and "welore generate" in nothing
     assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={}).explain(recovering=True)
-    # quantised factors cannot train (welore.modes refuses them): no recovery hint for a --bits run
-    assert "welore finetune" not in CompressResult(tmp_path, lrc, settings={"bits": 4}).explain()
+    # quantised factors cannot train (welore.modes refuses them): a --bits run is told to train its scales
+    assert "--train scales" in CompressResult(tmp_path, lrc, settings={"bits": 4}).explain()
+    assert "--train scales" not in plain
 
 
 def test_the_recovery_hint_is_the_recovery_recipe(tmp_path):
-    """The command the main job suggests runs exactly FinetuneConfig.recovery(500), `--recover 500`."""
+    """The command the main job suggests runs exactly FinetuneConfig.recovery(500), `--recover 500` (a
+    quantised model's: FinetuneConfig.recovery(300, quantised=True), `--recover 300`)."""
     from welore.cli import build_parser
     from welore.config import from_namespace
     from welore.finetune_config import FinetuneConfig
 
     lrc = RankPlan("welore", 0.3, 0.5, None, [MatrixPlan("a", "linear", 64, 64, 64, 8, True)])
-    hint = next(line for line in CompressResult(tmp_path, lrc, settings={}).explain().splitlines()
-                if "welore finetune" in line)
-    argv = hint.split("welore finetune ", 1)[1].split()
-    assert from_namespace(FinetuneConfig, build_parser().parse_args(["finetune", *argv])) == FinetuneConfig.recovery(500)
+    for settings, recipe in (({}, FinetuneConfig.recovery(500)),
+                             ({"bits_per_weight": 2.5}, FinetuneConfig.recovery(300, quantised=True))):
+        hint = next(line for line in CompressResult(tmp_path, lrc, settings=settings).explain().splitlines()
+                    if "welore finetune" in line)
+        argv = hint.split("welore finetune ", 1)[1].split()
+        assert from_namespace(FinetuneConfig, build_parser().parse_args(["finetune", *argv])) == recipe
 
 
 def test_next_steps_fit_the_model_that_ran(tmp_path):

@@ -98,7 +98,6 @@ def test_plain_quantisation_of_a_dense_model():
 @pytest.mark.parametrize("flags, message", [
     (["--bits", "5"], "bits must be one of 2, 3, 4, 8"),
     (["--bits", "4", "--group-size", "12"], "group size must be a positive multiple of 8"),
-    (["--bits", "4", "--recover", "10"], "--recover trains the LRC factors"),
     (["--bits", "4", "--stream"], "quantising needs the model in memory"),
     (["--bits-per-weight", "0.5"], "below the smallest setting"),
     (["--bits-per-weight", "3", "--bits", "4"], "drop --bits"),

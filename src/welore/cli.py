@@ -140,7 +140,8 @@ def cmd_compress(a) -> int:
         from .train import recover  # the training stack (Trainer, PEFT) costs ~1.3 s to import: only here
 
         text = "C4 text" if job.recover_data == "c4" else job.recover_data
-        print(f"\nrecovering: {job.recover} steps of training the low-rank factors on {text}", flush=True)
+        what = "the quantisation scales" if cfg.quantized else "the low-rank factors"
+        print(f"\nrecovering: {job.recover} steps of training {what} on {text}", flush=True)
         rec = recover(res.output, steps=job.recover, device=job.device, progress=job.progress, data=job.recover_data)
         print(text_table(rec.evals))
         print(f"wrote {rec.output}/ (the recovered model: use this one; finetune.json records the recovery)")

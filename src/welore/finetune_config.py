@@ -55,7 +55,7 @@ class FinetuneConfig:
     galore_scale: float = field(default=1.0, metadata=_help(
         "GaLore's update scale: its projected matrices move lr x scale a step (1: the other modes' step)"))
     frozen_bits: int = field(default=4, metadata=_help(
-        "with --train qlrc or qlora: bits of the frozen matrices, quantised at load by HQQ in groups of 64"))
+        "with --train qlrc, qlrc-complement or qlora: bits of the frozen matrices, quantised at load by HQQ in groups of 64"))
     teacher: str | None = field(default=None, metadata=_help(
         "distil from this dense model (the flag alone: the base model recorded in welore.json)", nargs="?",
         const="base"))
@@ -121,14 +121,19 @@ class FinetuneConfig:
         return self.data not in TASKS
 
     @classmethod
-    def recovery(cls, steps: int = 500, **overrides) -> FinetuneConfig:
+    def recovery(cls, steps: int = 500, quantised: bool = False, **overrides) -> FinetuneConfig:
         """The recovery recipe (benchmarks/recovery.py): LRC-only, the LM loss on 2 x 128-token C4 batches, lr
         3e-4 (its sweep), 10 warmup steps, five evaluations, keep-the-best. The LM loss, not distillation: on the
         30% calibrated model as good as half distillation (WikiText-2 101.7 vs 100.3, C4 31.8 vs 31.6), better
         than distillation alone (103.3, 34.9) in half the time; 2x better on the 50% SVD model. ~12 min for 500
-        steps of the default on 2 cores. teacher="base" (and kd_weight) distils instead."""
-        return cls(**{"mode": "lrc", "lr": 3e-4, "warmup": 10, "batch_size": 2, "seqlen": 128, "steps": steps,
-                      "eval_every": max(1, steps // 5), **overrides})
+        steps of the default on 2 cores. teacher="base" (and kd_weight) distils instead.
+        `quantised` (a --bits / --bits-per-weight model): its group scales train instead (mode scales) on
+        4 x 256-token batches after 30 warmup steps at lr 4e-4, the best of 1e-4 / 4e-4 / 1e-3 after 60 steps
+        on the 2.5-bit default (WikiText-2 120.7 / 109.3 / 112.6 at seqlen 256, from 203.4); 300 steps take
+        it from 6.9x to 2.6x dense perplexity in 24 min on 2 cores (docs/results/quantize.md)."""
+        recipe = ({"mode": "scales", "lr": 4e-4, "batch_size": 4, "seqlen": 256, "warmup": 30} if quantised else
+                  {"mode": "lrc", "lr": 3e-4, "batch_size": 2, "seqlen": 128, "warmup": 10})
+        return cls(**{**recipe, "steps": steps, "eval_every": max(1, steps // 5), **overrides})
 
     def to_dict(self) -> dict:
         """Every setting, as finetune.json records it."""

@@ -185,6 +185,11 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def is_quantised(settings: dict) -> bool:
+    """Recorded compression settings (welore.json's) that store low-bit integers (--bits, --bits-per-weight)."""
+    return settings.get("bits") is not None or settings.get("bits_per_weight") is not None
+
+
 def build_skeleton(config, plan: RankPlan | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The (compressed, with a plan) architecture with empty (meta) parameters; buffers are real."""
     with init_empty_weights(include_buffers=False):

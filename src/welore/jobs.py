@@ -74,7 +74,8 @@ class CompressJob(Loading, Output):
     resume: bool = field(default=False, metadata=_help("continue a killed streaming run from its last block"))
     recover: int | None = field(default=None, metadata=_help(
         "then recover quality: STEPS steps of LRC-only training on C4 text (FinetuneConfig.recovery; 500 steps of "
-        "the 135M default take ~12 min on 2 CPU cores), written to OUTPUT/recovered/", metavar="STEPS"))
+        "the 135M default take ~12 min on 2 CPU cores), or, quantised (--bits, --bits-per-weight), of its scales "
+        "(--train scales), written to OUTPUT/recovered/", metavar="STEPS"))
     recover_data: str = field(default="c4", metadata=_help(
         "with --recover: train on this text instead of C4 train, a .txt / .jsonl / .json / .parquet file of the "
         "domain you care about (its last 4096 tokens are held out to judge the run)", metavar="TEXT"))

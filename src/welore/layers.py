@@ -130,9 +130,11 @@ def swap_in_quant(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
 
 
 def _placement(model: nn.Module, name: str) -> dict:
-    """The device and dtype of the weight of the module `name` replaces (none: the defaults)."""
-    w = getattr(model.get_submodule(name), "weight", None)
-    return {"device": w.device, "dtype": w.dtype} if w is not None else {"device": None, "dtype": None}
+    """The device and dtype of the weight of the module `name` replaces (an LRC's: its factors'; none:
+    the defaults)."""
+    module = model.get_submodule(name)
+    w = getattr(getattr(module, "up", module), "weight", None)
+    return {"device": w.device, "dtype": w.dtype} if isinstance(w, torch.Tensor) else {"device": None, "dtype": None}
 
 
 def swap_in_low_rank(model: nn.Module, specs: dict[str, dict]) -> nn.Module:

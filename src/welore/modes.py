@@ -12,6 +12,12 @@ is one class and one registry line; `welore finetune --train NAME` picks one.
             factors are what trains)
     qlora   QLoRA: PEFT's LoRA adapters over every block linear quantised to --frozen-bits; saved as
             Q + LR layers, the adapter the correction
+    qlrc-complement
+            qlrc where each LRC also keeps a frozen copy of what its factors leave out of the base
+            model's matrix, Q(W - up down) at --frozen-bits (LQ-LoRA's Q + LR, the ranks WeLore's):
+            the whole model at QLoRA's memory, its top singular directions training; saved as Q + LR
+    scales  a quantised model's (--bits-per-weight) group scales and zeros, its integer levels frozen
+            (PEQA; EfficientQAT's end-to-end stage): recovery that keeps every byte where it was
 
 The quantised modes quantise at load with HQQ's half-quadratic fit in groups of FROZEN_GROUP (QLoRA's
 block size, and transformers' HqqConfig default), into welore's QuantLinear (HQQ's format; not HQQ's
@@ -32,8 +38,10 @@ from torch import nn
 from .device import release_memory
 from .errors import WeloreError
 from .layers import LowRankLinear, QuantLinear
+from .qtrain import Complemented, TrainedScales, finish_all
 from .quantize import quantize_model, with_correction
-from .targets import count_parameters, find_targets, layer_of
+from .quantizers import group_for, quantize_weight
+from .targets import count_parameters, find_targets, layer_of, weight_matrix
 
 if TYPE_CHECKING:
     from .finetune_config import FinetuneConfig
@@ -93,6 +101,9 @@ class Mode:
 
     name: ClassVar[str]
     settings: ClassVar[tuple[str, ...]] = ()  # FinetuneConfig fields only this mode reads
+
+    def __init__(self, base: str | None = None):
+        self.base = base  # the base model the compressed one was made from (welore.json), where recorded
 
     def prepare(self, model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
         """(model, optimizer settings for TrainingArguments, facts for finetune.json)."""
@@ -210,16 +221,66 @@ class QLora(Lora):
         return model
 
 
-MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Lrc, Full, Lora, GaLore, QLrc, QLora)}
+class QLrcComplement(QLrc):
+    name = "qlrc-complement"
+
+    def prepare(self, model, cfg):
+        from .models import load_model
+
+        if not self.base:
+            raise WeloreError("--train qlrc-complement needs the base model, and this directory records none")
+        model, optim, info = super().prepare(model, cfg)
+        base = load_model(self.base, device="cpu", tokenizer=False).model
+        lrcs = low_rank_modules(model)
+        for name, m in lrcs.items():
+            try:
+                w = weight_matrix(base.get_submodule(name)).detach()
+            except (AttributeError, TypeError):
+                raise WeloreError(f"the base model {self.base} has no linear {name}: not this model's base") from None
+            if w.shape != (m.out_features, m.in_features):
+                raise WeloreError(f"the base model {self.base}'s {name} is {tuple(w.shape)}, not this model's "
+                                  f"{(m.out_features, m.in_features)}: not its base")
+            with torch.no_grad():
+                rest = w.to(m.up.weight) - m.up.weight @ m.down.weight
+            q = quantize_weight(rest, None, cfg.frozen_bits, group_for(m.in_features, FROZEN_GROUP), "hqq", kind=m.kind)
+            model.set_submodule(name, Complemented(m, q.to(m.up.weight.device)))
+        del base
+        release_memory()
+        return model, optim, {**info, "complement_matrices": len(lrcs)}
+
+    def finish(self, model):
+        return finish_all(model, Complemented)  # each a Q + LR QuantLinear, the factors its (fp16) correction
+
+
+class Scales(Mode):
+    name = "scales"
+
+    def prepare(self, model, cfg):
+        quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        if not quant:
+            raise WeloreError("--train scales trains a quantised model's scales, and this model has no quantised "
+                              "matrix (compress with --bits-per-weight)")
+        set_trainable(model, "none")
+        for name, q in quant.items():
+            model.set_submodule(name, TrainedScales(q))
+        return model, {"optim": "adamw_torch"}, {"quantised_matrices": len(quant)}
+
+    def finish(self, model):
+        return finish_all(model, TrainedScales)
+
+
+MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Lrc, Full, Lora, GaLore, QLrc, QLora, QLrcComplement,
+                                                             Scales)}
 COMPARED = ("lrc", "full", "lora", "galore")  # what `welore compare` runs by default
 
 
-def get_mode(name: str) -> Mode:
+def get_mode(name: str, base: str | None = None) -> Mode:
+    """The mode `name`, for a model made from `base` (welore.json's base_model)."""
     if name not in MODES:
         raise WeloreError(f"unknown training mode {name!r}; choose one of {', '.join(MODES)}")
-    return MODES[name]()
+    return MODES[name](base)
 
 
-def prepare_mode(model: nn.Module, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict]:
+def prepare_mode(model: nn.Module, cfg: FinetuneConfig, base: str | None = None) -> tuple[nn.Module, dict, dict]:
     """`cfg.mode`'s `prepare`: (model, optimizer settings for TrainingArguments, facts)."""
-    return get_mode(cfg.mode).prepare(model, cfg)
+    return get_mode(cfg.mode, base).prepare(model, cfg)

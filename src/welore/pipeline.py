@@ -28,7 +28,7 @@ from .config import CompressConfig
 from .device import process_memory
 from .errors import WeloreError
 from .files import atomic_dir, atomic_file, check_output
-from .io import load_compressed, read_tokenizer, save_compressed
+from .io import is_quantised, load_compressed, read_tokenizer, save_compressed
 from .jobs import AnalyzeConfig, CompressJob
 from .models import load_model
 from .report import markdown_table, plot_reduction_heatmap, plot_spectra, text_table
@@ -131,9 +131,6 @@ def run_compress(source, cfg: CompressConfig, job: CompressJob) -> CompressResul
     """The main job (see module docstring): the compressed model in `job.output`, its comparison rows."""
     if job.spectra and (cfg.rule.needs_tails or cfg.rule.needs_choices) and cfg.factorizer.is_weight_svd:
         raise WeloreError(f"the {cfg.allocation} allocation needs SVD factors, which --spectra files do not hold")
-    if cfg.quantized and job.recover:
-        raise WeloreError("--recover trains the LRC factors, which --bits quantises: recover first "
-                          "(welore finetune), then quantise, or drop one of the two")
     stream, why = streams(source, cfg, job)
     path = f"{'streamed block by block' if stream else 'in memory'} ({why})"
     if stream:
@@ -243,8 +240,11 @@ def next_steps(out: Path, plan: RankPlan, settings: dict, rows: list[dict], per_
         when = f" (its row above took {took['compress s']:.0f} s at a smaller calibration)" if took else ""
         lines.append(f"  better quality at this size, calibrated{when}: welore compress --param-ratio "
                      f"{plan.param_reduction:.3f} --allocation loss --method whiten-fisher")
-    quantised = settings.get("bits") is not None or settings.get("bits_per_weight") is not None
-    if plan.lrcs and not recovering and not quantised:  # FinetuneConfig.recovery(500), as flags
+    if is_quantised(settings) and not recovering:  # FinetuneConfig.recovery(300, quantised=True), as flags
+        lines.append(f"  recover what quantisation cost, in the same bytes, by training its scales on C4 text; or add "
+                     f"--recover 300 to this command: welore finetune {out} -o {out}/recovered --train scales "
+                     "--lr 4e-4 --warmup 30 --batch-size 4 --seqlen 256 --steps 300 --eval-every 60")
+    elif plan.lrcs and not recovering:  # FinetuneConfig.recovery(500), as flags
         when = f" (~{per_token * (RECOVERY_TOKENS * RECOVERY_COST + RECOVERY_EVAL_TOKENS) / 60:.0f} min here, from " \
                "this run's evaluation speed)" if per_token else ""
         lines.append(f"  recover quality by training the low-rank factors on C4 text{when}; or add --recover 500 to "

@@ -1,10 +1,10 @@
-"""Fine-tune a compressed model: only the LRC factors (WeLore), everything, LoRA, or GaLore.
+"""Fine-tune a compressed model: only the LRC factors (WeLore), everything, LoRA, GaLore, ... (welore.modes).
 
     welore.finetune("compressed/x", "tuned/x", FinetuneConfig(mode="lrc", data="c4", steps=200))
 
-The modes (welore.modes) are setups of one `transformers.Trainer` (welore.trainer; CPU, one GPU or many):
-each marks what trains and picks the optimizer. An elastic directory without --budget trains every
-budget at once (lrc only; welore.elastic.Nest: each step one budget's ranks) and stays elastic.
+The modes are setups of one `transformers.Trainer` (welore.trainer; CPU, one GPU or many): each marks what
+trains and picks the optimizer. An elastic directory without --budget trains every budget at once (lrc
+only; welore.elastic.Nest: each step one budget's ranks) and stays elastic.
 
 Reproducibility: the batch of step s is a pure function of (seed, s), so a resumed run sees exactly
 the batches an uninterrupted one would, and with the optimizer, scheduler and RNG states restored it
@@ -38,7 +38,7 @@ from .evaluate import cut_windows, mean_nll, nll_to_ppl, perplexity, task_accura
 from .files import check_output, hash_file_heads
 from .finetune_config import FinetuneConfig
 from .guard import KeepBest, guard_metrics
-from .io import load_compressed, read_meta, save_compressed
+from .io import is_quantised, load_compressed, read_meta, save_compressed
 from .modes import get_mode
 from .report import plot_loss_curves, returned_eval
 from .shards import ShardReader
@@ -60,8 +60,7 @@ class FinetuneResult:
     metrics: dict = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# the job
+# --------------------------------------------------------------------------------------------- the job
 
 
 def _model_fingerprint(model_dir: Path, budget: float | None = None) -> str:
@@ -190,7 +189,7 @@ def finetune(model_dir: str | Path, output: str | Path, cfg: FinetuneConfig, *, 
     nest = elastic.Nest(loaded.model, plans, loaded.extra) if plans else None
     total = count_parameters(loaded.model)  # before LoRA adds adapters: percentages are of the model
     loaded.model.config.use_cache = False  # no KV cache while training; restored before saving
-    mode = get_mode(cfg.mode)
+    mode = get_mode(cfg.mode, meta.get("base_model"))
     model, optim, info = mode.prepare(loaded.model, cfg)
     args = training_arguments(ckpt, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                               grad_accum=cfg.grad_accum, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
@@ -290,7 +289,8 @@ def recover(model_dir: str | Path, output: str | Path | None = None, steps: int 
     output = Path(output) if output else model_dir / "recovered"
     ours = overrides.get("teacher") is not None and "teacher_cache" not in overrides  # else the caller's to keep
     cache = output.with_name(output.name + ".teacher.safetensors")
-    cfg = FinetuneConfig.recovery(steps, **({"teacher_cache": str(cache)} if ours else {}), **overrides)
+    cfg = FinetuneConfig.recovery(steps, quantised=is_quantised(read_meta(model_dir).get("settings", {})),
+                                  **({"teacher_cache": str(cache)} if ours else {}), **overrides)
     check_output(output, overwrite)
     if ours:
         cache.unlink(missing_ok=True)  # left by an earlier, killed recovery, perhaps of other settings
