@@ -14,6 +14,9 @@ that matter: lrc vs full peak memory and tokens/s, lrc quality vs full and vs lo
     # the same, each LRC over a quantised copy of its complement (LQ-LoRA's shape), against QLoRA
     python benchmarks/finetune.py --modes qlrc-complement qlora --tasks --steps 500 --batch-size 2 --lr 3e-4 \
         --base recipe20
+    # QLoRA over the whole (uncompressed) model, rank 77: lrc's 23.44M parameters on recipe20
+    python benchmarks/finetune.py --modes qlora --tasks --steps 500 --batch-size 2 --lr 3e-4 --base dense \
+        --lora-rank 77
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from welore import CompressConfig, CompressJob, FinetuneConfig, compare, run_com
 # against QLoRA, and against itself over a full-precision rest
 # r50: WeLore at 50% effective rank reduction, data-free; recipe20: the calibrated recipe at 20% fewer
 # parameters (issue 37's table: WikiText-2 71.3 where dense is 36.1)
+# dense: the uncompressed model as a welore directory (no matrix reduces enough to turn low-rank), for
+# QLoRA over the whole model (give --lora-rank: with no LRC, the matched rank is meaningless)
 BASES = {"r50": CompressConfig(ratio=0.5),
-         "recipe20": CompressConfig(ratio=0.2, target="params", allocation="loss", method="whiten-fisher")}
+         "recipe20": CompressConfig(ratio=0.2, target="params", allocation="loss", method="whiten-fisher"),
+         "dense": CompressConfig(ratio=0.01, min_ratio=0.999)}
 PAIRS = [("lrc", "full"), ("lrc", "lora"), ("qlrc", "qlora"), ("qlrc", "lrc"), ("qlrc-complement", "qlora")]
 
 
@@ -46,6 +52,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-examples", type=int, default=100)
     ap.add_argument("--base", choices=list(BASES), default="r50", help="the compressed model every mode starts from")
+    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA's rank (default: matched to lrc's parameters)")
     ap.add_argument("--out", default="bench-out/finetune")
     a = ap.parse_args()
     out = Path(a.out)
@@ -58,7 +65,7 @@ def main() -> None:
     for data in ["c4", *a.tasks]:
         cfg = FinetuneConfig(data=data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seqlen=a.seqlen,
                              warmup=max(1, a.steps // 10), eval_tokens=a.eval_tokens, eval_examples=a.eval_examples,
-                             save_every=0, seed=0)
+                             save_every=0, seed=0, lora_rank=a.lora_rank)
         t = time.perf_counter()
         rows = compare(base, out / data, cfg, a.modes, overwrite=True, progress=False)
         results[data] = rows
