@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import resource
+import sys
 import threading
 
 import psutil
@@ -78,9 +79,20 @@ class PeakMemory:
                 "process_peak_rss_gib": process_memory()["peak_rss_gib"]}
 
 
+def peak_rss_bytes() -> int:
+    """This process' RSS high-water mark. On Linux the kernel's VmHWM: getrusage's ru_maxrss survives
+    exec, so a process spawned by a large one (welore compare's runs) would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
+
+
 def process_memory() -> dict:
     """This process' memory high-water marks so far: RSS, and CUDA's peak allocation when CUDA is used."""
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"peak_rss_gib": peak_rss_bytes() / 2**30}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
