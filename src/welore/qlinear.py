@@ -70,13 +70,18 @@ class QuantLinear(nn.Module):
         w = Quantizer.dequantize(self.qweight, meta)
         return w.reshape(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features)
 
-    def levels(self) -> torch.Tensor:
-        """The (out x in) integer levels, unpacked from HQQ's packing."""
+    def group_levels(self) -> torch.Tensor:
+        """The integer levels unpacked from HQQ's packing, a row per group (groups x group; past the
+        matrix's weights, padding groups)."""
         from hqq.core.quantize import Quantizer
 
         q = Quantizer.unpack[Quantizer.bit_to_packing[self.bits]](self.qweight, dtype=torch.uint8)
-        n = self.out_features * self.in_features  # rows past the groups: 3-bit packing's padding
-        return q[: self.scale.shape[0]].reshape(-1)[:n].view(self.out_features, self.in_features)
+        return q[: self.scale.shape[0]]  # rows past the groups: 3-bit packing's padding
+
+    def levels(self) -> torch.Tensor:
+        """The (out x in) integer levels, unpacked from HQQ's packing."""
+        n = self.out_features * self.in_features
+        return self.group_levels().reshape(-1)[:n].view(self.out_features, self.in_features)
 
     def int4(self) -> Int4Weight | None:
         """The weight in the int4 kernel's layout, built once and rebuilt when the stored tensors

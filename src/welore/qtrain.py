@@ -65,12 +65,8 @@ class TrainedScales(nn.Module):
 
     def __init__(self, q: QuantLinear):
         super().__init__()
-        from hqq.core.quantize import Quantizer
-
         self.q = q
-        groups = q.scale.shape[0]
-        unpacked = Quantizer.unpack[Quantizer.bit_to_packing[q.bits]](q.qweight, dtype=torch.uint8)[:groups]
-        self.register_buffer("levels", unpacked.contiguous(), persistent=False)  # a byte a weight, for the run
+        self.register_buffer("levels", q.group_levels().contiguous(), persistent=False)  # a byte a weight, for the run
         self.scale = nn.Parameter(q.scale.float().clone())
         self.zero = nn.Parameter(q.zero.float().clone())
 
