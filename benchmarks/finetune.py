@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=100)
     ap.add_argument("--base", choices=list(BASES), default="r50", help="the compressed model every mode starts from")
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA's rank (default: matched to lrc's parameters)")
+    ap.add_argument("--frozen-scales", action="store_true",
+                    help="qlrc / qlrc-complement: the frozen matrices' group scales train too")
+    ap.add_argument("--seed", type=int, default=0, help="the data order's (and LoRA's initialisation's) seed")
     ap.add_argument("--out", default="bench-out/finetune")
     a = ap.parse_args()
     out = Path(a.out)
@@ -65,7 +68,8 @@ def main() -> None:
     for data in ["c4", *a.tasks]:
         cfg = FinetuneConfig(data=data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seqlen=a.seqlen,
                              warmup=max(1, a.steps // 10), eval_tokens=a.eval_tokens, eval_examples=a.eval_examples,
-                             save_every=0, seed=0, lora_rank=a.lora_rank)
+                             save_every=0, seed=a.seed, lora_rank=a.lora_rank,
+                             frozen_scales=a.frozen_scales)
         t = time.perf_counter()
         rows = compare(base, out / data, cfg, a.modes, overwrite=True, progress=False)
         results[data] = rows

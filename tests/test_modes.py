@@ -127,6 +127,36 @@ def test_qlrc_complement_trains_the_factors_over_a_quantised_copy_of_what_they_l
     torch.testing.assert_close(plain(x).logits, saved(x).logits)
 
 
+def test_frozen_scales_train_the_quantised_rest_and_keep_its_levels(complemented_dir, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from welore.qtrain import Complemented, TrainedScales
+
+    cfg = FinetuneConfig(mode="qlrc-complement", frozen_scales=True, steps=6, lr=3e-3, batch_size=2, seqlen=64,
+                         eval_tokens=256, save_every=0)
+    assert "frozen_scales" in cfg.read_settings() and "frozen_scales" not in FinetuneConfig().read_settings()
+    model, _, _ = prepare_mode(load_compressed(complemented_dir).model, cfg, base=str(model_dir))
+    scaled = {n: m for n, m in model.named_modules() if isinstance(m, TrainedScales)}
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, Complemented)}
+    assert {n for n in scaled if n.endswith(".rest")} == {f"{n}.rest" for n in wrapped}  # every complement
+    assert len(scaled) > len(wrapped)  # and every N-LRC
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lrc.{f}.weight" for n in wrapped for f in ("down", "up")} | {
+        f"{n}.{p}" for n in scaled for p in ("scale", "zero")}
+    levels = {n: m.q.qweight.clone() for n, m in scaled.items()}
+    scales = {n: m.q.scale.clone() for n, m in scaled.items()}
+    res = finetune(complemented_dir, tmp_path / "out", cfg, progress=False)
+    saved = load_compressed(tmp_path / "out").model
+    stored = {n.removesuffix(".rest"): saved.get_submodule(n.removesuffix(".rest")) for n in scaled}
+    assert all(isinstance(m, QuantLinear) for m in stored.values())
+    assert all(torch.equal(stored[n.removesuffix(".rest")].qweight, v) for n, v in levels.items())  # same levels
+    assert sum(not torch.equal(stored[n.removesuffix(".rest")].scale, v) for n, v in scales.items()) > len(wrapped)
+    assert res.evals[-1]["c4_ppl"] < res.evals[0]["c4_ppl"]
+    x = torch.randint(0, 100, (1, 12))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    torch.testing.assert_close(plain(x).logits, saved(x).logits)
+
+
 def test_qlrc_complement_needs_the_base_model(compressed_dir, tmp_path):
     from conftest import make_tiny
 

@@ -71,3 +71,16 @@ def test_the_chunked_loss_is_the_models_own_in_every_architecture(tiny):
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
     summed = chunked_lm_loss(tiny, batch, 5, num_items=10)  # transformers' accumulated form: sum / items
     torch.testing.assert_close(summed, own * (labels[:, 1:] != -100).sum() / 10)
+
+
+def test_parameters_marked_with_an_lr_scale_train_at_that_fraction_of_the_lr(tmp_path):
+    from welore.qtrain import LR_SCALE
+    from welore.trainer import WeloreTrainer, training_arguments
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    setattr(model[1].weight, LR_SCALE, 0.1)
+    args = training_arguments(tmp_path, steps=10, lr=1e-3, batch_size=1, warmup=0, schedule="constant")
+    opt = WeloreTrainer(model=model, args=args).create_optimizer()
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lrs) == 4 and lrs[id(model[1].weight)] == 1e-4
+    assert all(lrs[id(p)] == 1e-3 for p in (model[0].weight, model[0].bias, model[1].bias))

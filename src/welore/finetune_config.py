@@ -56,6 +56,12 @@ class FinetuneConfig:
         "GaLore's update scale: its projected matrices move lr x scale a step (1: the other modes' step)"))
     frozen_bits: int = field(default=4, metadata=_help(
         "with --train qlrc, qlrc-complement or qlora: bits of the frozen matrices, quantised at load by HQQ in groups of 64"))
+    frozen_scales: bool = field(default=False, metadata=_help(
+        "with --train qlrc or qlrc-complement: the frozen matrices' group scales and zeros train too (PEQA), "
+        "their integer levels fixed: the N-LRCs adapt at a few parameters per 64 weights"))
+    # a scale moves its group's 64 weights together: at the factors' lr (3e-4) it hurt (C4 24.4 vs 23.0, 500 steps)
+    frozen_scales_lr: float = field(default=0.1, metadata=_help(
+        "with --frozen-scales: their learning rate, as a fraction of --lr"))
     teacher: str | None = field(default=None, metadata=_help(
         "distil from this dense model (the flag alone: the base model recorded in welore.json)", nargs="?",
         const="base"))
@@ -89,6 +95,7 @@ class FinetuneConfig:
         elif self.data not in DATA:
             raise WeloreError(f"unknown task {self.data!r}; choose one of {', '.join(DATA)}, or a text file")
         for name, value in (("learning rate", self.lr), ("galore scale", self.galore_scale),
+                            ("frozen scales lr", self.frozen_scales_lr),
                             ("kd temperature", self.kd_temperature)):
             if not (value > 0 and math.isfinite(value)):
                 raise WeloreError(f"{name} must be > 0, got {value}")

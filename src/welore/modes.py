@@ -9,7 +9,8 @@ is one class and one registry line; `welore finetune --train NAME` picks one.
             block matrices whose smaller side exceeds its rank
     qlrc    lrc over a quantised rest: the N-LRCs frozen at --frozen-bits (HQQ), the LRC factors
             trained at full precision (QLoRA's shape with WeLore's split: no adapters, the
-            factors are what trains)
+            factors are what trains); --frozen-scales: the frozen matrices' group scales and
+            zeros train too, their levels fixed (as in scales), here and in qlrc-complement
     qlora   QLoRA: PEFT's LoRA adapters over every block linear quantised to --frozen-bits; saved as
             Q + LR layers, the adapter the correction
     qlrc-complement
@@ -38,7 +39,7 @@ from torch import nn
 from .device import release_memory
 from .errors import WeloreError
 from .layers import LowRankLinear, QuantLinear
-from .qtrain import Complemented, TrainedScales, finish_all
+from .qtrain import Complemented, TrainedScales, finish_all, train_scales
 from .quantize import quantize_model, with_correction
 from .quantizers import group_for, quantize_weight
 from .targets import count_parameters, find_targets, layer_of, weight_matrix
@@ -182,7 +183,7 @@ class GaLore(Mode):
 
 class QLrc(Mode):
     name = "qlrc"
-    settings = ("frozen_bits",)
+    settings = ("frozen_bits", "frozen_scales", "frozen_scales_lr")
 
     def prepare(self, model, cfg):
         lrcs = low_rank_modules(model)
@@ -193,7 +194,12 @@ class QLrc(Mode):
         quantize_model(model, rest, FROZEN_GROUP, "hqq", progress=False)
         release_memory()  # the full-precision N-LRCs, so that the process holds what it trains with
         set_trainable(model, "lrc")
+        if cfg.frozen_scales:
+            train_scales(model, cfg.frozen_scales_lr)
         return model, {"optim": "adamw_torch"}, {"frozen_bits": cfg.frozen_bits, "frozen_matrices": len(rest)}
+
+    def finish(self, model):
+        return finish_all(model, TrainedScales)
 
 
 class QLora(Lora):
@@ -243,12 +249,14 @@ class QLrcComplement(QLrc):
             with torch.no_grad():
                 rest = w.to(m.up.weight) - m.up.weight @ m.down.weight
             q = quantize_weight(rest, None, cfg.frozen_bits, group_for(m.in_features, FROZEN_GROUP), "hqq", kind=m.kind)
-            model.set_submodule(name, Complemented(m, q.to(m.up.weight.device)))
+            q = q.to(m.up.weight.device)
+            model.set_submodule(name, Complemented(m, TrainedScales(q, cfg.frozen_scales_lr) if cfg.frozen_scales else q))
         del base
         release_memory()
         return model, optim, {**info, "complement_matrices": len(lrcs)}
 
     def finish(self, model):
+        model = finish_all(model, TrainedScales)  # the N-LRCs (a complement's own: in its finish)
         return finish_all(model, Complemented)  # each a Q + LR QuantLinear, the factors its (fp16) correction
 
 
@@ -256,14 +264,12 @@ class Scales(Mode):
     name = "scales"
 
     def prepare(self, model, cfg):
-        quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        set_trainable(model, "none")
+        quant = train_scales(model)
         if not quant:
             raise WeloreError("--train scales trains a quantised model's scales, and this model has no quantised "
                               "matrix (compress with --bits-per-weight)")
-        set_trainable(model, "none")
-        for name, q in quant.items():
-            model.set_submodule(name, TrainedScales(q))
-        return model, {"optim": "adamw_torch"}, {"quantised_matrices": len(quant)}
+        return model, {"optim": "adamw_torch"}, {"quantised_matrices": quant}
 
     def finish(self, model):
         return finish_all(model, TrainedScales)

@@ -35,6 +35,7 @@ from .evaluate import encode_example
 from .finetune_config import FinetuneConfig
 from .losses import chunked_lm_loss
 from .progress import bar
+from .qtrain import LR_SCALE
 from .tasks import Example, split_validation, task_splits
 
 # deprecation notices raised inside the libraries' own code paths, not by anything welore calls:
@@ -158,7 +159,8 @@ def training_arguments(output_dir, *, steps: int, lr: float, batch_size: int, gr
 
 
 class WeloreTrainer(Trainer):
-    """Trainer with GaLore's groups given the run's weight decay (Trainer builds them without it), and
+    """Trainer with GaLore's groups given the run's weight decay (Trainer builds them without it), the
+    parameters marked with LR_SCALE in groups at that fraction of the learning rate, and
     with `loss_chunk` > 0 the LM loss by `chunked_lm_loss`. Before its first step that loss is checked
     against the model's own on one sequence: a head that is more than a linear map of the body's
     output (a logit soft-cap or scale) would make it another loss, and is refused."""
@@ -172,6 +174,12 @@ class WeloreTrainer(Trainer):
         if str(self.args.optim).startswith("galore"):
             for group in optimizer.param_groups:
                 group["weight_decay"] = self.args.weight_decay
+        for group in list(optimizer.param_groups):  # parameters marked LR_SCALE: a group of their own
+            scaled = [p for p in group["params"] if hasattr(p, LR_SCALE)]
+            group["params"] = [p for p in group["params"] if not hasattr(p, LR_SCALE)]
+            for factor in sorted({getattr(p, LR_SCALE) for p in scaled}):
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "lr": group["lr"] * factor,
+                                           "params": [p for p in scaled if getattr(p, LR_SCALE) == factor]})
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
