@@ -256,7 +256,7 @@ class QLrcComplement(QLrc):
         return model, optim, {**info, "complement_matrices": len(lrcs)}
 
     def finish(self, model):
-        model = finish_all(model, TrainedScales)  # the N-LRCs (a complement's own: in its finish)
+        model = super().finish(model)  # every trained-scales layer, the N-LRCs and the complements inside Complemented
         return finish_all(model, Complemented)  # each a Q + LR QuantLinear, the factors its (fp16) correction
 
 

@@ -33,11 +33,10 @@ class Complemented(nn.Module):
         return self.lrc(x) + self.rest(x)
 
     def finish(self) -> QuantLinear:
-        """One Q + LR QuantLinear: the complement (its scales trained, where they were), with the trained
-        factors its (fp16) correction."""
+        """One Q + LR QuantLinear: the complement, with the trained factors its (fp16) correction. A
+        complement whose scales trained (a TrainedScales) is finished first: finish_all(model, TrainedScales)."""
         up, down = self.lrc.up, self.lrc.down
-        rest = self.rest.finish() if isinstance(self.rest, TrainedScales) else self.rest
-        return with_correction(rest, up.weight.detach(), down.weight.detach(), up.bias)
+        return with_correction(self.rest, up.weight.detach(), down.weight.detach(), up.bias)
 
 
 def _weight(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
