@@ -10,6 +10,9 @@ separate compression per budget, in one run with nothing else on the CPU:
   the proportional ideal (parameters dense / parameters compressed), models alternating run by run;
   and against what welore.costs predicts: the dense model's measured time per token, less the
   cost model's time of the dense target matrices, plus its time of the plan's (decode and prefill);
+  and the ceiling over the ideal ("ceiling / ideal"): the most any plan with these parameters could
+  reach, its target matrices timed exactly in proportion to their parameters and the rest of the
+  forward (head, attention, norms, the framework's per-layer work) as the dense model spends it;
 - with --speed: every compression allocates with the device's cost model (no factorisation slower
   than its matrix, ranks on the fast multiple), and each budget's plain plan is a row beside it;
   `--target latency` makes the budgets decode-latency reductions of the target matrices (implies --speed);
@@ -137,6 +140,11 @@ def main() -> None:
                                                + costs.seconds(plan, regime))
                     r[f"{mode}predicted {regime} x dense"] = predicted
                     r[f"{mode}measured / predicted {regime}"] = r[f"{mode}{regime} x dense"] / predicted
+                    # the ceiling of any plan with these parameters: its target matrices taking time exactly in
+                    # proportion to their parameters, the rest of the forward (head, attention, norms) as dense
+                    dense_t = costs.dense_seconds(plan, regime)
+                    share = plan.params_after / plan.params_before
+                    r[f"{mode}{regime} ceiling / ideal"] = per[regime] / (per[regime] - dense_t * (1 - share)) / ideal
     d = speed[""]["dense"]
     per = {"decode": 1 / d["decode"]}
     compiled = (f" Compiled decoding: dense {speed['compiled ']['dense']['decode']:.1f} tok/s "
