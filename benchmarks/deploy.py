@@ -134,16 +134,15 @@ def main() -> None:
             if not mode:
                 r["prefill / ideal"] = s["prefill"] / d["prefill"] / ideal
             if r["budget"] in plans:  # predicted: dense forward - dense targets + planned targets (welore.costs)
+                plan = plans[r["budget"]]
+                share = plan.params_after / plan.params_before
                 for regime in ("decode",) if mode else ("decode", "prefill"):
-                    plan = plans[r["budget"]]
-                    predicted = per[regime] / (per[regime] - costs.dense_seconds(plan, regime)
-                                               + costs.seconds(plan, regime))
+                    dense_t = costs.dense_seconds(plan, regime)
+                    predicted = per[regime] / (per[regime] - dense_t + costs.seconds(plan, regime))
                     r[f"{mode}predicted {regime} x dense"] = predicted
                     r[f"{mode}measured / predicted {regime}"] = r[f"{mode}{regime} x dense"] / predicted
                     # the ceiling of any plan with these parameters: its target matrices taking time exactly in
                     # proportion to their parameters, the rest of the forward (head, attention, norms) as dense
-                    dense_t = costs.dense_seconds(plan, regime)
-                    share = plan.params_after / plan.params_before
                     r[f"{mode}{regime} ceiling / ideal"] = per[regime] / (per[regime] - dense_t * (1 - share)) / ideal
     d = speed[""]["dense"]
     per = {"decode": 1 / d["decode"]}
